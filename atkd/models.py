@@ -1,0 +1,139 @@
+"""Loading models and tokenizers the same way in every stage (DESIGN §7).
+
+bf16 on GPU and fp32 on CPU unless told otherwise; safetensors only (never pickle);
+`trust_remote_code` off unless asked; tokenizers pad on the left (batched generation and
+last-position scoring need the real tokens flush right) and always have a pad token.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_gpu_ids(text: str | None) -> list[int]:
+    """`"0,1,2"` -> [0, 1, 2]; empty, None or "cpu" -> [] (run on the CPU)."""
+    if text is None or str(text).strip().lower() in ("", "cpu", "none"):
+        return []
+    try:
+        ids = [int(p) for p in str(text).replace(" ", "").split(",") if p != ""]
+    except ValueError:
+        raise InputError(None, f"--gpu_ids must be comma-separated integers like 0,1 (got {text!r})") from None
+    if len(set(ids)) != len(ids):
+        raise InputError(None, f"--gpu_ids lists a GPU twice ({text!r})")
+    return ids
+
+
+def usable_gpu_ids(gpu_ids: list[int]) -> list[int]:
+    """The requested GPUs, or [] when this machine has no CUDA (the stage then runs on the CPU)."""
+    if not gpu_ids or not torch.cuda.is_available():
+        if gpu_ids:
+            log.warning("no CUDA device available: running on the CPU instead of GPUs %s", gpu_ids)
+        return []
+    count = torch.cuda.device_count()
+    bad = [g for g in gpu_ids if g >= count or g < 0]
+    if bad:
+        raise InputError(None, f"GPU ids {bad} do not exist (this machine has {count} GPU(s))")
+    return gpu_ids
+
+
+def device_for(gpu_id: int | None) -> torch.device:
+    return torch.device(f"cuda:{gpu_id}") if gpu_id is not None else torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on a GPU and fp32 on the CPU."""
+    if name not in DTYPES:
+        raise InputError(None, f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """A local model folder with a config.json, else `InputError` (nothing is downloaded)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(path, "model folder not found")
+    if not (path / "config.json").is_file():
+        raise InputError(path, "not a model folder (no config.json)")
+    return path
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The tokenizer of a local model folder, left-padded, with a pad token."""
+    from transformers import AutoTokenizer
+
+    check_model_dir(path)
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if tok.pad_token is None:
+        raise InputError(path, "tokenizer has no pad, eos or unk token to pad with")
+    return tok
+
+
+def _dtype_kwarg() -> str:
+    """transformers >= 4.56 calls it `dtype`; older versions only know `torch_dtype`."""
+    import transformers
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def load_model(path: str | Path, device: torch.device | None = None, dtype: str = "auto",
+               trust_remote_code: bool = False, device_map: dict | str | None = None,
+               max_memory: dict | None = None):
+    """A causal LM in eval mode on `device` (or spread by `device_map` over several GPUs)."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(path)
+    device = device or torch.device("cpu")
+    kwargs = {_dtype_kwarg(): resolve_dtype(dtype, device), "trust_remote_code": trust_remote_code,
+              "use_safetensors": True}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        if max_memory:
+            kwargs["max_memory"] = max_memory
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def input_device(model) -> torch.device:
+    """Where inputs go: the embedding's device (differs from model.device when spread over GPUs)."""
+    return model.get_input_embeddings().weight.device
+
+
+def last_logits_kwarg(model) -> dict:
+    """Forward kwargs that make the model compute logits only at the last position."""
+    params = inspect.signature(model.forward).parameters
+    if "logits_to_keep" in params:
+        return {"logits_to_keep": 1}
+    if "num_logits_to_keep" in params:
+        return {"num_logits_to_keep": 1}
+    return {}
+
+
+def spread_device_map(gpu_ids: list[int]) -> tuple[str, dict]:
+    """device_map="auto" limited to the listed GPUs (for a teacher too large for one GPU)."""
+    total = {g: torch.cuda.get_device_properties(g).total_memory for g in gpu_ids}
+    # Leave 10% of each GPU for activations and the KV cache.
+    return "auto", {g: int(m * 0.9) for g, m in total.items()}
+
+
+def set_quiet_env() -> None:
+    """Keep tokenizers' thread pool from fighting our worker processes, and never touch the hub."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,0 +1,124 @@
+"""Every file and folder name the pipeline hands between stages, decided here once (DESIGN §3).
+
+main.py builds its commands from these, and a person running a stage by hand gets the same
+names: each stage derives its side files (summary, stats, plan, report, args) from its main
+output path with the helpers at the bottom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+INITIAL_TREE = "initial_ability_tree.json"
+REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
+DONE_MARKER = ".done.json"
+
+
+@dataclass(frozen=True)
+class IterationPaths:
+    """The folders and files of one iteration (1-based) of the workflow."""
+
+    workflow_dir: Path
+    models_dir: Path
+    iteration: int
+
+    @property
+    def dir(self) -> Path:
+        return self.workflow_dir / f"iteration_{self.iteration}"
+
+    # A: student answers
+    @property
+    def replies_dir(self) -> Path:
+        return self.dir / "A_student_reply"
+
+    @property
+    def replies(self) -> Path:
+        return self.replies_dir / "replies.jsonl"
+
+    # B: ability analysis
+    @property
+    def tree_dir(self) -> Path:
+        return self.dir / "B_student_tree"
+
+    @property
+    def scored_tree(self) -> Path:
+        return self.tree_dir / "tree.json"
+
+    @property
+    def tree_stats(self) -> Path:
+        return self.tree_dir / "stats.json"
+
+    # C: distillation data
+    @property
+    def distill_dir(self) -> Path:
+        return self.dir / "C_distill_data"
+
+    @property
+    def generated(self) -> Path:
+        return self.distill_dir / "generated.jsonl"
+
+    # D: validated data
+    @property
+    def validated_dir(self) -> Path:
+        return self.dir / "D_validated_data"
+
+    @property
+    def validated(self) -> Path:
+        return self.validated_dir / "validated.jsonl"
+
+    # E: teacher logits
+    @property
+    def logits_dir(self) -> Path:
+        return self.dir / "E_teacher_logits"
+
+    # F: training
+    @property
+    def student_dir(self) -> Path:
+        return self.models_dir / f"iteration_{self.iteration}_student_model"
+
+    @property
+    def final_model(self) -> Path:
+        return self.student_dir / "final_model"
+
+    # after F: evaluation of the trained student
+    @property
+    def eval_dir(self) -> Path:
+        return self.dir / "G_eval"
+
+    @property
+    def eval_replies(self) -> Path:
+        return self.eval_dir / "replies.jsonl"
+
+    def log_file(self, step: str) -> Path:
+        return self.dir / f"{step}.log"
+
+
+def sibling(path: str | Path, name: str) -> Path:
+    """A side file next to a stage's main output (same folder)."""
+    return Path(path).parent / name
+
+
+def summary_path(replies_path: str | Path) -> Path:
+    return sibling(replies_path, "summary.json")
+
+
+def plan_path(generated_path: str | Path) -> Path:
+    return sibling(generated_path, "plan.json")
+
+
+def report_path(validated_path: str | Path) -> Path:
+    return sibling(validated_path, "report.json")
+
+
+def rejected_path(validated_path: str | Path) -> Path:
+    return sibling(validated_path, "rejected.jsonl")
+
+
+def args_path(output_path: str | Path) -> Path:
+    """Where a stage records the arguments it ran with: `<output stem>.args.json` beside it."""
+    output_path = Path(output_path)
+    stem = output_path.name.split(".")[0] if output_path.suffix else output_path.name
+    folder = output_path.parent if output_path.suffix else output_path
+    return folder / f"{stem}.args.json"

@@ -1,0 +1,92 @@
+"""Parsing a model-written question in the strict reply format (DESIGN §10).
+
+The format is exactly what `prompts.question_block(q, lang, with_answer=True)` prints:
+
+    Question: <text>            (问题：<text>)
+    A. <option>
+    B. <option>
+    ...
+    Answer: <letter>            (答案：<letter>)
+
+The parser never accepts an invalid item: a missing or empty question, fewer than two options,
+letters that are not consecutive from A, an empty or duplicate option, or an answer outside the
+options each give a rejection reason instead. Text before "Question:" and after the answer line
+is ignored (models add chatter); a second question is not read.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from .records import MAX_OPTIONS, question_problem
+
+_QUESTION = re.compile(r"^\s*(?:\*\*)?(?:Question|问题)(?:\*\*)?\s*[:：]\s*(.*)$", re.IGNORECASE)
+_OPTION = re.compile(r"^\s*\(?([A-Z])\s*[.．、:：)）]\s*(.*)$")
+_ANSWER = re.compile(r"^\s*(?:\*\*)?(?:Answer|答案|正确答案)(?:\*\*)?\s*[:：]\s*\(?\s*([A-Z])?\s*\)?\s*[.。:：]?\s*(.*)$",
+                     re.IGNORECASE)
+
+REASONS = ("no_question", "empty_question", "too_few_options", "bad_option_letters", "empty_option",
+           "duplicate_options", "no_answer", "answer_not_in_options", "too_many_options")
+
+
+def normalize_text(text: str) -> str:
+    """Case-, width- and space-insensitive form used to compare options and questions."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = re.sub(r"[\s\u3000]+", " ", text).strip()
+    return text.rstrip(".。;；")
+
+
+def parse_question(text: str) -> tuple[dict | None, str | None]:
+    """(`{"question", "options", "answer_idx"}`, None) for a valid reply, else (None, reason)."""
+    lines = (text or "").replace("\r\n", "\n").split("\n")
+    start = next((i for i, ln in enumerate(lines) if _QUESTION.match(ln)), None)
+    if start is None:
+        return None, "no_question"
+    question_lines = [_QUESTION.match(lines[start]).group(1)]
+    options: list[tuple[str, str]] = []
+    answer, answer_rest = None, ""
+    for ln in lines[start + 1:]:
+        m = _ANSWER.match(ln)
+        if m:
+            if not m.group(1):
+                return None, "no_answer"
+            answer, answer_rest = m.group(1).upper(), m.group(2).strip()
+            break
+        if _QUESTION.match(ln):
+            break  # a second question before any answer line: this one has no answer
+        m = _OPTION.match(ln)
+        if m and (options or m.group(1) == "A"):
+            options.append((m.group(1), m.group(2).strip()))
+        elif options:
+            if ln.strip():
+                return None, "bad_option_letters"  # prose between options
+        elif ln.strip():
+            question_lines.append(ln.strip())
+    question = " ".join(q.strip() for q in question_lines if q.strip())
+    if not question:
+        return None, "empty_question"
+    if len(options) < 2:
+        return None, "too_few_options"
+    if len(options) > MAX_OPTIONS:
+        return None, "too_many_options"
+    letters = [k for k, _ in options]
+    if letters != [chr(ord("A") + i) for i in range(len(options))]:
+        return None, "bad_option_letters"
+    if any(not v for _, v in options):
+        return None, "empty_option"
+    normalized = [normalize_text(v) for _, v in options]
+    if len(set(normalized)) != len(normalized):
+        return None, "duplicate_options"
+    if answer is None:
+        return None, "no_answer"
+    if answer not in letters:
+        return None, "answer_not_in_options"
+    # "Answer: B. metoprolol" is fine; "Answer: Aspirin" is not the letter A.
+    if answer_rest and normalize_text(answer_rest) != normalized[letters.index(answer)]:
+        return None, "no_answer"
+    item = {"question": question, "options": dict(options), "answer_idx": answer}
+    # The record schema is the last word: whatever it rejects, we reject.
+    if question_problem({"id": "probe", **item}) is not None:
+        return None, "bad_option_letters"
+    return item, None
