@@ -50,3 +50,25 @@ def scores_from_logits(logits: torch.Tensor, letter_ids: list[list[int]], letter
         mass = torch.logsumexp(full[row, idx], dim=-1).exp().item()
         out.append(OptionScores(logprobs={L: float(v) for L, v in zip(lets, opt.tolist())}, letter_mass=mass))
     return out
+
+
+def score_questions(model, tokenizer, questions, lang: str, batch_size: int, on_batch, progress=None) -> None:
+    """Score `questions` (atkd.records.Question) in length-sorted batches of the MCQ prompt.
+
+    Calls `on_batch(list of (question, OptionScores))` after each batch, so the caller can append
+    the results to a part log before the next batch starts (a kill loses one batch at most).
+    `progress` is an optional tqdm bar advanced by the batch size.
+    """
+    from .batching import length_sorted_batches
+    from .letters import letter_token_ids
+    from .prompts import encode_prompt, mcq_prompt
+
+    ids = [encode_prompt(tokenizer, mcq_prompt(tokenizer, q, lang)) for q in questions]
+    for batch in length_sorted_batches([len(s) for s in ids], batch_size):
+        qs = [questions[i] for i in batch]
+        letters = [q.letters for q in qs]
+        letter_ids = [letter_token_ids(tokenizer, L, lang) for L in letters]
+        logits = last_position_logits(model, [ids[i] for i in batch], tokenizer.pad_token_id)
+        on_batch(list(zip(qs, scores_from_logits(logits, letter_ids, letters))))
+        if progress is not None:
+            progress.update(len(batch))
