@@ -82,17 +82,45 @@ class IterationPaths:
     def final_model(self) -> Path:
         return self.student_dir / "final_model"
 
-    # after F: evaluation of the trained student
+    # after F: the trained student on the evaluation set
     @property
-    def eval_dir(self) -> Path:
-        return self.dir / "G_eval"
-
-    @property
-    def eval_replies(self) -> Path:
-        return self.eval_dir / "replies.jsonl"
+    def eval(self) -> "EvalPaths":
+        return EvalPaths(self.dir)
 
     def log_file(self, step: str) -> Path:
         return self.dir / f"{step}.log"
+
+
+@dataclass(frozen=True)
+class EvalPaths:
+    """A student's answers on the evaluation set and their per-ability scores, under `base`."""
+
+    base: Path
+
+    @property
+    def replies_dir(self) -> Path:
+        return self.base / "G_eval_reply"
+
+    @property
+    def replies(self) -> Path:
+        return self.replies_dir / "replies.jsonl"
+
+    @property
+    def tree_dir(self) -> Path:
+        return self.base / "H_eval_tree"
+
+    @property
+    def scored_tree(self) -> Path:
+        return self.tree_dir / "tree.json"
+
+    @property
+    def stats(self) -> Path:
+        return self.tree_dir / "stats.json"
+
+
+def baseline_eval(workflow_dir: Path) -> EvalPaths:
+    """The initial student on the evaluation set (the "before" of iteration 1)."""
+    return EvalPaths(Path(workflow_dir) / "baseline_eval")
 
 
 def sibling(path: str | Path, name: str) -> Path:

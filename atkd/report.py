@@ -1,0 +1,106 @@
+"""The run's report: accuracy per iteration and per ability, before and after (DESIGN §3).
+
+Built only from files the stages wrote (scored trees, JSONL outputs), so it can be rebuilt at any
+time; main.py rewrites it after every iteration as `report.md` and `report.json`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import paths
+from .io import write_json, write_text
+from .tree import AbilityTree, load_tree
+
+WEAKEST_SHOWN = 3  # abilities of each round's measurement listed as "weakest"
+
+
+def _tree(path: Path) -> AbilityTree | None:
+    return load_tree(path) if path.is_file() else None
+
+
+def _count_lines(path: Path) -> int | None:
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def node_accuracies(tree: AbilityTree | None) -> dict[str, dict]:
+    """{"Area > Leaf": {"n", "correct", "accuracy"}} for every node below the root, plus "overall"."""
+    if tree is None:
+        return {}
+    out = {"overall": {k: tree.root.stats.get(k) for k in ("n", "correct", "accuracy")}}
+    for node in tree.nodes()[1:]:
+        out[" > ".join(node.path[1:])] = {k: node.stats.get(k) for k in ("n", "correct", "accuracy")}
+    return out
+
+
+def weakest_leaves(tree: AbilityTree | None, k: int = WEAKEST_SHOWN) -> list[str]:
+    if tree is None:
+        return []
+    measured = [n for n in tree.leaves() if n.stats.get("weakness") is not None]
+    measured.sort(key=lambda n: (-n.stats["weakness"], n.path))
+    return [" > ".join(n.path[1:]) for n in measured[:k]]
+
+
+def collect(workflow_dir: Path, models_dir: Path, num_iterations: int, with_eval: bool) -> dict:
+    """Every number of the report, as a JSON-able dict."""
+    report = {"iterations": []}
+    before = _tree(paths.baseline_eval(workflow_dir).scored_tree) if with_eval else None
+    report["baseline_eval"] = node_accuracies(before)
+    for i in range(1, num_iterations + 1):
+        it = paths.IterationPaths(workflow_dir, models_dir, i)
+        measured = _tree(it.scored_tree)
+        after = _tree(it.eval.scored_tree) if with_eval else None
+        entry = {
+            "iteration": i,
+            "student_on_round_data": node_accuracies(measured).get("overall"),
+            "weakest_abilities": weakest_leaves(measured),
+            "generated": _count_lines(it.generated),
+            "validated": _count_lines(it.validated),
+            "final_model": str(it.final_model) if it.final_model.exists() else None,
+        }
+        if with_eval:
+            entry["eval_before"] = node_accuracies(before)
+            entry["eval_after"] = node_accuracies(after)
+        report["iterations"].append(entry)
+        before = after
+    return report
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def render_markdown(report: dict) -> str:
+    lines = ["# AT-KD run report", ""]
+    for entry in report["iterations"]:
+        i = entry["iteration"]
+        lines.append(f"## Iteration {i}")
+        lines.append("")
+        overall = entry["student_on_round_data"] or {}
+        lines.append(f"- student accuracy on this round's data: {_pct(overall.get('accuracy'))} (n={overall.get('n', '-')})")
+        lines.append(f"- weakest abilities: {', '.join(entry['weakest_abilities']) or '-'}")
+        lines.append(f"- questions generated: {entry['generated'] if entry['generated'] is not None else '-'}, "
+                     f"validated: {entry['validated'] if entry['validated'] is not None else '-'}")
+        if "eval_after" in entry:
+            b, a = entry["eval_before"], entry["eval_after"]
+            lines += ["", "| ability (evaluation set) | n | before | after | change |", "|---|---|---|---|---|"]
+            for name in b or a:
+                acc_b, acc_a = (b.get(name) or {}).get("accuracy"), (a.get(name) or {}).get("accuracy")
+                n = (a.get(name) or b.get(name) or {}).get("n")
+                change = "-" if acc_a is None or acc_b is None else f"{100 * (acc_a - acc_b):+.1f}"
+                mark = " (weakest)" if name in entry["weakest_abilities"] else ""
+                lines.append(f"| {name}{mark} | {n} | {_pct(acc_b)} | {_pct(acc_a)} | {change} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(workflow_dir: Path, models_dir: Path, num_iterations: int, with_eval: bool) -> str:
+    """Write report.md and report.json into the workflow folder; returns the markdown."""
+    report = collect(workflow_dir, models_dir, num_iterations, with_eval)
+    text = render_markdown(report)
+    write_json(workflow_dir / paths.REPORT_JSON, report)
+    write_text(workflow_dir / paths.REPORT_MD, text)
+    return text

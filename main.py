@@ -1,0 +1,100 @@
+"""AT-KD workflow: measure the student, write questions for its weak abilities, validate them,
+take the teacher's logits, distil; repeat. Each stage runs as a subprocess; rerunning continues.
+
+    python main.py                                  # the embedded demo: two rounds on the CPU
+    python main.py --dry_run                        # print the plan and every command, run nothing
+    python main.py --num_iterations 1 --num_distill_samples 500 --gpus_to_use 0,1
+
+Edit the constants below to distil your own teacher into your own student; every constant can
+also be overridden on the command line by its lower-case name (lists comma-separated).
+The defaults run the embedded demo (DESIGN §12); values for a real 7B -> 0.5B run are in the comments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+# ===================================================================== models (Hugging Face folders)
+TEACHER_MODEL_PATH = "data/demo/models/teacher"  # writes questions, gives logits; e.g. a 7B instruct model
+STUDENT_MODEL_PATH = "data/demo/models/student"  # the model to improve; e.g. a 0.5B of the same family
+AGENT_MODEL_1_PATH = "data/demo/models/teacher"  # validation agents: two *different* models by default
+AGENT_MODEL_2_PATH = "data/demo/models/agent"
+
+# ===================================================================== data
+DOMAIN = "Clinical medicine"  # the ability tree's root (e.g. "临床医学")
+EXISTING_ABILITY_TREE_PATH = "ability_trees/demo_tree.json"  # empty: create_initial_tree.py builds one from DOMAIN
+DATASET_FILES_PER_ITERATION = ["data/demo/iteration_1.jsonl", "data/demo/iteration_2.jsonl"]  # one per iteration
+ABILITY_CLASS_FILES_PER_ITERATION = ["data/demo/iteration_1_paths.jsonl", "data/demo/iteration_2_paths.jsonl"]
+EVAL_DATASET_PATH = "data/demo/eval.jsonl"  # held-out set scored before/after each round; "" for none
+EVAL_ABILITY_CLASS_PATH = "data/demo/eval_paths.jsonl"
+
+# ===================================================================== the loop
+NUM_ITERATIONS = 2
+NUM_DISTILL_SAMPLES = 240  # questions written per round before validation (reference: 10000)
+GPUS_TO_USE = [0]  # e.g. [0, 1, 2, 3]; on a machine without CUDA everything runs on the CPU
+SEED = 0
+
+# ===================================================================== training (train.py under accelerate)
+TRAIN_EPOCHS = 3
+LEARNING_RATE = 1e-3  # the demo's tiny student; for a 0.5B student use ~5e-6 (the reference's value)
+BATCH_SIZE = 8  # per process; reference: 2
+GRADIENT_ACCUMULATION_STEPS = 1  # reference: 16
+TEMPERATURE = 2.0  # distillation temperature T
+ALPHA_CE = 0.5  # weight of the CE loss; 1 - ALPHA_CE weighs the KD loss
+ACCELERATE_CONFIG_FILE = ""  # optional `accelerate config` file; empty: one process per GPU
+
+# ===================================================================== outputs
+WORKFLOW_OUTPUT_DIR = "./output/workflow"
+MODELS_OUTPUT_DIR = "./output/models"
+
+
+def defaults() -> dict:
+    """The constants above, by their WorkflowConfig field name."""
+    from atkd.pipeline import WorkflowConfig
+
+    module = sys.modules[__name__]
+    return {f.name: getattr(module, f.name.upper()) for f in fields(WorkflowConfig) if hasattr(module, f.name.upper())}
+
+
+def _list(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _gpus(text: str) -> list[int]:
+    from atkd.models import parse_gpu_ids
+
+    return parse_gpu_ids(text)
+
+
+def build_parser():
+    from atkd.pipeline import WorkflowConfig
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    given = defaults()
+    for f in fields(WorkflowConfig):
+        default = given.get(f.name, f.default)
+        kind = _gpus if f.name == "gpus_to_use" else {"str": str, "int": int, "float": float, "list": _list}[f.type]
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        parser.add_argument(f"--{f.name}", type=kind, default=default,
+                            help=f"{WorkflowConfig.help_of(f.name)} (constant {f.name.upper()}; default {shown!r})")
+    parser.add_argument("--dry_run", action="store_true", help="print the plan and every command; run nothing")
+    return parser
+
+
+def main(argv=None) -> int:
+    from atkd.errors import exit_on_input_error
+    from atkd.pipeline import WorkflowConfig, run
+    from atkd.stage import setup_logging
+
+    setup_logging()
+    args = vars(build_parser().parse_args(argv))
+    dry_run = args.pop("dry_run")
+    with exit_on_input_error():
+        return run(WorkflowConfig(**args), dry_run=dry_run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
