@@ -9,16 +9,18 @@ logits and training all use these ids, so KD and CE see the same tokens (the ref
 from __future__ import annotations
 
 import re
+import weakref
 
 from .errors import InputError
 from .prompts import LABELS, encode_prompt, render, reply_prefix
 
-_CACHE: dict[tuple[int, str], dict[str, int]] = {}
+# Per tokenizer object (weakly held: a freed tokenizer's id() can be reused by a new one).
+_CACHE: "weakref.WeakKeyDictionary[object, dict[str, dict[str, int]]]" = weakref.WeakKeyDictionary()
 
 
 def letter_token_ids(tokenizer, letters: list[str] | str, lang: str = "en", source: str = "tokenizer") -> list[int]:
     """Token id of each letter at the answer position; `InputError` if a letter is not one token."""
-    table = _CACHE.setdefault((id(tokenizer), lang), {})
+    table = _CACHE.setdefault(tokenizer, {}).setdefault(lang, {})
     missing = [L for L in letters if L not in table]
     if missing:
         probe = render(tokenizer, "?", plain_cue=LABELS[lang].answer)

@@ -80,7 +80,7 @@ class IterationPaths:
 
     @property
     def final_model(self) -> Path:
-        return self.student_dir / "final_model"
+        return final_model_dir(self.student_dir)
 
     # after F: the trained student on the evaluation set
     @property
@@ -144,9 +144,39 @@ def rejected_path(validated_path: str | Path) -> Path:
     return sibling(validated_path, "rejected.jsonl")
 
 
+def agent_answers_path(validated_path: str | Path, agent: int) -> Path:
+    """Where one validation agent's answers are logged while step D runs (its part log's base name)."""
+    return sibling(validated_path, f"{Path(validated_path).name}.agent_{agent}")
+
+
 def args_path(output_path: str | Path) -> Path:
     """Where a stage records the arguments it ran with: `<output stem>.args.json` beside it."""
     output_path = Path(output_path)
     stem = output_path.name.split(".")[0] if output_path.suffix else output_path.name
     folder = output_path.parent if output_path.suffix else output_path
     return folder / f"{stem}.args.json"
+
+
+# Teacher-logits store (step E) and training outputs (step F).
+LOGITS_INDEX = "index.json"
+LOGITS_SUMMARY = "summary.json"
+FINAL_MODEL = "final_model"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def logits_index(store_dir: str | Path) -> Path:
+    """The store's index; it is written last, so its presence means the store is complete."""
+    return Path(store_dir) / LOGITS_INDEX
+
+
+def logits_summary(store_dir: str | Path) -> Path:
+    """The teacher's accuracy on the data the logits were taken on."""
+    return Path(store_dir) / LOGITS_SUMMARY
+
+
+def final_model_dir(train_output_dir: str | Path) -> Path:
+    return Path(train_output_dir) / FINAL_MODEL
+
+
+def checkpoint_dir(train_output_dir: str | Path, step: int) -> Path:
+    return Path(train_output_dir) / f"{CHECKPOINT_PREFIX}{step}"

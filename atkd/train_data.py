@@ -1,0 +1,283 @@
+"""Training examples for distillation: the token sequence, the teacher's targets, and collation.
+
+One rule builds the teacher-forced sequence for both generate_logits.py and train.py
+(`training_sequence`), so the student trains on exactly the prompt the teacher's logits were
+taken on (the reference re-tokenised a string holding a literal backslash-n):
+
+    prompt ids  = encode_prompt(mcq_prompt(question))                 (atkd.prompts)
+    response    = [letter token of the answer]                         (atkd.letters)
+                  + ids of "\\n" + the item's response text + [eos]    (only with a response field)
+    model input = prompt ids + response[:-1]
+
+The pieces are concatenated as ids. CE reads the logits that predict each response token (the
+prompt and the padding carry no loss); option-level KD reads the answer position with the
+student's own letter-token ids, the same ids CE trains; token-level KD reads the rest of the
+response when teacher and student share a tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .batching import left_pad
+from .errors import InputError
+from .letters import letter_token_ids
+from .prompts import encode_prompt, mcq_prompt, mcq_user_text, reply_prefix
+from .records import MAX_OPTIONS, Question
+
+log = logging.getLogger(__name__)
+
+RESPONSE_SEPARATOR = "\n"  # a real newline between the answer letter and the response text
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_ids(ids: list[int]) -> str:
+    return hashlib.sha256(json.dumps([int(i) for i in ids]).encode("ascii")).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the vocabulary (token -> id, added tokens included): equal means token ids agree."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def response_text(q: Question, field_name: str | None, source: str = "dataset") -> str | None:
+    """The item's longer response (an explanation), or None when the field is unset or empty."""
+    if not field_name:
+        return None
+    value = q.extra.get(field_name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InputError(source, f'item {q.id!r}: field "{field_name}" must be a string, '
+                                 f"got {type(value).__name__}")
+    return value if value.strip() else None
+
+
+def continuation_ids(tokenizer, lead: str, text: str) -> list[int]:
+    """Ids of `text` as it continues `lead` (the reply so far), without special tokens.
+
+    Encoding `lead + text` and dropping `lead`'s ids keeps a leading-space rule (Metaspace) from
+    inventing a space; when the two do not split cleanly, `text` is encoded on its own.
+    """
+    base = tokenizer(lead, add_special_tokens=False)["input_ids"]
+    full = tokenizer(lead + text, add_special_tokens=False)["input_ids"]
+    if full[: len(base)] == base and len(full) > len(base):
+        return list(full[len(base):])
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@dataclass
+class TrainSequence:
+    """The teacher-forced token sequence of one item, as the teacher and the student both see it."""
+
+    user_text: str  # the MCQ prompt's words (tokenizer independent)
+    prompt_text: str  # rendered through this tokenizer's chat template (or plain text + "Answer:")
+    prompt_ids: list[int]
+    response_ids: list[int]  # [answer letter token] (+ continuation + [eos])
+    option_ids: list[int]  # this tokenizer's letter token of each option, A, B, ...
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids + self.response_ids[:-1]
+
+
+def training_sequence(tokenizer, q: Question, lang: str, response_field: str | None = None,
+                      source: str = "dataset") -> TrainSequence:
+    """Prompt ids + response ids of one item, concatenated as ids (never re-tokenised as one string)."""
+    prompt_text = mcq_prompt(tokenizer, q, lang)
+    prompt_ids = encode_prompt(tokenizer, prompt_text)
+    option_ids = letter_token_ids(tokenizer, q.letters, lang, source=source)
+    letter_id = option_ids[q.letters.index(q.answer_idx)]
+    response = [letter_id]
+    text = response_text(q, response_field, source)
+    if text is not None:
+        lead = reply_prefix(tokenizer, lang) + q.answer_idx
+        response += continuation_ids(tokenizer, lead, RESPONSE_SEPARATOR + text.strip())
+        if tokenizer.eos_token_id is not None:
+            response.append(int(tokenizer.eos_token_id))
+    return TrainSequence(user_text=mcq_user_text(q, lang), prompt_text=prompt_text, prompt_ids=prompt_ids,
+                         response_ids=response, option_ids=option_ids)
+
+
+@dataclass
+class TrainExample:
+    """One item ready for collation: ids plus the teacher's targets."""
+
+    key: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    option_ids: list[int]  # the student's letter tokens of the item's options
+    teacher_option_logp: torch.Tensor  # [n_options] teacher log-probs over the options (fp32)
+    topk_ids: torch.Tensor | None = None  # [len(response) - 1, k] teacher's top-k ids per later token
+    topk_logp: torch.Tensor | None = None  # [len(response) - 1, k]
+    tail_logp: torch.Tensor | None = None  # [len(response) - 1] log of the mass outside the top-k
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids + self.response_ids[:-1]
+
+
+@dataclass
+class ExampleStats:
+    """What building the examples did, for the log."""
+
+    n_items: int = 0
+    token_level: int = 0
+    option_only: int = 0
+    truncated: int = 0
+    skipped_too_long: list[str] = field(default_factory=list)
+    token_level_off: dict[str, int] = field(default_factory=dict)  # reason -> items
+
+    def note_off(self, reason: str) -> None:
+        self.token_level_off[reason] = self.token_level_off.get(reason, 0) + 1
+
+
+def build_examples(questions: list[Question], store, tokenizer, lang: str, max_length: int,
+                   source: str) -> tuple[list[TrainExample], ExampleStats]:
+    """Training examples for `questions` with the teacher's targets from `store` (an atkd.logits_store.LogitsStore).
+
+    An item without teacher logits, or whose question/options differ from the ones the logits were
+    taken on, is an `InputError` naming the item. Token-level KD is used for an item only when the
+    store's tokenizer fingerprint equals the student's and the teacher's prompt and response ids
+    are exactly the student's; otherwise the item gets option-level KD (counted by reason).
+    An item whose prompt and answer letter do not fit in `max_length` is skipped (listed); a longer
+    response is cut to fit.
+    """
+    same_vocab = store.tokenizer_fingerprint == tokenizer_fingerprint(tokenizer)
+    stats = ExampleStats()
+    examples: list[TrainExample] = []
+    for q in questions:
+        meta = store.items.get(q.key)
+        if meta is None:
+            raise InputError(source, f"item {q.id!r} has no teacher logits in {store.dir} "
+                                     "(were they generated from another data file?)")
+        seq = training_sequence(tokenizer, q, lang, store.response_field, source)
+        if meta["letters"] != "".join(q.letters) or meta["user_sha256"] != sha256_text(seq.user_text):
+            raise InputError(source, f"item {q.id!r}: question or options differ from the ones the teacher's "
+                                     f"logits in {store.dir} were taken on")
+        stats.n_items += 1
+        if len(seq.prompt_ids) + 1 > max_length:
+            stats.skipped_too_long.append(q.key)
+            continue
+        response = seq.response_ids
+        if len(seq.prompt_ids) + len(response) - 1 > max_length:
+            response = response[: max_length - len(seq.prompt_ids) + 1]
+            stats.truncated += 1
+        ex = TrainExample(key=q.key, prompt_ids=seq.prompt_ids, response_ids=response, option_ids=seq.option_ids,
+                          teacher_option_logp=store.option_logprobs(q.key))
+        tokens = store.token_level(q.key) if len(response) > 1 else None
+        if tokens is not None:
+            reason = _token_level_mismatch(same_vocab, meta, seq, tokens[0])
+            if reason:
+                stats.note_off(reason)
+            else:
+                n = len(response) - 1
+                ex.topk_ids, ex.topk_logp, ex.tail_logp = (t[:n] for t in tokens[1:])
+        if ex.topk_ids is not None:
+            stats.token_level += 1
+        else:
+            stats.option_only += 1
+        examples.append(ex)
+    return examples, stats
+
+
+def _token_level_mismatch(same_vocab: bool, meta: dict, seq: TrainSequence, target_ids: torch.Tensor) -> str | None:
+    """Why the teacher's per-token targets cannot be used for this student, or None."""
+    if not same_vocab:
+        return "different tokenizer"
+    if meta.get("prompt_ids_sha256") != sha256_ids(seq.prompt_ids):
+        return "prompt tokens differ (another chat template?)"
+    if target_ids.tolist() != seq.response_ids[1:]:
+        return "response tokens differ"
+    return None
+
+
+# --------------------------------------------------------------------------- batches
+
+def epoch_micro_batches(n_items: int, batch_size: int, world: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's global micro-batches: item indices in a seeded order, `batch_size * world` each.
+
+    The order depends only on (seed, epoch), so a resumed run sees what an uninterrupted one does.
+    The last micro-batch is filled up with -1 (a placeholder item carrying no loss) so that every
+    process runs the same number of forward/backward passes.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_items, generator=g).tolist()
+    per = batch_size * world
+    n_micro = math.ceil(n_items / per)
+    order += [-1] * (n_micro * per - n_items)
+    return [order[i * per:(i + 1) * per] for i in range(n_micro)]
+
+
+def local_slice(micro_batch: list[int], batch_size: int, rank: int) -> list[int]:
+    """This process's part of a global micro-batch."""
+    return micro_batch[rank * batch_size:(rank + 1) * batch_size]
+
+
+def collate(examples: list[TrainExample], weights: list[float], pad_id: int) -> dict[str, torch.Tensor]:
+    """Tensors for one micro-batch (left-padded); `weights` is 1 for a real item, 0 for a placeholder.
+
+    rows/cols: the positions whose logits predict a response token (position p predicts token p+1),
+    targets: those tokens; opt_*: the answer position of each item with the student's letter ids
+    and the teacher's option log-probs (padded to 26); tok_*: rows of later response tokens that
+    have token-level teacher targets.
+    """
+    batch = left_pad([ex.input_ids for ex in examples], pad_id)
+    width = batch["input_ids"].shape[1]
+    rows, cols, targets, w = [], [], [], []
+    opt_index = []
+    opt_ids = torch.zeros((len(examples), MAX_OPTIONS), dtype=torch.long)
+    opt_mask = torch.zeros((len(examples), MAX_OPTIONS), dtype=torch.bool)
+    opt_teacher = torch.zeros((len(examples), MAX_OPTIONS), dtype=torch.float32)
+    tok_index, tok_ids, tok_logp, tok_tail, tok_w = [], [], [], [], []
+    k = next((ex.topk_ids.shape[1] for ex in examples if ex.topk_ids is not None), 1)
+    for b, (ex, weight) in enumerate(zip(examples, weights)):
+        offset = width - len(ex.input_ids)
+        first = offset + len(ex.prompt_ids) - 1  # the last prompt token predicts the letter
+        start = len(rows)
+        for j, tok in enumerate(ex.response_ids):
+            rows.append(b)
+            cols.append(first + j)
+            targets.append(tok)
+            w.append(weight)
+        opt_index.append(start)
+        m = len(ex.option_ids)
+        opt_ids[b, :m] = torch.as_tensor(ex.option_ids)
+        opt_mask[b, :m] = True
+        opt_teacher[b, :m] = ex.teacher_option_logp
+        if ex.topk_ids is not None:
+            n = ex.topk_ids.shape[0]
+            tok_index.extend(range(start + 1, start + 1 + n))
+            tok_ids.append(ex.topk_ids.long())
+            tok_logp.append(ex.topk_logp.float())
+            tok_tail.append(ex.tail_logp.float())
+            tok_w.extend([weight] * n)
+    batch.update(
+        rows=torch.as_tensor(rows, dtype=torch.long), cols=torch.as_tensor(cols, dtype=torch.long),
+        targets=torch.as_tensor(targets, dtype=torch.long), weights=torch.as_tensor(w, dtype=torch.float32),
+        opt_index=torch.as_tensor(opt_index, dtype=torch.long), opt_ids=opt_ids, opt_mask=opt_mask,
+        opt_teacher=opt_teacher, opt_weight=torch.as_tensor(weights, dtype=torch.float32),
+        tok_index=torch.as_tensor(tok_index, dtype=torch.long),
+        tok_ids=torch.cat(tok_ids) if tok_ids else torch.zeros((0, k), dtype=torch.long),
+        tok_logp=torch.cat(tok_logp) if tok_logp else torch.zeros((0, k)),
+        tok_tail=torch.cat(tok_tail) if tok_tail else torch.zeros((0,)),
+        tok_weight=torch.as_tensor(tok_w, dtype=torch.float32),
+    )
+    return batch
+
+
+def token_counts(batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(CE tokens, KD positions) carrying loss in a micro-batch: the window's normalisers add these up."""
+    n_ce = float(batch["weights"].sum())
+    n_kd = float(batch["opt_weight"].sum() + batch["tok_weight"].sum())
+    return n_ce, n_kd
