@@ -50,6 +50,7 @@ _ANSWER_MARKERS = [
 ]
 _SOLE = re.compile(r"^\W*([A-Z])\W*$")
 _LEADING = re.compile(r"^\s*[\(（\[]?([A-Z])\s*[\)）\].:：、]")
+_BRACKETED = re.compile(r"[\(（\[]([A-Z])[\)）\]]")
 
 
 def extract_letter(text: str, letters: list[str], options: dict[str, str] | None = None) -> str | None:
@@ -67,6 +68,9 @@ def extract_letter(text: str, letters: list[str], options: dict[str, str] | None
         m = pattern.match(stripped)
         if m and m.group(1) in allowed:
             return m.group(1)
+    bracketed = {m.group(1) for m in _BRACKETED.finditer(text)} & allowed
+    if len(bracketed) == 1:  # "Definitely (B)." - but "(A) or (C)" commits to nothing
+        return bracketed.pop()
     if options:
         first_line = stripped.splitlines()[0].strip().rstrip(".。") if stripped else ""
         matches = [k for k, v in options.items() if v.strip().lower() == first_line.lower()]

@@ -10,8 +10,11 @@ The format is exactly what `prompts.question_block(q, lang, with_answer=True)` p
 
 The parser never accepts an invalid item: a missing or empty question, fewer than two options,
 letters that are not consecutive from A, an empty or duplicate option, or an answer outside the
-options each give a rejection reason instead. Text before "Question:" and after the answer line
-is ignored (models add chatter); a second question is not read.
+options each give a rejection reason instead; so does an answer line whose "letter" starts a word
+("Answer: Aspirin"). Options are compared by `option_key`: case, width, spaces, invisible format
+characters and a trailing period do not make two options different. Text before "Question:" and
+after the answer line is ignored (models add chatter); a second question is not read. Bold labels
+("**Question:**", "**Answer:** B") are read as labels.
 """
 
 from __future__ import annotations
@@ -21,20 +24,30 @@ import unicodedata
 
 from .records import MAX_OPTIONS, question_problem
 
-_QUESTION = re.compile(r"^\s*(?:\*\*)?(?:Question|问题)(?:\*\*)?\s*[:：]\s*(.*)$", re.IGNORECASE)
+# Labels may be bold ("**Question:**", "**Answer:** B"): models add markdown unasked.
+_QUESTION = re.compile(r"^\s*(?:\*\*)?(?:Question|问题)(?:\*\*)?\s*[:：]\s*(?:\*\*)?\s*(.*)$", re.IGNORECASE)
 _OPTION = re.compile(r"^\s*\(?([A-Z])\s*[.．、:：)）]\s*(.*)$")
-_ANSWER = re.compile(r"^\s*(?:\*\*)?(?:Answer|答案|正确答案)(?:\*\*)?\s*[:：]\s*\(?\s*([A-Z])?\s*\)?\s*[.。:：]?\s*(.*)$",
-                     re.IGNORECASE)
-
+# The letter must stand alone: in "Answer: Aspirin" the A is part of a word, not option A.
+_ANSWER = re.compile(r"^\s*(?:\*\*)?(?:Answer|答案|正确答案)(?:\*\*)?\s*[:：][\s*]*\(?\s*"
+                     r"([A-Z](?![A-Za-z]))?\s*\)?[\s*]*[.。:：]?\s*(.*)$", re.IGNORECASE)
 REASONS = ("no_question", "empty_question", "too_few_options", "bad_option_letters", "empty_option",
            "duplicate_options", "no_answer", "answer_not_in_options", "too_many_options")
 
 
 def normalize_text(text: str) -> str:
     """Case-, width- and space-insensitive form used to compare options and questions."""
+    # Format characters (zero-width spaces, joiners, BOMs: category Cf) are invisible: they make
+    # no text non-empty and no two options different.
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
     text = unicodedata.normalize("NFKC", text).casefold()
     text = re.sub(r"[\s\u3000]+", " ", text).strip()
     return text.rstrip(".。;；")
+
+
+def option_key(text: str) -> str:
+    """What two options must differ in: `normalize_text` with every space removed as well
+    ("ice cream" and "icecream", "阿司 匹林" and "阿司匹林" are one option)."""
+    return re.sub(r"\s+", "", normalize_text(text)).rstrip(".。;；")
 
 
 def parse_question(text: str) -> tuple[dict | None, str | None]:
@@ -64,7 +77,7 @@ def parse_question(text: str) -> tuple[dict | None, str | None]:
         elif ln.strip():
             question_lines.append(ln.strip())
     question = " ".join(q.strip() for q in question_lines if q.strip())
-    if not question:
+    if not option_key(question):
         return None, "empty_question"
     if len(options) < 2:
         return None, "too_few_options"
@@ -73,9 +86,9 @@ def parse_question(text: str) -> tuple[dict | None, str | None]:
     letters = [k for k, _ in options]
     if letters != [chr(ord("A") + i) for i in range(len(options))]:
         return None, "bad_option_letters"
-    if any(not v for _, v in options):
+    normalized = [option_key(v) for _, v in options]
+    if not all(normalized):
         return None, "empty_option"
-    normalized = [normalize_text(v) for _, v in options]
     if len(set(normalized)) != len(normalized):
         return None, "duplicate_options"
     if answer is None:
@@ -83,7 +96,7 @@ def parse_question(text: str) -> tuple[dict | None, str | None]:
     if answer not in letters:
         return None, "answer_not_in_options"
     # "Answer: B. metoprolol" is fine; "Answer: Aspirin" is not the letter A.
-    if answer_rest and normalize_text(answer_rest) != normalized[letters.index(answer)]:
+    if answer_rest.strip("*").strip() and option_key(answer_rest.strip("*")) != normalized[letters.index(answer)]:
         return None, "no_answer"
     item = {"question": question, "options": dict(options), "answer_idx": answer}
     # The record schema is the last word: whatever it rejects, we reject.

@@ -116,3 +116,5 @@ def test_extract_letter_ignores_capitals_inside_words():
     assert extract_letter("Because of the valve. Answer: C", letters) == "C"
     assert extract_letter("答案：B", letters) == "B"
     assert extract_letter("(D)", letters) == "D"
+    assert extract_letter("Definitely (B).", letters) == "B"
+    assert extract_letter("Either (A) or (C).", letters) is None

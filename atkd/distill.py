@@ -1,0 +1,417 @@
+"""Writing distillation questions with the teacher (DESIGN §8, §10): tasks, rounds, acceptance.
+
+The work is split so that everything random is decided once, in the main process, from `seed`:
+
+1. `leaves_with_seeds` finds each leaf's seed questions (dataset questions labelled with it);
+2. `make_tasks` draws the seeds of every prompt with an RNG keyed by (seed, leaf, round, slot),
+   so the task list is the same in every process and every rerun (the reference drew seeds with
+   an unseeded RNG before seeding, and its GPU workers disagreed on the tasks);
+3. `make_batches` fixes each round's batches and a sampling seed per batch, so a batch that is
+   regenerated after a kill gives exactly the text an uninterrupted run got;
+4. workers (`generate_worker`, one per GPU, or an HTTP endpoint) only turn batches into text;
+5. `Acceptor` reads the texts in task order: strict parse, near-duplicate check against the
+   dataset and earlier accepted items, the correct option moved to a seeded random position.
+
+`run_rounds` repeats 2-5 for leaves still short of their target, at most `max_retries` times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .dedup import NearDupIndex, features
+from .errors import InputError
+from .io import iter_jsonl
+from .qparse import parse_question
+from .records import LETTERS, Question
+from .tree import AbilityTree, Node
+
+log = logging.getLogger(__name__)
+
+# A retry round asks for short / acceptance-rate prompts, but never more than this many per missing
+# item, so a teacher that ignores the format costs at most 1 + 2 x max_retries times the budget.
+MAX_OVERSAMPLE = 2.0
+
+
+@dataclass
+class Leaf:
+    """A leaf ability and what the allocation needs to know about it."""
+
+    index: int  # position among the tree's leaves (stable for a given tree)
+    path: tuple[str, ...]  # from the root (the domain) down to this leaf
+    weakness: float
+    n: int | None  # questions the student answered under this leaf (scored trees), else None
+    seeds: list[Question] = field(default_factory=list)  # in dataset order
+
+
+@dataclass
+class Task:
+    """One prompt to the teacher: write a question for `leaf` from these seeds."""
+
+    id: str  # "r<round>-l<leaf>-<slot>", unique within a run
+    leaf: int
+    round: int
+    slot: int  # attempt number within the leaf, counted across rounds
+    seed_ids: list[str]
+    n_options: int
+    user_text: str
+
+
+@dataclass
+class Batch:
+    """Tasks generated together, with the sampler seed of that generate call."""
+
+    round: int
+    index: int
+    seed: int
+    tasks: list[Task]
+
+
+@dataclass
+class DistillConfig:
+    """What decides the tasks and the accepted records (everything but the model)."""
+
+    seed: int = 0
+    seeds_per_prompt: int = 3
+    batch_size: int = 16
+    max_retries: int = 3
+    dedup_threshold: float = 0.6
+    lang: str = "en"
+    domain: str = ""
+    id_prefix: str = "gen"
+    teacher: str = ""
+
+
+# --------------------------------------------------------------------------- leaves and seeds
+
+def leaf_weakness(node: Node, tree: AbilityTree) -> float:
+    """The leaf's weakness from a scored tree, else its nearest scored ancestor's, else 1 (unscored)."""
+    path = node.path
+    while path:
+        found = tree.node(path)
+        w = found.stats.get("weakness") if found is not None else None
+        if isinstance(w, (int, float)) and not isinstance(w, bool):
+            return float(w)
+        path = path[:-1]
+    return 1.0
+
+
+def leaves_with_seeds(tree: AbilityTree, questions: list[Question], ability_file: str | Path) -> list[Leaf]:
+    """Every leaf with its seed questions; an ability path naming no node is an `InputError`."""
+    by_id = {q.key: q for q in questions}
+    leaves = [Leaf(index=i, path=node.path, weakness=leaf_weakness(node, tree), n=_count(node.stats.get("n")))
+              for i, node in enumerate(tree.leaves())]
+    leaf_of = {leaf.path: leaf for leaf in leaves}
+    not_in_dataset = 0
+    for lineno, obj in iter_jsonl(ability_file):
+        path = obj.get("ability_path")
+        node = tree.match(path) if isinstance(path, list) else None
+        if node is None:
+            raise InputError(ability_file, f"ability path {path!r} names no node of the ability tree "
+                                           f"(root {tree.domain!r})", lineno)
+        question = by_id.get(str(obj.get("id")))
+        not_in_dataset += question is None
+        if question is not None and node.path in leaf_of:
+            leaf_of[node.path].seeds.append(question)
+    if not_in_dataset:
+        log.info("%d ability paths name ids that are not in the dataset (ignored)", not_in_dataset)
+    order = {q.key: i for i, q in enumerate(questions)}
+    for leaf in leaves:
+        leaf.seeds.sort(key=lambda q: order[q.key])
+    return leaves
+
+
+def _count(value) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _rng(*parts) -> random.Random:
+    # A string seed is hashed with SHA-512 by `random`, the same in every process and platform.
+    return random.Random("|".join(str(p) for p in parts))
+
+
+def draw_seeds(leaf: Leaf, k: int, seed: int, round_: int, slot: int) -> list[Question]:
+    """k seeds of the leaf for one prompt, from an RNG keyed by (seed, leaf, round, slot) alone."""
+    rng = _rng(seed, "seeds", leaf.index, " > ".join(leaf.path), round_, slot)
+    return rng.sample(leaf.seeds, min(k, len(leaf.seeds)))
+
+
+def n_options_of(seeds: list[Question], default: int = 4) -> int:
+    """The most common option count among the seeds (first seen wins a tie)."""
+    if not seeds:
+        return default
+    return Counter(len(s.options) for s in seeds).most_common(1)[0][0]
+
+
+# --------------------------------------------------------------------------- tasks and batches
+
+def make_tasks(leaves: list[Leaf], wanted: dict[int, int], first_slot: dict[int, int], round_: int,
+               cfg: DistillConfig) -> list[Task]:
+    """`wanted[leaf]` prompts per leaf for this round, in leaf order, slots continuing from `first_slot`."""
+    from .prompts import write_question_user_text
+
+    tasks = []
+    for leaf in leaves:
+        for slot in range(first_slot.get(leaf.index, 0), first_slot.get(leaf.index, 0) + wanted.get(leaf.index, 0)):
+            seeds = draw_seeds(leaf, cfg.seeds_per_prompt, cfg.seed, round_, slot)
+            n_opt = n_options_of(seeds or leaf.seeds[:1])
+            text = write_question_user_text(leaf.path[1:], seeds, n_opt, cfg.lang, cfg.domain or leaf.path[0])
+            tasks.append(Task(id=f"r{round_}-l{leaf.index}-{slot}", leaf=leaf.index, round=round_, slot=slot,
+                              seed_ids=[s.key for s in seeds], n_options=n_opt, user_text=text))
+    return tasks
+
+
+def batch_seed(seed: int, round_: int, index: int) -> int:
+    """The sampler seed of one batch (31 bits: every backend accepts it)."""
+    digest = hashlib.sha256(f"{seed}|batch|{round_}|{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def make_batches(tasks: list[Task], batch_size: int, seed: int, round_: int) -> list[Batch]:
+    """Length-sorted batches (by prompt characters, longest first: less padding, OOM shows early)."""
+    order = sorted(range(len(tasks)), key=lambda i: (-len(tasks[i].user_text), i))
+    return [Batch(round=round_, index=b, seed=batch_seed(seed, round_, b),
+                  tasks=[tasks[i] for i in order[start:start + batch_size]])
+            for b, start in enumerate(range(0, len(order), batch_size))]
+
+
+# --------------------------------------------------------------------------- acceptance
+
+def shuffle_options(item: dict, rng: random.Random) -> tuple[dict[str, str], str]:
+    """Options in a random order and the correct option's new letter (no position bias)."""
+    texts = list(item["options"].values())
+    order = list(range(len(texts)))
+    rng.shuffle(order)  # new position i holds old option order[i]
+    options = {LETTERS[i]: texts[j] for i, j in enumerate(order)}
+    answer = LETTERS[order.index(list(item["options"]).index(item["answer_idx"]))]
+    return options, answer
+
+
+@dataclass
+class LeafTally:
+    """Per-leaf outcome counts."""
+
+    attempts: int = 0
+    accepted: int = 0
+    surplus: int = 0  # valid items written after the target was reached (a retry round oversamples)
+    rejected: Counter = field(default_factory=Counter)
+
+
+class Acceptor:
+    """Turns teacher replies into records, in task order, keeping tallies for the plan."""
+
+    def __init__(self, leaves: list[Leaf], targets: list[int], cfg: DistillConfig, dataset: list[Question]):
+        self.leaves = {leaf.index: leaf for leaf in leaves}
+        self.targets = targets
+        self.cfg = cfg
+        self.index = NearDupIndex(cfg.dedup_threshold)
+        for q in dataset:
+            self.index.add(features(q.question, q.options), f"seed:{q.key}")
+        self.tally = {leaf.index: LeafTally() for leaf in leaves}
+        self.records: dict[int, list[dict]] = {leaf.index: [] for leaf in leaves}
+
+    def take(self, task: Task, text: str | None) -> str | None:
+        """Accept or reject one reply; returns the rejection reason (None when accepted or surplus)."""
+        tally = self.tally[task.leaf]
+        tally.attempts += 1
+        item, reason = parse_question(text or "")
+        if item is None:
+            tally.rejected[reason] += 1
+            return reason
+        feats = features(item["question"], item["options"])
+        label, _ = self.index.most_similar(feats)
+        if label is not None:
+            reason = "near_duplicate_seed" if label.startswith("seed:") else "near_duplicate_generated"
+            tally.rejected[reason] += 1
+            return reason
+        if tally.accepted >= self.targets[task.leaf]:
+            tally.surplus += 1
+            return None
+        options, answer = shuffle_options(item, _rng(self.cfg.seed, "shuffle", task.id))
+        leaf = self.leaves[task.leaf]
+        record = {"id": f"{self.cfg.id_prefix}-{leaf.index}-{tally.accepted}", "question": item["question"],
+                  "options": options, "answer_idx": answer,
+                  "meta_info": {"source": "generated", "task": task.id},
+                  "ability_path": list(leaf.path), "generated_from_seed": list(task.seed_ids),
+                  "teacher": self.cfg.teacher}
+        self.index.add(feats, f"gen:{record['id']}")
+        self.records[task.leaf].append(record)
+        tally.accepted += 1
+        return None
+
+    def short(self) -> dict[int, int]:
+        """Missing items per leaf that still has a shortfall."""
+        return {i: self.targets[i] - t.accepted for i, t in self.tally.items() if t.accepted < self.targets[i]}
+
+    def all_records(self) -> list[dict]:
+        """Accepted records, leaf by leaf in tree order, each leaf's in acceptance order."""
+        return [r for i in sorted(self.records) for r in self.records[i]]
+
+
+def prompts_for_round(acc: Acceptor, round_: int) -> dict[int, int]:
+    """How many prompts each short leaf gets this round.
+
+    Round 0 asks for exactly the target. A retry asks for `missing / rate`, where `rate` is the
+    leaf's acceptance rate so far, capped at MAX_OVERSAMPLE x missing.
+    """
+    wanted = {}
+    for i, missing in acc.short().items():
+        t = acc.tally[i]
+        if round_ == 0 or t.attempts == 0:
+            wanted[i] = missing
+        else:
+            rate = t.accepted / t.attempts
+            wanted[i] = math.ceil(missing / max(rate, 1.0 / MAX_OVERSAMPLE))
+    return wanted
+
+
+Produce = Callable[[int, list[Batch]], dict[str, str]]
+
+
+def run_rounds(leaves: list[Leaf], targets: list[int], cfg: DistillConfig, dataset: list[Question],
+               produce: Produce) -> tuple[Acceptor, int]:
+    """Generate, accept, and retry leaves short of target; returns the acceptor and rounds run.
+
+    `produce(round, batches)` returns the teacher's text for every task of those batches by task
+    id (a local model, an HTTP endpoint, or a part log of an interrupted run).
+    """
+    acc = Acceptor(leaves, targets, cfg, dataset)
+    next_slot: dict[int, int] = {}
+    rounds = 0
+    for round_ in range(cfg.max_retries + 1):
+        wanted = prompts_for_round(acc, round_)
+        if not wanted:
+            break
+        tasks = make_tasks(leaves, wanted, next_slot, round_, cfg)
+        for i, n in wanted.items():
+            next_slot[i] = next_slot.get(i, 0) + n
+        if round_ > 0:
+            log.info("retry %d/%d: %d prompts for %d leaves short of target", round_, cfg.max_retries,
+                     len(tasks), len(wanted))
+        texts = produce(round_, make_batches(tasks, cfg.batch_size, cfg.seed, round_))
+        for task in tasks:
+            acc.take(task, texts.get(task.id))
+        rounds += 1
+    return acc, rounds
+
+
+# --------------------------------------------------------------------------- the plan file
+
+def plan_report(leaves: list[Leaf], targets: list[int], acc: Acceptor | None, total: int, rounds: int,
+                allocation: dict) -> dict:
+    """plan.json: per leaf target / achieved / seeds / weakness / rejections, and totals."""
+    rows, rejected = [], Counter()
+    for leaf, target in zip(leaves, targets):
+        t = acc.tally[leaf.index] if acc is not None else LeafTally()
+        rejected.update(t.rejected)
+        row = {"path": list(leaf.path), "weakness": round(leaf.weakness, 6), "n_answered": leaf.n,
+               "seeds_available": len(leaf.seeds), "target": target, "achieved": t.accepted,
+               "attempts": t.attempts, "surplus": t.surplus, "rejected": dict(sorted(t.rejected.items()))}
+        if not leaf.seeds:
+            row["note"] = "no seed questions for this leaf: nothing generated"
+        elif t.accepted < target:
+            row["note"] = f"short by {target - t.accepted} after {rounds} round(s)"
+        rows.append(row)
+    achieved = sum(r["achieved"] for r in rows)
+    attempts = sum(r["attempts"] for r in rows)
+    return {
+        "num_samples": total, "achieved": achieved, "shortfall": total - achieved,
+        "attempts": attempts, "acceptance_rate": round(achieved / attempts, 4) if attempts else None,
+        "rounds": rounds, "surplus": sum(r["surplus"] for r in rows),
+        "rejected": dict(sorted(rejected.items())),
+        "allocation": allocation,
+        "leaves_without_seeds": [r["path"] for r in rows if not r["seeds_available"]],
+        "leaves": rows,
+    }
+
+
+# --------------------------------------------------------------------------- the workers
+
+@dataclass
+class TeacherConfig:
+    """How a worker turns prompts into text: a local model folder or an OpenAI-compatible endpoint."""
+
+    model_path: str = ""
+    api_base: str = ""
+    api_model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    max_new_tokens: int = 512
+    temperature: float = 0.8
+    top_p: float = 0.95
+    lang: str = "en"
+
+
+_LOADED: dict[tuple, tuple] = {}  # (path, device, dtype) -> (model, tokenizer): one load per process
+
+
+def _local_teacher(cfg: TeacherConfig, gpu_id: int | None):
+    from .models import device_for, load_model, load_tokenizer
+
+    key = (cfg.model_path, gpu_id, cfg.dtype)
+    if key not in _LOADED:
+        _LOADED.clear()  # one teacher in memory at a time
+        tok = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
+        model = load_model(cfg.model_path, device_for(gpu_id), cfg.dtype, cfg.trust_remote_code)
+        _LOADED[key] = (model, tok)
+    return _LOADED[key]
+
+
+def release_teacher() -> None:
+    _LOADED.clear()
+
+
+def generate_worker(rank: int, gpu_id: int | None, batches: list[Batch], writer, cfg: TeacherConfig) -> None:
+    """Generate every batch and append `{"id": task id, "text": reply}` records, one batch at a time."""
+    from tqdm import tqdm
+
+    if cfg.api_base:
+        from .api import ChatAPI
+
+        api = ChatAPI(cfg.api_base, cfg.api_model, cfg.api_key_env)
+        for batch in tqdm(batches, desc="writing questions", unit="batch", disable=rank != 0):
+            texts = api.chat_many([t.user_text for t in batch.tasks], cfg.max_new_tokens, cfg.temperature,
+                                  seeds=[batch.seed + i for i in range(len(batch.tasks))])
+            writer.write([{"id": t.id, "text": x} for t, x in zip(batch.tasks, texts)])
+        return
+
+    from .generation import generate_batch
+    from .prompts import LABELS, encode_prompt, has_chat_template, render
+
+    model, tok = _local_teacher(cfg, gpu_id)
+    # Without a chat template the prompt ends with the format's first label, so the model starts
+    # writing the question itself; the label is put back in front of the reply before parsing.
+    cue = "" if has_chat_template(tok) else LABELS[cfg.lang].question
+    for batch in tqdm(batches, desc="writing questions", unit="batch", disable=rank != 0):
+        ids = [encode_prompt(tok, render(tok, t.user_text, plain_cue=cue)) for t in batch.tasks]
+        texts = generate_batch(model, tok, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=batch.seed)
+        writer.write([{"id": t.id, "text": cue + x} for t, x in zip(batch.tasks, texts)])
+
+
+def part_log_producer(part_log, gpu_ids: list[int], teacher: TeacherConfig) -> Produce:
+    """A `produce` that skips batches already in the part log and runs the rest on the workers.
+
+    A batch counts as done only when all its tasks are logged; a batch cut short by a kill is
+    regenerated whole, with its own seed, so its text is what the uninterrupted run wrote.
+    """
+    from .workers import run_workers
+
+    def produce(round_: int, batches: list[Batch]) -> dict[str, str]:
+        done = part_log.done()
+        todo = [b for b in batches if not all(t.id in done for t in b.tasks)]
+        if len(todo) < len(batches):
+            log.info("round %d: %d of %d batches already written by an earlier run", round_,
+                     len(batches) - len(todo), len(batches))
+        run_workers(generate_worker, todo, gpu_ids, part_log, teacher)
+        done = part_log.done()
+        return {t.id: done[t.id]["text"] for b in batches for t in b.tasks}
+
+    return produce
