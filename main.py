@@ -26,9 +26,9 @@ AGENT_MODEL_2_PATH = "data/demo/models/agent"
 DOMAIN = "Clinical medicine"  # the ability tree's root (e.g. "临床医学")
 EXISTING_ABILITY_TREE_PATH = "ability_trees/demo_tree.json"  # empty: create_initial_tree.py builds one from DOMAIN
 DATASET_FILES_PER_ITERATION = ["data/demo/iteration_1.jsonl", "data/demo/iteration_2.jsonl"]  # one per iteration
-ABILITY_CLASS_FILES_PER_ITERATION = ["data/demo/iteration_1_paths.jsonl", "data/demo/iteration_2_paths.jsonl"]
+ABILITY_CLASS_FILES_PER_ITERATION = ["data/demo/iteration_1_ability_paths.jsonl", "data/demo/iteration_2_ability_paths.jsonl"]
 EVAL_DATASET_PATH = "data/demo/eval.jsonl"  # held-out set scored before/after each round; "" for none
-EVAL_ABILITY_CLASS_PATH = "data/demo/eval_paths.jsonl"
+EVAL_ABILITY_CLASS_PATH = "data/demo/eval_ability_paths.jsonl"
 
 # ===================================================================== the loop
 NUM_ITERATIONS = 2

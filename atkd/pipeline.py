@@ -217,7 +217,7 @@ def train_step(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, gpus
     env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {}
     return Step(
         name="F_train", folder=it.student_dir, outputs=[it.final_model / "config.json"], log_path=it.log_file("F_train"),
-        inputs=[Path(student), it.validated, it.logits_dir], launcher=launcher, env=env,
+        inputs=[Path(student), it.validated, it.logits_dir], launcher=launcher, env=env, precheck_flags=["--check_only"],
         argv=[script("train.py"), "--student_model_path", student, "--train_file_path", str(it.validated),
               "--teacher_logits_dir", str(it.logits_dir), "--output_dir", str(it.student_dir),
               "--temperature", str(cfg.temperature), "--alpha_ce", str(cfg.alpha_ce), "--kd_loss", cfg.kd_loss,

@@ -42,6 +42,9 @@ class Step:
     log_path: Path | None = None
     launcher: list[str] = field(default_factory=list)  # e.g. accelerate launch ...; not fingerprinted
     env: dict[str, str] = field(default_factory=dict)
+    # Flags that make the script only validate its inputs, run plainly before the launcher:
+    # `accelerate launch` reports a child's exit status 2 (bad input) as 1, with a traceback.
+    precheck_flags: list[str] = field(default_factory=list)
 
     @property
     def marker(self) -> Path:
@@ -173,6 +176,10 @@ def run_step(step: Step, dry_run: bool = False) -> str:
     step.folder.mkdir(parents=True, exist_ok=True)
     record = step_record(step)
     write_json(step.started, record)
+    if step.precheck_flags:
+        code = stream([sys.executable, *step.argv, *step.precheck_flags], step.log_path, step.env)
+        if code != 0:
+            raise StepFailed(step, code)
     print(f"[run] {step.name}\n  $ {cmd}", flush=True)
     code = stream(step.command, step.log_path, step.env)
     if code != 0:
