@@ -68,6 +68,15 @@ def test_tree_both_nested_forms_and_reference_score_keys(tmp_path):
     assert flat.domain == "临床医学" and len(flat.leaves()) == 2
 
 
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    import os
+    write_jsonl(tmp_path / "a.jsonl", [{"id": 1}])
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.jsonl").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]  # no temporary file left
+
+
 def test_part_log_ignores_torn_line_and_other_arguments(tmp_path):
     out = tmp_path / "out.jsonl"
     log = PartLog(out, {"a": 1})
