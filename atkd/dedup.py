@@ -1,13 +1,19 @@
 """Near-duplicate detection for generated questions (DESIGN §10).
 
-Two questions are near-duplicates when the Jaccard similarity of their feature sets reaches a
-threshold. Features are word unigrams and bigrams of the normalized question and of each option
-separately (so reordering the options changes nothing); each CJK character counts as a word, so
-Chinese text without spaces is compared just as well.
+Two questions are near-duplicates when BOTH their stems and their option sets are similar: the
+Jaccard similarity of the stems' features reaches the threshold and so does that of the options'.
+Features are word unigrams and bigrams of the normalized text, each option taken separately (so
+reordering the options changes nothing); each CJK character counts as a word, so Chinese text
+without spaces is compared just as well.
 
-The index is exact (no hashing approximations) and fast through prefix filtering: with every
-feature set sorted in one fixed global order, two sets with Jaccard >= t must share a feature
-among the first `n - ceil(t * n) + 1` of each, so only those are indexed and probed.
+Why both: a question is its stem together with its options. One templated stem ("Which of the
+following is a beta-lactam?") over different options is a different item, and so is a new stem
+over the same options; a single Jaccard over the union lets the longer stem drown the options and
+rejected every templated question of the embedded demo as a copy of its seed.
+
+The index is exact (no hashing approximations) and fast through prefix filtering on the stems:
+with every feature set sorted in one fixed global order, two sets with Jaccard >= t must share a
+feature among the first `n - ceil(t * n) + 1` of each, so only those are indexed and probed.
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ import math
 import re
 import zlib
 from collections import defaultdict
+from typing import NamedTuple
 
 from .qparse import normalize_text
 
 _WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_\u3400-\u9fff\uf900-\ufaff]+")
-DEFAULT_THRESHOLD = 0.6  # one changed detail (an age, one option) in a 4-option item scores ~0.6-0.7
+# A reworded detail of the stem (an age, a drug) scores ~0.6-0.8; one changed option of four
+# single-word options scores 3/5 = 0.6.
+DEFAULT_THRESHOLD = 0.6
 
 
 def words(text: str) -> list[str]:
@@ -33,13 +42,20 @@ def _ngrams(tokens: list[str], tag: str) -> set[str]:
     return grams
 
 
-def features(question: str, options: dict[str, str] | list[str]) -> frozenset[str]:
-    """The feature set of a question and its options (option order does not matter)."""
+class Features(NamedTuple):
+    """The feature sets of one question: its stem and its options (order-free)."""
+
+    stem: frozenset[str]
+    options: frozenset[str]
+
+
+def features(question: str, options: dict[str, str] | list[str]) -> Features:
+    """The feature sets of a question's stem and of its options (option order does not matter)."""
     texts = options.values() if isinstance(options, dict) else options
-    feats = _ngrams(words(question), "q")
+    opts: set[str] = set()
     for opt in texts:
-        feats |= _ngrams(words(opt), "o")
-    return frozenset(feats)
+        opts |= _ngrams(words(opt), "o")
+    return Features(frozenset(_ngrams(words(question), "q")), frozenset(opts))
 
 
 def jaccard(a: frozenset, b: frozenset) -> float:
@@ -54,39 +70,46 @@ def _order_key(feature: str) -> tuple[int, str]:
     return zlib.crc32(feature.encode("utf-8")), feature
 
 
+def similarity(a: Features, b: Features) -> float:
+    """The lower of the stem and the option-set Jaccard similarities."""
+    return min(jaccard(a.stem, b.stem), jaccard(a.options, b.options))
+
+
 class NearDupIndex:
-    """Feature sets seen so far; `most_similar` finds any with Jaccard >= threshold."""
+    """Questions seen so far; `most_similar` finds any whose `similarity` reaches the threshold."""
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD):
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"dedup threshold must be in (0, 1] (got {threshold})")
         self.threshold = threshold
-        self._sets: list[frozenset] = []
+        self._sets: list[Features] = []
         self._labels: list[str] = []
         self._postings: dict[str, list[int]] = defaultdict(list)
 
     def __len__(self) -> int:
         return len(self._sets)
 
-    def _prefix(self, feats: frozenset) -> list[str]:
-        ordered = sorted(feats, key=_order_key)
+    def _prefix(self, feats: Features) -> list[str]:
+        if not feats.stem:
+            return [""]  # stems without a word: all such questions are candidates of each other
+        ordered = sorted(feats.stem, key=_order_key)
         # 1e-9 keeps float error (0.7 * 10 = 7.000000000000001) from shortening the prefix.
         keep = len(ordered) - math.ceil(self.threshold * len(ordered) - 1e-9) + 1
         return ordered[:keep]
 
-    def most_similar(self, feats: frozenset) -> tuple[str | None, float]:
-        """(label, similarity) of the most similar indexed set at or above the threshold, else (None, best)."""
+    def most_similar(self, feats: Features) -> tuple[str | None, float]:
+        """(label, similarity) of the most similar indexed question at or above the threshold, else (None, best)."""
         candidates = {i for f in self._prefix(feats) for i in self._postings.get(f, ())}
         best_label, best = None, 0.0
         for i in sorted(candidates):
-            sim = jaccard(feats, self._sets[i])
+            sim = similarity(feats, self._sets[i])
             if sim > best:
                 best, best_label = sim, self._labels[i]
         if best >= self.threshold:
             return best_label, best
         return None, best
 
-    def add(self, feats: frozenset, label: str) -> None:
+    def add(self, feats: Features, label: str) -> None:
         idx = len(self._sets)
         self._sets.append(feats)
         self._labels.append(label)
