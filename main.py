@@ -32,12 +32,12 @@ EVAL_ABILITY_CLASS_PATH = "data/demo/eval_ability_paths.jsonl"
 
 # ===================================================================== the loop
 NUM_ITERATIONS = 2
-NUM_DISTILL_SAMPLES = 240  # questions written per round before validation (reference: 10000)
+NUM_DISTILL_SAMPLES = 480  # questions written per round before validation (reference: 10000)
 GPUS_TO_USE = [0]  # e.g. [0, 1, 2, 3]; on a machine without CUDA everything runs on the CPU
 SEED = 0
 
 # ===================================================================== training (train.py under accelerate)
-TRAIN_EPOCHS = 3
+TRAIN_EPOCHS = 10  # the demo's few hundred items; reference: 3
 LEARNING_RATE = 1e-3  # the demo's tiny student; for a 0.5B student use ~5e-6 (the reference's value)
 BATCH_SIZE = 8  # per process; reference: 2
 GRADIENT_ACCUMULATION_STEPS = 1  # reference: 16

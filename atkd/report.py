@@ -66,6 +66,12 @@ def collect(workflow_dir: Path, models_dir: Path, num_iterations: int, with_eval
             entry["eval_after"] = node_accuracies(after)
         report["iterations"].append(entry)
         before = after
+    done = [e for e in report["iterations"] if e.get("eval_after")]
+    if with_eval and done:
+        # The run's net effect: the untouched student against the newest trained one.
+        report["whole_run"] = {"after_iteration": done[-1]["iteration"],
+                               "weakest_of_iteration_1": report["iterations"][0]["weakest_abilities"],
+                               "eval_before": report["baseline_eval"], "eval_after": done[-1]["eval_after"]}
     return report
 
 
@@ -85,16 +91,26 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- questions generated: {entry['generated'] if entry['generated'] is not None else '-'}, "
                      f"validated: {entry['validated'] if entry['validated'] is not None else '-'}")
         if "eval_after" in entry:
-            b, a = entry["eval_before"], entry["eval_after"]
-            lines += ["", "| ability (evaluation set) | n | before | after | change |", "|---|---|---|---|---|"]
-            for name in b or a:
-                acc_b, acc_a = (b.get(name) or {}).get("accuracy"), (a.get(name) or {}).get("accuracy")
-                n = (a.get(name) or b.get(name) or {}).get("n")
-                change = "-" if acc_a is None or acc_b is None else f"{100 * (acc_a - acc_b):+.1f}"
-                mark = " (weakest)" if name in entry["weakest_abilities"] else ""
-                lines.append(f"| {name}{mark} | {n} | {_pct(acc_b)} | {_pct(acc_a)} | {change} |")
+            lines += [""] + _table(entry["eval_before"], entry["eval_after"], entry["weakest_abilities"], "weakest")
         lines.append("")
+    whole = report.get("whole_run")
+    if whole and len(report["iterations"]) > 1:
+        lines += [f"## Whole run: the initial student against the student after iteration {whole['after_iteration']}",
+                  ""] + _table(whole["eval_before"], whole["eval_after"], whole["weakest_of_iteration_1"],
+                               "weakest in iteration 1") + [""]
     return "\n".join(lines)
+
+
+def _table(before: dict, after: dict, marked: list[str], mark: str) -> list[str]:
+    """Markdown rows: accuracy per ability on the evaluation set, before and after."""
+    lines = ["| ability (evaluation set) | n | before | after | change |", "|---|---|---|---|---|"]
+    for name in before or after:
+        acc_b, acc_a = (before.get(name) or {}).get("accuracy"), (after.get(name) or {}).get("accuracy")
+        n = (after.get(name) or before.get(name) or {}).get("n")
+        change = "-" if acc_a is None or acc_b is None else f"{100 * (acc_a - acc_b):+.1f}"
+        suffix = f" ({mark})" if name in marked else ""
+        lines.append(f"| {name}{suffix} | {n} | {_pct(acc_b)} | {_pct(acc_a)} | {change} |")
+    return lines
 
 
 def write_report(workflow_dir: Path, models_dir: Path, num_iterations: int, with_eval: bool) -> str:

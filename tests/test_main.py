@@ -1,0 +1,162 @@
+"""main.py end to end on the embedded demo: the loop runs, resumes after SIGKILL, reruns what changed.
+
+One iteration with small sizes keeps each run short; the default two-iteration demo is the
+README's quick start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "data" / "demo"
+
+SMALL = ["--num_iterations", "1",
+         "--dataset_files_per_iteration", str(DEMO / "iteration_1.jsonl"),
+         "--ability_class_files_per_iteration", str(DEMO / "iteration_1_ability_paths.jsonl"),
+         "--num_distill_samples", "60", "--train_epochs", "2", "--save_steps", "1", "--save_total_limit", "2",
+         "--gpus_to_use", ""]
+
+
+def main_cmd(base: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "main.py"), "--workflow_output_dir", str(base / "workflow"),
+            "--models_output_dir", str(base / "models"), *SMALL, *extra]
+
+
+def env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+
+
+def run_main(base: Path, *extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(main_cmd(base, *extra), capture_output=True, text=True, env=env(), cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def run_until(base: Path, ready, timeout: float = 600) -> None:
+    """Start main.py in its own process group and SIGKILL the whole group once `ready()` is true."""
+    proc = subprocess.Popen(main_cmd(base), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
+                            cwd=ROOT, start_new_session=True)
+    start = time.time()
+    try:
+        while not ready():
+            assert proc.poll() is None, "main.py finished before the kill point"
+            assert time.time() - start < timeout, "kill point never reached"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def assert_same_weights(a: Path, b: Path, tol: float = 1e-6) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+    assert worst <= tol, f"weights differ by {worst}"
+
+
+def it1(base: Path) -> Path:
+    return base / "workflow" / "iteration_1"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    base = tmp_path_factory.mktemp("reference")
+    return base, run_main(base)
+
+
+def test_demo_loop_trains_the_student_and_reports(reference):
+    base, proc = reference
+    report = json.loads((base / "workflow" / "report.json").read_text())
+    (entry,) = report["iterations"]
+    assert 0.0 <= entry["student_on_round_data"]["accuracy"] <= 1.0
+    assert entry["generated"] > 0 and 0 < entry["validated"] <= entry["generated"]
+    before, after = entry["eval_before"], entry["eval_after"]
+    assert before["overall"]["n"] == after["overall"]["n"] > 0
+    assert after["overall"]["accuracy"] is not None and before["overall"]["accuracy"] is not None
+    assert entry["weakest_abilities"] and all(name in after for name in entry["weakest_abilities"])
+    assert "| ability (evaluation set) |" in (base / "workflow" / "report.md").read_text()
+    initial = weights(DEMO / "models" / "student")
+    trained = weights(base / "models" / "iteration_1_student_model" / "final_model")
+    assert max((initial[k].float() - trained[k].float()).abs().max().item() for k in initial) > 1e-4
+    for step in ("A_student_reply", "B_student_tree", "C_distill_data", "D_validated_data", "E_teacher_logits", "F_train"):
+        assert (it1(base) / f"{step}.log").stat().st_size > 0
+        assert f"[run] {step}" in proc.stdout
+
+
+def test_kill_during_generation_then_rerun_matches_and_changes_rerun_only_what_depends(reference, tmp_path):
+    ref, _ = reference
+    parts = it1(tmp_path) / "C_distill_data" / "generated.jsonl.parts"
+    run_until(tmp_path, lambda: any(p.stat().st_size > 0 for p in parts.glob("part-*.jsonl")) if parts.exists() else False)
+    assert not (it1(tmp_path) / "C_distill_data" / "generated.jsonl").exists()
+    proc = run_main(tmp_path)
+    for step in ("A_student_reply", "B_student_tree"):
+        assert f"[skip] {step}" in proc.stdout
+    assert "[resume] C_distill_data" in proc.stdout
+    for rel in ("C_distill_data/generated.jsonl", "C_distill_data/plan.json", "D_validated_data/validated.jsonl"):
+        assert (it1(tmp_path) / rel).read_bytes() == (it1(ref) / rel).read_bytes(), rel
+    final = Path("models") / "iteration_1_student_model" / "final_model"
+    assert_same_weights(tmp_path / final, ref / final)
+
+    again = run_main(tmp_path)
+    assert "[run]" not in again.stdout and again.stdout.count("[skip]") >= 8
+
+    changed = run_main(tmp_path, "--num_distill_samples", "72")
+    for step in ("A_student_reply", "B_student_tree", "G_eval_reply", "H_eval_tree"):
+        assert f"[skip] {step}" in changed.stdout  # baseline evaluation and the measurement stay
+    assert "[rerun] C_distill_data: arguments changed: --num_samples 60 -> 72" in changed.stdout
+    for step in ("D_validated_data", "E_teacher_logits", "F_train"):
+        assert f"[rerun] {step}: inputs changed" in changed.stdout
+
+
+def test_kill_during_training_then_rerun_matches(reference, tmp_path):
+    ref, _ = reference
+    student = tmp_path / "models" / "iteration_1_student_model"
+    run_until(tmp_path, lambda: any(student.glob("checkpoint-*")))
+    assert not (student / "final_model").exists()
+    proc = run_main(tmp_path)
+    for step in ("A_student_reply", "B_student_tree", "C_distill_data", "D_validated_data", "E_teacher_logits"):
+        assert f"[skip] {step}" in proc.stdout
+    assert "[resume] F_train" in proc.stdout
+    final = Path("models") / "iteration_1_student_model" / "final_model"
+    assert_same_weights(tmp_path / final, ref / final)
+
+
+def test_config_errors_stop_before_any_work(tmp_path):
+    proc = subprocess.run(main_cmd(tmp_path, "--num_iterations", "2"), capture_output=True, text=True, env=env(),
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert "DATASET_FILES_PER_ITERATION lists 1 file(s) but NUM_ITERATIONS is 2" in proc.stderr
+    assert not (tmp_path / "workflow").exists()
+    proc = subprocess.run(main_cmd(tmp_path, "--student_model_path", str(tmp_path / "nope")), capture_output=True,
+                          text=True, env=env(), cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "model folder not found" in proc.stderr
+    assert not (tmp_path / "workflow").exists()
+
+
+def test_dry_run_prints_every_command_and_runs_nothing(tmp_path):
+    proc = subprocess.run(main_cmd(tmp_path, "--dry_run"), capture_output=True, text=True, env=env(), cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for script in ("inference.py", "student_data_analyzer.py", "generate_distill_data.py",
+                   "evaluate_distilled_data.py", "generate_logits.py", "train.py"):
+        assert script in proc.stdout
+    assert "accelerate.commands.launch" in proc.stdout
+    assert not (tmp_path / "workflow" / "iteration_1").exists()
