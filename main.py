@@ -43,7 +43,7 @@ BATCH_SIZE = 8  # per process; reference: 2
 GRADIENT_ACCUMULATION_STEPS = 1  # reference: 16
 TEMPERATURE = 2.0  # distillation temperature T
 ALPHA_CE = 0.5  # weight of the CE loss; 1 - ALPHA_CE weighs the KD loss
-ACCELERATE_CONFIG_FILE = ""  # optional `accelerate config` file; empty: one process per GPU
+ACCELERATE_CONFIG_FILE = ""  # optional `accelerate config` file (it then decides processes, precision, FSDP/DeepSpeed); empty: one process per GPU, bf16
 
 # ===================================================================== outputs
 WORKFLOW_OUTPUT_DIR = "./output/workflow"

@@ -205,15 +205,20 @@ def iteration_steps(cfg: WorkflowConfig, it: paths.IterationPaths, student: str,
 
 
 def train_step(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, gpus: list[int]) -> Step:
-    """F: train.py under `accelerate launch`, one process per GPU (or one CPU process)."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
-                "--main_process_port", str(free_port()), "--dynamo_backend", "no"]
+    """F: train.py under `accelerate launch`, one process per GPU (or one CPU process).
+
+    With the user's accelerate config file, the file decides processes, precision and the
+    distributed backend (command-line values would override it); only the port stays ours, a
+    free one, so two runs on one machine do not collide.
+    """
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]
     if cfg.accelerate_config_file:
         launcher += ["--config_file", cfg.accelerate_config_file]
-    launcher += ["--num_processes", str(max(1, len(gpus)))]
-    launcher += ["--mixed_precision", "bf16"] if gpus else ["--cpu", "--mixed_precision", "no"]
-    if len(gpus) > 1:
-        launcher += ["--multi_gpu"]
+    else:
+        launcher += ["--num_machines", "1", "--dynamo_backend", "no", "--num_processes", str(max(1, len(gpus)))]
+        launcher += ["--mixed_precision", "bf16"] if gpus else ["--cpu", "--mixed_precision", "no"]
+        if len(gpus) > 1:
+            launcher += ["--multi_gpu"]
     env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {}
     return Step(
         name="F_train", folder=it.student_dir, outputs=[it.final_model / "config.json"], log_path=it.log_file("F_train"),

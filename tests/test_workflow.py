@@ -98,3 +98,28 @@ def test_failure_names_the_log_and_leaves_no_marker(setup):
     assert err.value.code == 3 and str(tmp / "S.log") in str(err.value)
     assert not step.marker.exists()
     assert status(step)[0] == "resume"
+
+
+def _launch(step, flag):
+    cmd = step.command
+    return cmd[cmd.index(flag) + 1] if flag in cmd else None
+
+
+def test_training_launch_follows_the_gpus_or_the_users_accelerate_config(tmp_path):
+    from atkd import paths
+    from atkd.pipeline import WorkflowConfig, train_step
+
+    it = paths.IterationPaths(tmp_path / "wf", tmp_path / "models", 1)
+    cfg = WorkflowConfig(student_model_path="s", dataset_files_per_iteration=["d"], ability_class_files_per_iteration=["a"])
+    four = train_step(cfg, it, "s", [2, 3, 5, 7])
+    assert _launch(four, "--num_processes") == "4" and "--multi_gpu" in four.command
+    assert _launch(four, "--mixed_precision") == "bf16" and four.env == {"CUDA_VISIBLE_DEVICES": "2,3,5,7"}
+    cpu = train_step(cfg, it, "s", [])
+    assert _launch(cpu, "--num_processes") == "1" and "--cpu" in cpu.command and cpu.env == {}
+    cfg.accelerate_config_file = str(tmp_path / "fsdp.yaml")
+    own = train_step(cfg, it, "s", [0, 1])
+    assert _launch(own, "--config_file") == cfg.accelerate_config_file
+    for flag in ("--num_processes", "--mixed_precision", "--multi_gpu", "--cpu"):
+        assert flag not in own.command  # the user's file decides
+    assert own.env == {"CUDA_VISIBLE_DEVICES": "0,1"}
+    assert own.argv == four.argv  # the launcher never changes what train.py is asked to do
