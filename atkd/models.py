@@ -62,7 +62,8 @@ def check_model_dir(path: str | Path) -> Path:
     """A local model folder with a config.json, else `InputError` (nothing is downloaded)."""
     path = Path(path)
     if not path.is_dir():
-        raise InputError(path, "model folder not found")
+        where = "" if path.is_absolute() else f" (relative paths start at {Path.cwd()})"
+        raise InputError(path, f"model folder not found{where}")
     if not (path / "config.json").is_file():
         raise InputError(path, "not a model folder (no config.json)")
     return path

@@ -160,3 +160,20 @@ def test_dry_run_prints_every_command_and_runs_nothing(tmp_path):
         assert script in proc.stdout
     assert "accelerate.commands.launch" in proc.stdout
     assert not (tmp_path / "workflow" / "iteration_1").exists()
+
+
+def test_default_demo_improves_the_weakest_abilities(tmp_path):
+    """The README's quick start as it is: two iterations with the default constants."""
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--workflow_output_dir", str(tmp_path / "workflow"),
+                           "--models_output_dir", str(tmp_path / "models")],
+                          capture_output=True, text=True, env=env(), cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "workflow" / "report.json").read_text())
+    assert len(report["iterations"]) == 2
+    whole = report["whole_run"]
+    assert whole["after_iteration"] == 2 and len(whole["weakest_of_iteration_1"]) == 3
+    before, after = whole["eval_before"], whole["eval_after"]
+    for name in whole["weakest_of_iteration_1"]:
+        assert after[name]["accuracy"] >= before[name]["accuracy"] + 0.2, (name, before[name], after[name])
+    assert after["overall"]["accuracy"] >= before["overall"]["accuracy"] + 0.1
+    assert "## Whole run" in proc.stdout
