@@ -66,7 +66,45 @@ def check_model_dir(path: str | Path) -> Path:
         raise InputError(path, f"model folder not found{where}")
     if not (path / "config.json").is_file():
         raise InputError(path, "not a model folder (no config.json)")
+    check_weight_files(path)
     return path
+
+
+def check_weight_files(path: Path) -> list[Path]:
+    """The folder's safetensors files, each with a readable, complete header, else `InputError`.
+
+    Reads only the headers (milliseconds even for sharded 70B checkpoints), so a truncated
+    download fails here, before a stage writes anything, rather than deep inside a worker.
+    Pickle weights (`*.bin`) are refused: models load with `use_safetensors=True`.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if indexes:
+        try:
+            weight_map = json.loads(indexes[0].read_text(encoding="utf-8"))["weight_map"]
+            files = sorted({path / name for name in weight_map.values()})
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InputError(indexes[0], f"unreadable safetensors index ({exc})") from None
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        if pickles:
+            raise InputError(path, f"only pickle weights ({pickles[0]}); AT-KD loads safetensors: re-save the model "
+                                   "with `save_pretrained` (safetensors is its default)")
+        raise InputError(path, "no model weights (*.safetensors) in the folder")
+    for f in files:
+        if not f.is_file():
+            raise InputError(f, "weight file listed in the safetensors index not found")
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as exc:  # safetensors raises its own SafetensorError (or OSError)
+            raise InputError(f, f"unreadable safetensors file, truncated or corrupt? ({exc})") from None
+    return files
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

@@ -138,7 +138,9 @@ def test_second_agent_crash_keeps_the_first_agents_answers(tmp_path, run, two_ag
     data, fresh, _ = two_agents
     broken = tmp_path / "broken"
     shutil.copytree(qwen_plain_dir, broken)
-    (broken / "model.safetensors").write_bytes(b"\x00" * 16)  # weights cut short: loading fails
+    # Weights that pass the upfront header check but do not fit the config: loading fails in the worker.
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] + 8}))
     out = tmp_path / "D" / "validated.jsonl"
     res = evaluate(run, data, out, llama_dir, broken)
     assert res.returncode not in (0, 2) and not out.exists()

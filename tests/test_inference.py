@@ -215,6 +215,42 @@ def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, llama_dir, run,
     assert not out.exists() and not parts_dir_for(out).exists() and not out.parent.exists()
 
 
+def _truncated(folder: Path) -> Path:
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])  # a download cut short
+    return f
+
+
+def _pickle_only(folder: Path) -> Path:
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    return folder
+
+
+def _missing_shard(folder: Path) -> Path:
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    return folder / "model-00002-of-00002.safetensors"
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (_truncated, "unreadable safetensors file, truncated or corrupt?"),
+    (_pickle_only, "only pickle weights (pytorch_model.bin)"),
+    (_missing_shard, "weight file listed in the safetensors index not found"),
+], ids=["truncated", "pickle-only", "missing-shard"])
+def test_damaged_weights_exit_2_before_any_output(tmp_path, llama_dir, run, damage, problem):
+    model = tmp_path / "model"
+    shutil.copytree(llama_dir, model)
+    where = damage(model)
+    data = tmp_path / "data.jsonl"
+    data.write_text(line() + "\n", encoding="utf-8")
+    out = tmp_path / "A" / "replies.jsonl"
+    res = run("inference.py", "--model_path", model, "--dataset_path", data, "--output_path", out)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [res.stderr.strip().splitlines()[0]]
+    assert res.stderr.startswith(f"error: {where}: {problem}"), res.stderr
+    assert not out.parent.exists()
+
 def test_help(run):
     res = run("inference.py", "--help")
     assert res.returncode == 0
