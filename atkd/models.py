@@ -164,13 +164,6 @@ def last_logits_kwarg(model) -> dict:
     return {}
 
 
-def spread_device_map(gpu_ids: list[int]) -> tuple[str, dict]:
-    """device_map="auto" limited to the listed GPUs (for a teacher too large for one GPU)."""
-    total = {g: torch.cuda.get_device_properties(g).total_memory for g in gpu_ids}
-    # Leave 10% of each GPU for activations and the KV cache.
-    return "auto", {g: int(m * 0.9) for g, m in total.items()}
-
-
 def set_quiet_env() -> None:
     """Keep tokenizers' thread pool from fighting our worker processes, and never touch the hub."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
