@@ -16,12 +16,15 @@ Three tiny Llama models share one locally trained byte-level BPE tokenizer (chat
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .records import LETTERS
 
 DOMAIN = "Clinical medicine"
 LANG = "en"
@@ -123,13 +126,14 @@ def make_question(rng: random.Random, leaf: Leaf, qid: str, pool: tuple[Leaf, ..
     others = rng.sample([x for x in pool if x is not leaf], N_OPTIONS - 1)
     options = [rng.choice(leaf.entities)] + [rng.choice(x.entities) for x in others]
     rng.shuffle(options)
-    letters = [chr(ord("A") + i) for i in range(N_OPTIONS)]
+    letters = LETTERS[:N_OPTIONS]
     answer = letters[options.index(next(e for e in options if e in leaf.entities))]
     stem = rng.choice(STEMS).format(noun=leaf.noun, leaf=leaf.name.lower(), area=leaf.area.lower())
     return {"id": qid, "question": stem, "options": dict(zip(letters, options)), "answer_idx": answer,
             "meta_info": f"demo: {leaf.name}"}
 
 
+@functools.cache
 def leaf_of_entity() -> dict[str, Leaf]:
     return {e: leaf for leaf in LEAVES for e in leaf.entities}
 
@@ -235,7 +239,8 @@ class ExampleMaker:
 
         self.tok = tokenizer
         self.held_out = held_out  # option_key()s of evaluation items, never trained on
-        self.letter_ids = dict(zip("ABCD", letter_token_ids(tokenizer, list("ABCD"), LANG)))
+        letters = LETTERS[:N_OPTIONS]
+        self.letter_ids = dict(zip(letters, letter_token_ids(tokenizer, list(letters), LANG)))
 
     def fresh(self, rng: random.Random, leaf: Leaf, pool: tuple[Leaf, ...] | None = None) -> dict:
         """A training question on `leaf` (distractors from `pool`, default every leaf), never a held-out one."""
@@ -415,20 +420,12 @@ def write_replies(teacher, tokenizer, leaf: Leaf, seeds: list, n: int, temperatu
     return replies
 
 
-def shuffled(item: dict, rng: random.Random) -> dict:
-    """The parsed item with its options in a random order (the pipeline shuffles the answer's letter)."""
-    letters = list(item["options"])
-    values = [item["options"][k] for k in letters]
-    answer = item["options"][item["answer_idx"]]
-    rng.shuffle(values)
-    return {**item, "options": dict(zip(letters, values)), "answer_idx": letters[values.index(answer)]}
-
-
 def pass_counts(replies: list[str], leaf: Leaf, agents: list, seed: int = 0) -> dict[str, int]:
     """How many replies parse, are truly valid for `leaf`, and are answered as labelled by every agent.
 
     `agents` is a list of (model, tokenizer); their answers come from the pipeline's scoring.
     """
+    from .distill import shuffle_options
     from .qparse import parse_question
     from .scoring import score_questions
 
@@ -436,8 +433,9 @@ def pass_counts(replies: list[str], leaf: Leaf, agents: list, seed: int = 0) -> 
     parsed = []
     for i, text in enumerate(replies):
         item, _reason = parse_question(text)
-        if item is not None:
-            parsed.append(_q({"id": f"gen-{i}", **shuffled(item, rng)}))
+        if item is not None:  # the answer's letter moved as the pipeline moves it
+            options, answer = shuffle_options(item, rng)
+            parsed.append(_q({"id": f"gen-{i}", **item, "options": options, "answer_idx": answer}))
     agreed = [True] * len(parsed)
     for model, tokenizer in agents:
         picks: dict[str, str] = {}

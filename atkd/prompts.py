@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .records import Question
+from .records import LETTERS, Question
 
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
@@ -143,7 +143,7 @@ def write_question_user_text(ability_path: list[str] | tuple[str, ...], seeds: l
                              n_options: int, lang: str, domain: str) -> str:
     """The teacher's question-writing prompt; its reply must follow `question_block(..., with_answer=True)`."""
     lab = LABELS[lang]
-    letters = [chr(ord("A") + i) for i in range(n_options)]
+    letters = LETTERS[:n_options]
     template = "\n".join(
         [f"{lab.question} <question>" if lang == "en" else f"{lab.question}<问题>"]
         + [f"{k}. <option>" if lang == "en" else f"{k}. <选项>" for k in letters]

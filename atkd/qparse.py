@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from .records import MAX_OPTIONS, question_problem
+from .records import LETTERS, MAX_OPTIONS, question_problem
 
 # Labels may be bold ("**Question:**", "**Answer:** B"): models add markdown unasked.
 _QUESTION = re.compile(r"^\s*(?:\*\*)?(?:Question|问题)(?:\*\*)?\s*[:：]\s*(?:\*\*)?\s*(.*)$", re.IGNORECASE)
@@ -84,7 +84,7 @@ def parse_question(text: str) -> tuple[dict | None, str | None]:
     if len(options) > MAX_OPTIONS:
         return None, "too_many_options"
     letters = [k for k, _ in options]
-    if letters != [chr(ord("A") + i) for i in range(len(options))]:
+    if letters != list(LETTERS[:len(options)]):
         return None, "bad_option_letters"
     normalized = [option_key(v) for _, v in options]
     if not all(normalized):
