@@ -7,14 +7,10 @@ take the teacher's logits, distil; repeat. Each stage runs as a subprocess; reru
 
 Edit the constants below to distil your own teacher into your own student; every constant can
 also be overridden on the command line by its lower-case name (lists comma-separated).
-The defaults run the embedded demo (DESIGN §12); values for a real 7B -> 0.5B run are in the comments.
+The defaults run the embedded demo (see README.md); values for a real 7B -> 0.5B run are in the comments.
 """
 
 from __future__ import annotations
-
-import argparse
-import sys
-from dataclasses import fields
 
 # ===================================================================== models (Hugging Face folders)
 TEACHER_MODEL_PATH = "data/demo/models/teacher"  # writes questions, gives logits; e.g. a 7B instruct model
@@ -34,7 +30,16 @@ EVAL_ABILITY_CLASS_PATH = "data/demo/eval_ability_paths.jsonl"
 NUM_ITERATIONS = 2
 NUM_DISTILL_SAMPLES = 480  # questions written per round before validation (reference: 10000)
 GPUS_TO_USE = [0]  # e.g. [0, 1, 2, 3]; on a machine without CUDA everything runs on the CPU
-SEED = 0
+SEED = 0  # iteration N uses SEED + N - 1
+
+# ===================================================================== stage knobs
+INFERENCE_BATCH_SIZE = 16  # questions per forward pass (steps A, D, E, G)
+GENERATION_BATCH_SIZE = 16  # prompts per generate call when the teacher writes questions (step C)
+MAX_RETRIES = 3  # extra generation rounds for abilities short of their target
+GEN_TEMPERATURE = 0.8  # the teacher's sampling temperature when writing questions
+MIN_CONFIDENCE = 0.0  # both agents must give the labelled answer at least this probability (0: off)
+TOP_K = 20  # teacher log-probs kept per response token (token-level KD)
+PRIOR_STRENGTH = 4.0  # pseudo-questions of the prior that shrinks an ability's accuracy toward its parent's
 
 # ===================================================================== training (train.py under accelerate)
 TRAIN_EPOCHS = 10  # the demo's few hundred items; reference: 3
@@ -43,6 +48,9 @@ BATCH_SIZE = 8  # per process; reference: 2
 GRADIENT_ACCUMULATION_STEPS = 1  # reference: 16
 TEMPERATURE = 2.0  # distillation temperature T
 ALPHA_CE = 0.5  # weight of the CE loss; 1 - ALPHA_CE weighs the KD loss
+KD_LOSS = "forward_kl"  # forward_kl | reverse_kl | jsd
+SAVE_STEPS = 1000  # optimizer steps between checkpoints
+SAVE_TOTAL_LIMIT = 2  # checkpoints kept per iteration (<= 0: all)
 ACCELERATE_CONFIG_FILE = ""  # optional `accelerate config` file (it then decides processes, precision, FSDP/DeepSpeed); empty: one process per GPU, bf16
 
 # ===================================================================== outputs
@@ -52,48 +60,14 @@ MODELS_OUTPUT_DIR = "./output/models"
 
 def defaults() -> dict:
     """The constants above, by their WorkflowConfig field name."""
-    from atkd.pipeline import WorkflowConfig
-
-    module = sys.modules[__name__]
-    return {f.name: getattr(module, f.name.upper()) for f in fields(WorkflowConfig) if hasattr(module, f.name.upper())}
-
-
-def _list(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
-
-
-def _gpus(text: str) -> list[int]:
-    from atkd.models import parse_gpu_ids
-
-    return parse_gpu_ids(text)
-
-
-def build_parser():
-    from atkd.pipeline import WorkflowConfig
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    given = defaults()
-    for f in fields(WorkflowConfig):
-        default = given.get(f.name, f.default)
-        kind = _gpus if f.name == "gpus_to_use" else {"str": str, "int": int, "float": float, "list": _list}[f.type]
-        shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        parser.add_argument(f"--{f.name}", type=kind, default=default,
-                            help=f"{WorkflowConfig.help_of(f.name)} (constant {f.name.upper()}; default {shown!r})")
-    parser.add_argument("--dry_run", action="store_true", help="print the plan and every command; run nothing")
-    return parser
+    return {name.lower(): value for name, value in globals().items() if name.isupper()}
 
 
 def main(argv=None) -> int:
-    from atkd.errors import exit_on_input_error
-    from atkd.pipeline import WorkflowConfig, run
-    from atkd.stage import setup_logging
+    from atkd.cli import stage_main
+    from atkd.workflow import WorkflowConfig, run
 
-    setup_logging()
-    args = vars(build_parser().parse_args(argv))
-    dry_run = args.pop("dry_run")
-    with exit_on_input_error():
-        return run(WorkflowConfig(**args), dry_run=dry_run)
+    return stage_main(WorkflowConfig, run, argv, __doc__.split("\n\n")[0], defaults())
 
 
 if __name__ == "__main__":

@@ -17,12 +17,14 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from .errors import StageFailed
+
 log = logging.getLogger(__name__)
 
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504}
 
 
-class APIError(RuntimeError):
+class APIError(StageFailed):
     """The server refused or failed a request after all retries."""
 
 

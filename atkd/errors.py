@@ -27,6 +27,10 @@ class InputError(Exception):
         return f"{where}: {self.problem}" if where else self.problem
 
 
+class StageFailed(RuntimeError):
+    """The work itself failed (a server refused every retry, a model wrote nothing usable): exit 1, one line."""
+
+
 EXIT_BAD_INPUT = 2
 
 

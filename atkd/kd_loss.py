@@ -1,4 +1,4 @@
-"""The distillation loss (DESIGN §9) and the one place the student's head is applied.
+"""The distillation loss of train.py (step F).
 
 Loss over one gradient-accumulation window (all its micro-batches, on all processes):
 
@@ -19,10 +19,10 @@ Two kinds of KD target:
   vocabulary (the teacher's full distribution is not stored), identically on both sides, so the
   divergence is zero when the student matches the teacher.
 
-`HeadAtPositions` runs the student's body, keeps the hidden states at the positions a loss reads,
-and applies the output head there only: N_response x V logits, never B x L x V for the prompt.
-`response_loss_sums` reads every term (CE, option KD, token KD) from one `gathered_logp` pass whose
-backward recomputes the softmax, so distillation holds no more N x V memory than CE-only training.
+The logits come from `atkd.head.HeadAtPositions` (the output head applied at response positions
+only: N_response x V, never B x L x V for the prompt). `response_loss_sums` reads every term (CE,
+option KD, token KD) from one `gathered_logp` pass whose backward recomputes the softmax, so
+distillation holds no more N x V memory than CE-only training.
 """
 
 from __future__ import annotations
@@ -31,41 +31,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 _TEACHER_FLOOR = -1e4  # log-prob floor: keeps reverse KL / JSD finite where the teacher says exp(-inf)
-
-
-class HeadAtPositions(nn.Module):
-    """A causal LM whose forward returns logits only at the requested (row, col) positions.
-
-    The logits cover the first `n_vocab` rows of the head (the tokenizer's real vocabulary): rows a
-    checkpoint pads its embedding with are never part of the student's distribution.
-    """
-
-    def __init__(self, model: nn.Module, n_vocab: int):
-        super().__init__()
-        self.model = model
-        head = model.get_output_embeddings()
-        self.n_vocab = min(int(n_vocab), head.weight.shape[0])
-        cfg = model.config
-        self.softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
-        self.logits_scaling = getattr(cfg, "logits_scaling", None)  # Granite divides its logits
-
-    def forward(self, input_ids, attention_mask, position_ids, rows, cols):
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                    position_ids=position_ids, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        picked = hidden[rows, cols]  # N x H: only where a loss is computed
-        head = self.model.get_output_embeddings()
-        bias = head.bias[: self.n_vocab] if getattr(head, "bias", None) is not None else None
-        logits = F.linear(picked, head.weight[: self.n_vocab], bias)
-        if self.logits_scaling:
-            logits = logits / self.logits_scaling
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

@@ -149,6 +149,11 @@ def load_model(path: str | Path, device: torch.device | None = None, dtype: str 
     return model
 
 
+def load(path: str | Path, device: torch.device | None = None, dtype: str = "auto", trust_remote_code: bool = False):
+    """(model, tokenizer) of a local folder: the one way every stage loads a model."""
+    return load_model(path, device, dtype, trust_remote_code), load_tokenizer(path, trust_remote_code)
+
+
 def input_device(model) -> torch.device:
     """Where inputs go: the embedding's device (differs from model.device when spread over GPUs)."""
     return model.get_input_embeddings().weight.device

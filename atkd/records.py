@@ -121,7 +121,7 @@ def load_replies(path: str | Path) -> dict[str, dict]:
     """Read a replies file (inference.py output) into {id as str: record}."""
     replies: dict[str, dict] = {}
     for lineno, obj in iter_jsonl(path):
-        for name in ("id", "pred_letter", "correct"):
+        for name in ("id", "pred_letter"):  # "correct" is recomputed from pred_letter, never trusted
             if name not in obj:
                 raise InputError(path, f'missing field "{name}"', lineno)
         key = str(obj["id"])

@@ -1,24 +1,13 @@
-"""Training examples for distillation: the token sequence, the teacher's targets, and collation.
+"""Training examples for distillation (step F): the teacher's targets beside each sequence, and collation.
 
-One rule builds the teacher-forced sequence for both generate_logits.py and train.py
-(`training_sequence`), so the student trains on exactly the prompt the teacher's logits were
-taken on (the reference re-tokenised a string holding a literal backslash-n):
-
-    prompt ids  = encode_prompt(mcq_prompt(question))                 (atkd.prompts)
-    response    = [letter token of the answer]                         (atkd.letters)
-                  + ids of "\\n" + the item's response text + [eos]    (only with a response field)
-    model input = prompt ids + response[:-1]
-
-The pieces are concatenated as ids. CE reads the logits that predict each response token (the
-prompt and the padding carry no loss); option-level KD reads the answer position with the
-student's own letter-token ids, the same ids CE trains; token-level KD reads the rest of the
-response when teacher and student share a tokenizer.
+CE reads the logits that predict each response token (the prompt and the padding carry no loss);
+option-level KD reads the answer position with the student's own letter-token ids, the same ids
+CE trains; token-level KD reads the rest of the response when teacher and student share a
+tokenizer. The sequences themselves come from `atkd.sequence` (what the teacher saw).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -27,86 +16,10 @@ import torch
 
 from .batching import left_pad
 from .errors import InputError
-from .letters import letter_token_ids
-from .prompts import encode_prompt, mcq_prompt, mcq_user_text, reply_prefix
 from .records import MAX_OPTIONS, Question
+from .sequence import TrainSequence, sha256_ids, sha256_text, tokenizer_fingerprint, training_sequence
 
 log = logging.getLogger(__name__)
-
-RESPONSE_SEPARATOR = "\n"  # a real newline between the answer letter and the response text
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def sha256_ids(ids: list[int]) -> str:
-    return hashlib.sha256(json.dumps([int(i) for i in ids]).encode("ascii")).hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of the vocabulary (token -> id, added tokens included): equal means token ids agree."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-def response_text(q: Question, field_name: str | None, source: str = "dataset") -> str | None:
-    """The item's longer response (an explanation), or None when the field is unset or empty."""
-    if not field_name:
-        return None
-    value = q.extra.get(field_name)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InputError(source, f'item {q.id!r}: field "{field_name}" must be a string, '
-                                 f"got {type(value).__name__}")
-    return value if value.strip() else None
-
-
-def continuation_ids(tokenizer, lead: str, text: str) -> list[int]:
-    """Ids of `text` as it continues `lead` (the reply so far), without special tokens.
-
-    Encoding `lead + text` and dropping `lead`'s ids keeps a leading-space rule (Metaspace) from
-    inventing a space; when the two do not split cleanly, `text` is encoded on its own.
-    """
-    base = tokenizer(lead, add_special_tokens=False)["input_ids"]
-    full = tokenizer(lead + text, add_special_tokens=False)["input_ids"]
-    if full[: len(base)] == base and len(full) > len(base):
-        return list(full[len(base):])
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-@dataclass
-class TrainSequence:
-    """The teacher-forced token sequence of one item, as the teacher and the student both see it."""
-
-    user_text: str  # the MCQ prompt's words (tokenizer independent)
-    prompt_text: str  # rendered through this tokenizer's chat template (or plain text + "Answer:")
-    prompt_ids: list[int]
-    response_ids: list[int]  # [answer letter token] (+ continuation + [eos])
-    option_ids: list[int]  # this tokenizer's letter token of each option, A, B, ...
-
-    @property
-    def input_ids(self) -> list[int]:
-        return self.prompt_ids + self.response_ids[:-1]
-
-
-def training_sequence(tokenizer, q: Question, lang: str, response_field: str | None = None,
-                      source: str = "dataset") -> TrainSequence:
-    """Prompt ids + response ids of one item, concatenated as ids (never re-tokenised as one string)."""
-    prompt_text = mcq_prompt(tokenizer, q, lang)
-    prompt_ids = encode_prompt(tokenizer, prompt_text)
-    option_ids = letter_token_ids(tokenizer, q.letters, lang, source=source)
-    letter_id = option_ids[q.letters.index(q.answer_idx)]
-    response = [letter_id]
-    text = response_text(q, response_field, source)
-    if text is not None:
-        lead = reply_prefix(tokenizer, lang) + q.answer_idx
-        response += continuation_ids(tokenizer, lead, RESPONSE_SEPARATOR + text.strip())
-        if tokenizer.eos_token_id is not None:
-            response.append(int(tokenizer.eos_token_id))
-    return TrainSequence(user_text=mcq_user_text(q, lang), prompt_text=prompt_text, prompt_ids=prompt_ids,
-                         response_ids=response, option_ids=option_ids)
 
 
 @dataclass
@@ -144,7 +57,7 @@ class ExampleStats:
 
 def build_examples(questions: list[Question], store, tokenizer, lang: str, max_length: int,
                    source: str) -> tuple[list[TrainExample], ExampleStats]:
-    """Training examples for `questions` with the teacher's targets from `store` (an atkd.logits_store.LogitsStore).
+    """Training examples for `questions` with the teacher's targets from `store` (an `atkd.logits_store.LogitsStore`).
 
     An item without teacher logits, or whose question/options differ from the ones the logits were
     taken on, is an `InputError` naming the item. Token-level KD is used for an item only when the

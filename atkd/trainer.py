@@ -1,42 +1,40 @@
-"""Distillation training (step F): the loop, checkpoints and resume of train.py.
+"""Step F, train.py: distillation training, its loop and its resume.
 
-Runs under `accelerate launch` (one process per GPU, or several CPU processes with --cpu) or as a
-plain single process. Weights are fp32 with bf16 autocast on GPU (`--dtype auto`), fp32 on the CPU.
+Runs under `accelerate launch` (one process per GPU, or several CPU processes) or as a plain
+single process. Weights are fp32 with bf16 autocast on GPU (`--dtype auto`), fp32 on the CPU.
 
 Each optimizer step is one gradient-accumulation window: `gradient_accumulation_steps`
 micro-batches of `batch_size` items per process. The window's CE tokens and KD positions are
 counted over all its micro-batches and all processes *before* the first backward, and every
-micro-batch's loss sum is divided by those totals (DESIGN §9), so the gradient equals that of one
-big batch; data-parallel averaging is undone by multiplying by the number of processes.
+micro-batch's loss sum is divided by those totals (`atkd.kd_loss`), so the gradient equals that
+of one big batch; data-parallel averaging is undone by multiplying by the number of processes.
 
-The data order of an epoch depends only on (seed, epoch). A checkpoint (`checkpoint-<step>/`)
-holds the model (safetensors) and tokenizer, the optimizer (safetensors + JSON), the scheduler,
-each process's RNG state and the position in the data; it is written to a hidden temp folder and
-renamed when complete. A rerun resumes from the newest one and ends with the same weights as an
-uninterrupted run. `final_model/` is written the same way. Nothing here is read with pickle.
+The data order of an epoch depends only on (seed, epoch). Checkpoints (`atkd.checkpoint`) carry
+the stage's fingerprint; a rerun resumes from the newest one made with the same fingerprint and
+ends with the same weights as an uninterrupted run. Checkpoints of other settings or inputs are
+stale: they are removed, not resumed. Nothing here is read with pickle.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .checkpoint import STATE_FILE, complete_checkpoints, prune, read_checkpoint, trainer_state, write_checkpoint
+from .cli import INPUT, MODEL, OUTPUT, Check, StageConfig, above, at_least, between, setting, trust_remote_code
 from .errors import InputError
-from .io import read_json, write_bytes, write_json
-from .kd_loss import KD_KINDS, HeadAtPositions, combined_loss, response_loss_sums
+from .fingerprint import DoneRecord
+from .kd_loss import KD_KINDS, combined_loss, response_loss_sums
 from .logits_store import LogitsStore
 from .models import check_model_dir, load_tokenizer
-from .paths import CHECKPOINT_PREFIX, checkpoint_dir, final_model_dir
-from .prompts import LANGUAGES
+from .paths import checkpoint_dir, final_model_dir
 from .records import load_questions
 from .train_data import (ExampleStats, TrainExample, build_examples, collate, epoch_micro_batches, local_slice,
                          token_counts)
@@ -45,59 +43,53 @@ log = logging.getLogger(__name__)
 
 SCHEDULERS = ("cosine", "linear", "constant")
 TRAIN_DTYPES = ("auto", "fp32", "bf16")
-STATE_FILE = "trainer_state.json"  # written last into a checkpoint / final_model
-# Settings that do not change the trained weights: a resume may change them.
-_NOT_FINGERPRINTED = ("output_dir", "save_steps", "save_total_limit", "logging_steps", "gradient_checkpointing")
 
 
-@dataclass
-class TrainConfig:
-    """train.py's settings (see its --help for meanings)."""
+@dataclass(kw_only=True)
+class TrainConfig(StageConfig):
+    """train.py: distil the teacher's logits into the student."""
 
-    student_model_path: str
-    train_file_path: str
-    teacher_logits_dir: str
-    output_dir: str
-    temperature: float = 2.0
-    alpha_ce: float = 0.5  # weight of the CE term; 1 - alpha_ce weighs the KD term
-    kd_loss: str = "forward_kl"
-    num_epochs: int = 3
-    learning_rate: float = 5e-6
-    batch_size: int = 2  # items per process per micro-batch
-    gradient_accumulation_steps: int = 16
-    save_steps: int = 1000
-    save_total_limit: int = 2  # <= 0 keeps every checkpoint
-    seed: int = 42
-    max_length: int = 2048  # tokens per sequence (prompt + response)
-    gradient_checkpointing: bool = False
-    lang: str | None = None  # None: the language the teacher's logits were taken in
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"
-    max_grad_norm: float = 1.0  # <= 0 disables clipping
-    logging_steps: int = 10
-    dtype: str = "auto"
-    trust_remote_code: bool = False
+    student_model_path: str = setting(role=MODEL, help="the student: a local Hugging Face model folder")
+    train_file_path: str = setting(role=INPUT, help="questions .jsonl the teacher's logits were taken on")
+    teacher_logits_dir: str = setting(role=INPUT, help="generate_logits.py's --output_dir")
+    output_dir: str = setting(role=OUTPUT, help="folder for checkpoint-<step>/ and final_model/")
+    temperature: float = setting(2.0, check=above(0), help="distillation temperature T")
+    alpha_ce: float = setting(0.5, check=between(0.0, 1.0),
+                              help="weight of the CE loss; 1 - alpha_ce weighs the KD loss")
+    kd_loss: str = setting("forward_kl", choices=KD_KINDS,
+                           help="forward_kl = KL(teacher||student), reverse_kl = KL(student||teacher), jsd")
+    num_epochs: int = setting(3, check=at_least(1), help="passes over the training data")
+    learning_rate: float = setting(5e-6, check=above(0), help="peak AdamW learning rate")
+    batch_size: int = setting(2, check=at_least(1), help="items per process per micro-batch")
+    gradient_accumulation_steps: int = setting(16, check=at_least(1), help="micro-batches per optimizer step")
+    save_steps: int = setting(1000, check=at_least(1), affects_output=False,
+                              help="write checkpoint-<step>/ every this many optimizer steps")
+    save_total_limit: int = setting(2, affects_output=False, help="keep the newest N checkpoints (<= 0: keep all)")
+    seed: int = setting(42, help="data order and initialisation seed")
+    max_length: int = setting(2048, check=at_least(2),
+                              help="tokens per sequence; longer responses are cut, items whose prompt does not fit "
+                                   "are skipped")
+    gradient_checkpointing: bool = setting(False, affects_output=False, help="recompute activations (less memory)")
+    lang: str | None = setting(None, choices=("en", "zh"),
+                               help="prompt language (default: the one the teacher's logits were taken in)")
+    warmup_ratio: float = setting(0.03, check=Check(lambda v: 0 <= v < 1, "in [0, 1)"),
+                                  help="fraction of steps of linear warm-up")
+    weight_decay: float = setting(0.0, check=at_least(0), help="AdamW weight decay (not on biases/norms)")
+    lr_scheduler: str = setting("cosine", choices=SCHEDULERS, help="learning-rate schedule after warm-up")
+    max_grad_norm: float = setting(1.0, help="gradient clipping norm (<= 0: off)")
+    logging_steps: int = setting(10, check=at_least(1), affects_output=False,
+                                 help="log the loss every this many steps")
+    dtype: str = setting("auto", choices=TRAIN_DTYPES,
+                         help="auto: fp32 weights with bf16 autocast on GPU, fp32 on CPU; bf16: bf16 weights; fp32")
+    trust_remote_code: bool = trust_remote_code()
+    check_only: bool = setting(False, affects_output=False,
+                               help="validate the inputs and exit (0: fine, 2: bad input) without training")
 
-    def problems(self) -> list[str]:
-        checks = [
-            (self.temperature > 0, "--temperature must be > 0"),
-            (0.0 <= self.alpha_ce <= 1.0, "--alpha_ce must be between 0 and 1 (it is the CE weight)"),
-            (self.kd_loss in KD_KINDS, f"--kd_loss must be one of {', '.join(KD_KINDS)}"),
-            (self.num_epochs >= 1, "--num_epochs must be >= 1"),
-            (self.learning_rate > 0, "--learning_rate must be > 0"),
-            (self.batch_size >= 1, "--batch_size must be >= 1"),
-            (self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
-            (self.save_steps >= 1, "--save_steps must be >= 1"),
-            (self.max_length >= 2, "--max_length must be >= 2"),
-            (0.0 <= self.warmup_ratio < 1.0, "--warmup_ratio must be in [0, 1)"),
-            (self.weight_decay >= 0, "--weight_decay must be >= 0"),
-            (self.lr_scheduler in SCHEDULERS, f"--lr_scheduler must be one of {', '.join(SCHEDULERS)}"),
-            (self.logging_steps >= 1, "--logging_steps must be >= 1"),
-            (self.dtype in TRAIN_DTYPES, f"--dtype must be one of {', '.join(TRAIN_DTYPES)}"),
-            (self.lang is None or self.lang in LANGUAGES, f"--lang must be one of {', '.join(LANGUAGES)}"),
-        ]
-        return [msg for ok, msg in checks if not ok]
+    def outputs(self) -> list[Path]:
+        return [final_model_dir(self.output_dir) / "config.json", final_model_dir(self.output_dir) / STATE_FILE]
+
+    def record_path(self) -> Path:
+        return Path(self.output_dir) / "train.done.json"
 
 
 @dataclass
@@ -110,33 +102,11 @@ class Prepared:
     lang: str
     fingerprint: dict
     resume_from: Path | None = None
-    resume_state: dict = field(default_factory=dict)
-    already_done: bool = False
+    stale: list[Path] = field(default_factory=list)  # checkpoints of other settings or inputs
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def run_fingerprint(cfg: TrainConfig, lang: str) -> dict:
-    """What determines the trained weights: settings plus the contents of the data and the logits index."""
-    fp = {k: v for k, v in asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
-    fp["student_model_path"] = str(Path(cfg.student_model_path).resolve())
-    fp["train_file_path"] = file_sha256(cfg.train_file_path)
-    fp["teacher_logits_dir"] = file_sha256(Path(cfg.teacher_logits_dir) / "index.json")
-    fp["lang"] = lang
-    return fp
-
-
-def prepare(cfg: TrainConfig) -> Prepared:
+def prepare(cfg: TrainConfig, fingerprint: dict) -> Prepared:
     """Check every input (InputError on the first problem); read nothing twice, write nothing."""
-    problems = cfg.problems()
-    if problems:
-        raise InputError(None, problems[0])
     check_model_dir(cfg.student_model_path)
     questions = load_questions(cfg.train_file_path)  # an empty file is an InputError here
     store = LogitsStore.open(cfg.teacher_logits_dir)
@@ -148,49 +118,13 @@ def prepare(cfg: TrainConfig) -> Prepared:
     examples, stats = build_examples(questions, store, tokenizer, lang, cfg.max_length, cfg.train_file_path)
     if not examples:
         raise InputError(cfg.train_file_path, f"no item fits in --max_length {cfg.max_length} tokens")
-    prep = Prepared(tokenizer=tokenizer, examples=examples, stats=stats, lang=lang,
-                    fingerprint=run_fingerprint(cfg, lang))
-    out = Path(cfg.output_dir)
-    final = final_model_dir(out)
-    if final.is_dir():
-        _check_same_run(final, prep.fingerprint)
-        prep.already_done = True
-        return prep
-    newest = newest_checkpoint(out)
-    if newest is not None:
-        prep.resume_state = _check_same_run(newest, prep.fingerprint)
-        prep.resume_from = newest
+    prep = Prepared(tokenizer=tokenizer, examples=examples, stats=stats, lang=lang, fingerprint=fingerprint)
+    for ckpt in complete_checkpoints(cfg.output_dir):
+        if trainer_state(ckpt).get("fingerprint") == fingerprint:
+            prep.resume_from = ckpt
+        else:
+            prep.stale.append(ckpt)
     return prep
-
-
-def _check_same_run(folder: Path, fingerprint: dict) -> dict:
-    """The folder's trainer state when it was trained with these settings and data, else InputError."""
-    if not (folder / STATE_FILE).is_file():
-        raise InputError(folder, "exists but was not written by train.py; remove it or choose another --output_dir")
-    state = read_json(folder / STATE_FILE)
-    old = state.get("fingerprint", {})
-    changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-    if changed:
-        raise InputError(folder, f"was trained with other settings or data ({', '.join(changed)} changed); "
-                                 "remove it or choose another --output_dir")
-    return state
-
-
-def newest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step (temp folders of a killed save are ignored)."""
-    return (complete_checkpoints(output_dir) or [None])[-1]
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = []
-    for d in out.iterdir():
-        m = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)", d.name)
-        if m and d.is_dir() and (d / STATE_FILE).is_file():
-            found.append((int(m.group(1)), d))
-    return [d for _, d in sorted(found)]
 
 
 # --------------------------------------------------------------------------- loss
@@ -217,25 +151,33 @@ class Position:
     step: int = 0
 
 
-def train(cfg: TrainConfig, prep: Prepared | None = None) -> Path:
-    """Train (or finish training) and return the final_model folder."""
-    prep = prep or prepare(cfg)
-    out = Path(cfg.output_dir)
-    final = final_model_dir(out)
-    if prep.already_done:
-        log.info("%s already holds the trained model for these settings: nothing to do", final)
-        return final
+def run(cfg: TrainConfig) -> Path | None:
+    """Train (or finish training) and return the final_model folder; None when it was already trained."""
+    record = DoneRecord(cfg)
+    if not cfg.check_only and record.is_done():
+        return None
+    prep = prepare(cfg, record.fingerprint)
+    if cfg.check_only:
+        return None
+    record.start()
     accelerator = _accelerator(cfg)
     _log_examples(prep.stats, accelerator.is_main_process)
+    out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)  # a save cut short by a kill
+        for stale in prep.stale:
+            log.warning("removing %s: it was trained with other settings or inputs", stale)
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
 
     loop = _Loop(cfg, prep, accelerator)
     loop.run()
+    final = final_model_dir(out)
     loop.save(final, final=True)
+    if accelerator.is_main_process:
+        record.write()
     accelerator.wait_for_everyone()
     return final
 
@@ -272,6 +214,7 @@ class _Loop:
     def __init__(self, cfg: TrainConfig, prep: Prepared, accelerator):
         from transformers import get_scheduler
 
+        from .head import HeadAtPositions
         from .models import load_model
 
         self.cfg, self.prep, self.acc = cfg, prep, accelerator
@@ -300,7 +243,7 @@ class _Loop:
         self.pos = Position()
         self.log_history: list[dict] = []
         if prep.resume_from is not None:
-            self._restore(prep.resume_from, prep.resume_state)
+            self._restore(prep.resume_from)
 
     # ---- the loop
 
@@ -377,60 +320,25 @@ class _Loop:
     # ---- checkpoints
 
     def save(self, folder: Path, final: bool = False) -> None:
-        """Write `folder` completely under a temp name, then rename it (all processes call this)."""
-        acc = self.acc
-        folder = Path(folder)
-        tmp = folder.with_name(f".tmp-{folder.name}")
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        if not final:
-            write_bytes(tmp / f"rng-{self.rank}.safetensors", _st_bytes(_rng_state()))
-        if acc.is_main_process:
-            model = acc.unwrap_model(self.model).model
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            self.prep.tokenizer.save_pretrained(str(tmp))
-            if not final:
-                tensors, meta = _optimizer_parts(self.optimizer.state_dict())
-                write_bytes(tmp / "optimizer.safetensors", _st_bytes(tensors))
-                write_json(tmp / "optimizer.json", meta)
-                write_json(tmp / "scheduler.json", self.scheduler.state_dict())
-            state = {"global_step": self.pos.step, "epoch": self.pos.epoch, "window": self.pos.window,
-                     "world_size": self.world, "total_steps": self.total_steps,
-                     "fingerprint": self.prep.fingerprint, "log_history": self.log_history,
-                     "examples": asdict(self.prep.stats)}
-            write_json(tmp / STATE_FILE, state)  # last: marks the folder complete
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.rename(tmp, folder)
-            log.info("saved %s", folder)
-            if not final:
-                self._prune()
-        acc.wait_for_everyone()
+        """A resumable checkpoint, or (final) the trained model as a plain Hugging Face folder."""
+        state = {"global_step": self.pos.step, "epoch": self.pos.epoch, "window": self.pos.window,
+                 "world_size": self.world, "total_steps": self.total_steps,
+                 "fingerprint": self.prep.fingerprint, "log_history": self.log_history,
+                 "examples": asdict(self.prep.stats)}
+        model = self.acc.unwrap_model(self.model).model
+        if final:
+            write_checkpoint(self.acc, folder, model, self.prep.tokenizer, state)
+            return
+        write_checkpoint(self.acc, folder, model, self.prep.tokenizer, state, self.optimizer, self.scheduler)
+        if self.acc.is_main_process:
+            prune(self.cfg.output_dir, self.cfg.save_total_limit)
+        self.acc.wait_for_everyone()
 
-    def _prune(self) -> None:
-        limit = self.cfg.save_total_limit
-        ckpts = complete_checkpoints(self.cfg.output_dir)
-        if limit > 0 and len(ckpts) > limit:
-            for old in ckpts[: len(ckpts) - limit]:
-                shutil.rmtree(old, ignore_errors=True)
-                log.info("removed %s (--save_total_limit %d)", old, limit)
-
-    def _restore(self, folder: Path, state: dict) -> None:
-        from safetensors.torch import load_file
-
+    def _restore(self, folder: Path) -> None:
+        state = read_checkpoint(folder, self.optimizer, self.scheduler, self.rank)
         if state.get("world_size") != self.world:
             log.warning("%s was written by %s processes, this run has %d: the data order after it differs "
                         "from an uninterrupted run", folder, state.get("world_size"), self.world)
-        tensors = load_file(str(folder / "optimizer.safetensors"))
-        self.optimizer.load_state_dict(_optimizer_state(tensors, read_json(folder / "optimizer.json")))
-        self.scheduler.load_state_dict(read_json(folder / "scheduler.json"))
-        rng = folder / f"rng-{self.rank}.safetensors"
-        if rng.is_file():
-            _set_rng_state(load_file(str(rng)))
         self.pos = Position(state["epoch"], state["window"], state["global_step"])
         self.log_history = list(state.get("log_history", []))
         if self.acc.is_main_process:
@@ -443,46 +351,3 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
-
-
-def _st_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-
-
-def _optimizer_parts(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer state_dict as safetensors tensors (`<param>.<name>`) plus JSON for the rest."""
-    tensors, scalars = {}, {}
-    for idx, st in sd["state"].items():
-        for name, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value
-            else:
-                scalars.setdefault(str(idx), {})[name] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    for idx, values in meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(values)
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def _rng_state() -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-

@@ -1,216 +1,271 @@
-"""Running the pipeline's steps as subprocesses, skipping the ones already done (DESIGN §3, §6).
+"""main.py's workflow: its settings, the checks before any work, and the steps of each iteration.
 
-A step is done when its outputs exist and its done-marker (`.done.<step>.json` in its folder)
-records the same arguments and the same input fingerprints as now. Otherwise it runs again:
-when it was started before with other arguments or inputs, its folder is cleared first (stale
-partial work and checkpoints must not be resumed); when it was started with the same ones, its
-own resume picks up the work already written. Each run prints the command, streams the output to
-the console and to the step's log file, and the marker is written only after a clean exit.
+`WorkflowConfig` declares every workflow setting once (help and check); main.py's UPPER_CASE
+constants are its values. `iteration_steps` turns it into the stage configs of steps A-H, and
+each stage's command line is generated from its config (`atkd.cli.to_argv`), so what main.py
+runs, prints and fingerprints is exactly what a person would run by hand. `run` checks
+everything first (no work starts on a bad configuration), then runs the steps in order,
+skipping those already done (`atkd.steps`), and rewrites the report after every iteration.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import os
-import shlex
-import shutil
-import subprocess
+import socket
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from . import paths
+from .answering import InferenceConfig
+from .cli import StageConfig, above, at_least, between, setting
+from .cross_check import CrossCheckConfig
+from .errors import InputError
 from .io import write_json
+from .kd_loss import KD_KINDS
+from .question_writing import QuestionWritingConfig
+from .records import load_ability_paths, load_questions
+from .steps import Step, StepFailed, run_step
+from .teacher_logits import LogitsConfig
+from .trainer import TrainConfig
+from .tree import load_tree
+from .tree_building import TreeConfig
+from .weakness import AnalyzerConfig
 
-log = logging.getLogger(__name__)
-
-HASH_LIMIT = 64 * 2**20  # files up to 64 MiB are fingerprinted by content, larger ones by size+mtime
-VOLATILE_FLAGS = {"--gpu_ids"}  # where a step runs does not change what it computes
-
-
-@dataclass
-class Step:
-    """One subprocess of the workflow."""
-
-    name: str  # e.g. "A_student_reply"; also the log file's stem
-    argv: list[str]  # script and flags: what the marker compares and what a person reruns by hand
-    folder: Path  # owned by this step: holds its outputs and marker; cleared when its inputs change
-    outputs: list[Path]
-    inputs: list[Path] = field(default_factory=list)
-    log_path: Path | None = None
-    launcher: list[str] = field(default_factory=list)  # e.g. accelerate launch ...; not fingerprinted
-    env: dict[str, str] = field(default_factory=dict)
-    # Flags that make the script only validate its inputs, run plainly before the launcher:
-    # `accelerate launch` reports a child's exit status 2 (bad input) as 1, with a traceback.
-    precheck_flags: list[str] = field(default_factory=list)
-
-    @property
-    def marker(self) -> Path:
-        return self.folder / f".done.{self.name}.json"
-
-    @property
-    def started(self) -> Path:
-        return self.folder / f".started.{self.name}.json"
-
-    @property
-    def command(self) -> list[str]:
-        return [*self.launcher, *self.argv] if self.launcher else [sys.executable, *self.argv]
+MODEL_SETTINGS = ("teacher_model_path", "student_model_path", "agent_model_1_path", "agent_model_2_path")
 
 
-class StepFailed(RuntimeError):
-    def __init__(self, step: Step, code: int):
-        self.step, self.code = step, code
-        super().__init__(f"step {step.name} failed with exit status {code}; see {step.log_path}")
+@dataclass(kw_only=True)
+class WorkflowConfig(StageConfig):
+    """Everything main.py decides. No defaults here: main.py's constants are the values."""
+
+    source = "main.py"
+    # models
+    teacher_model_path: str = setting(help="Hugging Face folder of the teacher: writes questions, gives logits")
+    student_model_path: str = setting(help="Hugging Face folder of the student of iteration 1")
+    agent_model_1_path: str = setting(help="first validation agent (model folder)")
+    agent_model_2_path: str = setting(help="second validation agent; a different model from the first")
+    # data
+    domain: str = setting(help="domain name, the root of the ability tree")
+    existing_ability_tree_path: str = setting(help="initial ability tree (nested JSON); empty: the teacher builds "
+                                                   "one with create_initial_tree.py")
+    dataset_files_per_iteration: list[str] = setting(help="question .jsonl per iteration")
+    ability_class_files_per_iteration: list[str] = setting(help="ability-path .jsonl per iteration, same length")
+    eval_dataset_path: str = setting(help="held-out question .jsonl scored before and after each iteration; "
+                                          "empty: none")
+    eval_ability_class_path: str = setting(help="ability paths of the evaluation set")
+    # the loop
+    num_iterations: int = setting(check=at_least(1), help="rounds of measure -> generate -> validate -> distil")
+    num_distill_samples: int = setting(check=at_least(1),
+                                       help="questions the teacher writes per round (before validation)")
+    gpus_to_use: list[int] = setting(help="GPU ids; ignored (CPU) when the machine has no CUDA")
+    seed: int = setting(help="seed of every stage (sampling, shuffles, training); iteration N uses seed + N - 1")
+    # stage knobs
+    inference_batch_size: int = setting(check=at_least(1), help="questions per forward pass when scoring")
+    generation_batch_size: int = setting(check=at_least(1), help="prompts per generate call when writing questions")
+    max_retries: int = setting(check=at_least(0), help="extra generation rounds for abilities short of their target")
+    gen_temperature: float = setting(check=at_least(0), help="sampling temperature of the teacher writing questions")
+    min_confidence: float = setting(check=between(0.0, 1.0), help="both agents must give the labelled answer at "
+                                                                  "least this probability (0: off)")
+    top_k: int = setting(check=at_least(1), help="teacher log-probs kept per response token (token-level KD)")
+    prior_strength: float = setting(check=at_least(0), help="pseudo-count of the Beta prior that shrinks a node's "
+                                                            "accuracy toward its parent's")
+    # training
+    train_epochs: int = setting(check=at_least(1), help="epochs over the validated data per round")
+    learning_rate: float = setting(check=above(0), help="peak learning rate")
+    batch_size: int = setting(check=at_least(1), help="training micro-batch per process")
+    gradient_accumulation_steps: int = setting(check=at_least(1), help="micro-batches per optimizer step")
+    temperature: float = setting(check=above(0), help="distillation temperature T (the KD term is scaled by T^2)")
+    alpha_ce: float = setting(check=between(0.0, 1.0), help="weight of the CE loss; 1 - ALPHA_CE weighs the KD loss")
+    kd_loss: str = setting(choices=KD_KINDS, help="forward_kl | reverse_kl | jsd")
+    save_steps: int = setting(check=at_least(1), help="optimizer steps between checkpoints")
+    save_total_limit: int = setting(help="checkpoints kept (oldest deleted; <= 0 keeps all)")
+    accelerate_config_file: str = setting(help="accelerate config for training (empty: one process per GPU)")
+    # outputs
+    workflow_output_dir: str = setting(help="intermediate data, logs, the report")
+    models_output_dir: str = setting(help="checkpoints and final models per iteration")
+    dry_run: bool = setting(False, affects_output=False, help="print the plan and every command; run nothing")
+
+    @classmethod
+    def flag(cls, name: str) -> str:
+        return f"{name.upper()} (--{name})"
+
+    def problems(self) -> list[str]:
+        out = []
+        n = self.num_iterations
+        for name in ("dataset_files_per_iteration", "ability_class_files_per_iteration"):
+            files = getattr(self, name)
+            if len(files) != n:
+                out.append(f"{name.upper()} lists {len(files)} file(s) but NUM_ITERATIONS is {n}: "
+                           "give one file per iteration")
+        for name in MODEL_SETTINGS:
+            if not getattr(self, name):
+                out.append(f"{name.upper()} is not set")
+        if bool(self.eval_dataset_path) != bool(self.eval_ability_class_path):
+            out.append("set both EVAL_DATASET_PATH and EVAL_ABILITY_CLASS_PATH, or neither")
+        if not self.existing_ability_tree_path and not self.domain:
+            out.append("set EXISTING_ABILITY_TREE_PATH, or DOMAIN so create_initial_tree.py can build one")
+        return out
+
+    def outputs(self) -> list[Path]:
+        return [Path(self.workflow_output_dir) / paths.REPORT_JSON]
 
 
-def fingerprint(path: Path) -> str:
-    """Content hash of a file (or every file under a folder); size+mtime for very large files."""
-    h = hashlib.sha256()
-    if not path.exists():
-        return "missing"
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not _scratch(p, path))
-    for f in files:
-        st = f.stat()
-        h.update(str(f.relative_to(path) if f != path else f.name).encode())
-        if st.st_size <= HASH_LIMIT:
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-        else:
-            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+def check_inputs(cfg: WorkflowConfig) -> list[int]:
+    """Every file and folder the run will read, before any work; returns the usable GPU ids ([] = CPU)."""
+    from .models import check_model_dir, usable_gpu_ids
+
+    for name in MODEL_SETTINGS:
+        check_model_dir(getattr(cfg, name))
+    for data, ability in zip(cfg.dataset_files_per_iteration, cfg.ability_class_files_per_iteration):
+        load_questions(data)
+        load_ability_paths(ability)
+    if cfg.eval_dataset_path:
+        load_questions(cfg.eval_dataset_path)
+        load_ability_paths(cfg.eval_ability_class_path)
+    if cfg.existing_ability_tree_path:
+        load_tree(cfg.existing_ability_tree_path, domain=cfg.domain or None)
+    if cfg.accelerate_config_file and not Path(cfg.accelerate_config_file).is_file():
+        raise InputError(cfg.accelerate_config_file, "accelerate config file not found")
+    return usable_gpu_ids(cfg.gpus_to_use)
 
 
-def _scratch(p: Path, root: Path) -> bool:
-    """Files that say nothing about content: markers, args records, logs, in-flight parts."""
-    rel = p.relative_to(root).parts
-    return any(part.startswith(".") or part.endswith(".parts") for part in rel) or p.name.endswith((".args.json", ".log"))
+# ---------------------------------------------------------------------------------- the plan
+
+def tree_step(cfg: WorkflowConfig, workflow: Path, gpus: list[int]) -> Step:
+    """Build the initial tree with the teacher when no tree file is given."""
+    out = workflow / "initial_tree"
+    tree_cfg = TreeConfig(model_path=cfg.teacher_model_path, domain=cfg.domain, output_dir=str(out),
+                          output_filename=paths.INITIAL_TREE, seed=cfg.seed, gpu_ids=gpus[:1])
+    return Step("initial_tree", "create_initial_tree.py", tree_cfg, log_path=workflow / "initial_tree.log")
 
 
-def semantic_args(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in VOLATILE_FLAGS:
-            skip = True
-            continue
-        out.append(a)
-    return out
+def eval_steps(cfg: WorkflowConfig, ev: paths.EvalPaths, student: str, tree: Path, gpus: list[int],
+               log_dir: Path) -> list[Step]:
+    """G, H: the student's answers on the evaluation set, then their per-ability scores."""
+    reply = InferenceConfig(model_path=student, dataset_path=cfg.eval_dataset_path, output_path=str(ev.replies),
+                            batch_size=cfg.inference_batch_size, seed=cfg.seed, gpu_ids=gpus)
+    scored = AnalyzerConfig(initial_tree_path=str(tree), paths_file=cfg.eval_ability_class_path,
+                            answers_file=cfg.eval_dataset_path, student_responses_file=str(ev.replies),
+                            output_tree_path=str(ev.scored_tree), output_stats_path=str(ev.stats),
+                            prior_strength=cfg.prior_strength)
+    return [Step("G_eval_reply", "inference.py", reply, log_path=log_dir / "G_eval_reply.log"),
+            Step("H_eval_tree", "student_data_analyzer.py", scored, log_path=log_dir / "H_eval_tree.log")]
 
 
-def step_record(step: Step) -> dict:
-    return {"argv": semantic_args(step.argv), "inputs": {str(p): fingerprint(p) for p in step.inputs}}
+def iteration_steps(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, tree: Path,
+                    gpus: list[int]) -> list[Step]:
+    """A-F for one iteration: measure, score, write, validate, take the teacher's logits, train."""
+    k = it.iteration - 1
+    data, ability = cfg.dataset_files_per_iteration[k], cfg.ability_class_files_per_iteration[k]
+    seed = cfg.seed + k  # each round samples afresh, reproducibly
+    return [
+        Step("A_student_reply", "inference.py", InferenceConfig(
+            model_path=student, dataset_path=data, output_path=str(it.replies),
+            batch_size=cfg.inference_batch_size, seed=seed, gpu_ids=gpus), log_path=it.log_file("A_student_reply")),
+        Step("B_student_tree", "student_data_analyzer.py", AnalyzerConfig(
+            initial_tree_path=str(tree), paths_file=ability, answers_file=data,
+            student_responses_file=str(it.replies), output_tree_path=str(it.scored_tree),
+            output_stats_path=str(it.tree_stats), prior_strength=cfg.prior_strength),
+            log_path=it.log_file("B_student_tree")),
+        Step("C_distill_data", "generate_distill_data.py", QuestionWritingConfig(
+            teacher_model_path=cfg.teacher_model_path, ability_tree_path=str(it.scored_tree),
+            full_dataset_path=data, ability_class_path=ability, output_path=str(it.generated),
+            num_samples=cfg.num_distill_samples, max_retries=cfg.max_retries, batch_size=cfg.generation_batch_size,
+            temperature=cfg.gen_temperature, seed=seed, id_prefix=f"it{it.iteration}", gpu_ids=gpus),
+            log_path=it.log_file("C_distill_data")),
+        Step("D_validated_data", "evaluate_distilled_data.py", CrossCheckConfig(
+            agent_model_1_path=cfg.agent_model_1_path, agent_model_2_path=cfg.agent_model_2_path,
+            input_file=str(it.generated), output_file=str(it.validated), min_confidence=cfg.min_confidence,
+            batch_size=cfg.inference_batch_size, gpu_ids=gpus), log_path=it.log_file("D_validated_data")),
+        Step("E_teacher_logits", "generate_logits.py", LogitsConfig(
+            model_path=cfg.teacher_model_path, dataset_path=str(it.validated), output_dir=str(it.logits_dir),
+            top_k=cfg.top_k, batch_size=cfg.inference_batch_size, gpu_ids=gpus),
+            log_path=it.log_file("E_teacher_logits")),
+        train_step(cfg, it, student, gpus),
+    ]
 
 
-def _read(path: Path) -> dict | None:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_step(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, gpus: list[int]) -> Step:
+    """F: train.py under `accelerate launch`, one process per GPU (or one CPU process).
+
+    With the user's accelerate config file, the file decides processes, precision and the
+    distributed backend (command-line values would override it); only the port stays ours, a
+    free one, so two runs on one machine do not collide.
+    """
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]
+    if cfg.accelerate_config_file:
+        launcher += ["--config_file", cfg.accelerate_config_file]
+    else:
+        launcher += ["--num_machines", "1", "--dynamo_backend", "no", "--num_processes", str(max(1, len(gpus)))]
+        launcher += ["--mixed_precision", "bf16"] if gpus else ["--cpu", "--mixed_precision", "no"]
+        if len(gpus) > 1:
+            launcher += ["--multi_gpu"]
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {}
+    train_cfg = TrainConfig(
+        student_model_path=student, train_file_path=str(it.validated), teacher_logits_dir=str(it.logits_dir),
+        output_dir=str(it.student_dir), temperature=cfg.temperature, alpha_ce=cfg.alpha_ce, kd_loss=cfg.kd_loss,
+        num_epochs=cfg.train_epochs, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, seed=cfg.seed + it.iteration - 1)
+    return Step("F_train", "train.py", train_cfg, log_path=it.log_file("F_train"), launcher=launcher, env=env,
+                precheck_flags=["--check_only"])
+
+
+# ---------------------------------------------------------------------------------- running
+
+def prepare_tree(cfg: WorkflowConfig, workflow: Path, gpus: list[int]) -> Path:
+    """`initial_ability_tree.json` in the workflow folder: the given tree (normalised) or a built one."""
+    target = workflow / paths.INITIAL_TREE
+    if cfg.existing_ability_tree_path:
+        nested = load_tree(cfg.existing_ability_tree_path, domain=cfg.domain or None).to_nested()
+    else:
+        step = tree_step(cfg, workflow, gpus)
+        run_step(step, cfg.dry_run)
+        if cfg.dry_run:
+            return target
+        nested = load_tree(step.cfg.outputs()[0]).to_nested()
+    if cfg.dry_run:
+        print(f"[plan] initial tree -> {target}", flush=True)
+    elif not target.exists() or load_tree(target).to_nested() != nested:
+        write_json(target, nested)  # rewritten only when it changed: its content feeds step B's fingerprint
+    return target
+
+
+def run(cfg: WorkflowConfig) -> int:
+    """Check, then run every step of every iteration; returns the exit status."""
+    from .report import write_report
+
+    gpus = check_inputs(cfg)
+    workflow, models = Path(cfg.workflow_output_dir), Path(cfg.models_output_dir)
+    where = f"GPUs {gpus}" if gpus else "the CPU"
+    print(f"AT-KD: {cfg.num_iterations} iteration(s) on {where}; outputs in {workflow} and {models}", flush=True)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def why_rerun(old: dict, new: dict) -> str:
-    """A short human reason: which flag or input changed."""
-    if old["argv"] != new["argv"]:
-        a, b = _flags(old["argv"]), _flags(new["argv"])
-        changed = [f"{k} {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        return "arguments changed: " + ", ".join(changed or ["script"])
-    changed = [p for p in new["inputs"] if old["inputs"].get(p) != new["inputs"][p]]
-    return "inputs changed: " + ", ".join(changed)
-
-
-def _flags(argv: list[str]) -> dict:
-    out, key = {"script": argv[0] if argv else None}, None
-    for a in argv[1:]:
-        if a.startswith("--"):
-            key = a
-            out[key] = True
-        elif key:
-            out[key] = a
-            key = None
-    return out
-
-
-def status(step: Step) -> tuple[str, str]:
-    """("done" | "resume" | "rerun" | "new", reason)."""
-    record = step_record(step)
-    done = _read(step.marker)
-    if done is not None and all(p.exists() for p in step.outputs):
-        if {k: done.get(k) for k in record} == record:
-            return "done", "outputs and marker match"
-        return "rerun", why_rerun(done, record)
-    started = _read(step.started)
-    if started is not None:
-        if {k: started.get(k) for k in record} == record:
-            return "resume", "continuing interrupted work"
-        return "rerun", why_rerun(started, record)
-    return "new", ""
-
-
-def clear_folder(folder: Path) -> None:
-    if folder.exists():
-        shutil.rmtree(folder)
-
-
-def run_step(step: Step, dry_run: bool = False) -> str:
-    """Run `step` unless done; returns its status. Raises `StepFailed` on a non-zero exit."""
-    state, reason = status(step)
-    cmd = shlex.join(step.command)
-    if state == "done":
-        print(f"[skip] {step.name}: done ({reason})", flush=True)
-        return state
-    if dry_run:
-        env = " ".join(f"{k}={v}" for k, v in step.env.items())
-        print(f"[plan] {step.name}: {state}{' - ' + reason if reason else ''}\n  {env + ' ' if env else ''}{cmd}", flush=True)
-        return state
-    if state == "rerun":
-        print(f"[rerun] {step.name}: {reason}", flush=True)
-        clear_folder(step.folder)
-    elif state == "resume":
-        print(f"[resume] {step.name}: {reason}", flush=True)
-    step.marker.unlink(missing_ok=True)
-    step.folder.mkdir(parents=True, exist_ok=True)
-    record = step_record(step)
-    write_json(step.started, record)
-    if step.precheck_flags:
-        code = stream([sys.executable, *step.argv, *step.precheck_flags], step.log_path, step.env)
-        if code != 0:
-            raise StepFailed(step, code)
-    print(f"[run] {step.name}\n  $ {cmd}", flush=True)
-    code = stream(step.command, step.log_path, step.env)
-    if code != 0:
-        raise StepFailed(step, code)
-    missing = [str(p) for p in step.outputs if not p.exists()]
-    if missing:
-        raise StepFailed(step, -1) from RuntimeError(f"exited 0 but did not write {missing}")
-    write_json(step.marker, {**record, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")})
-    return state
-
-
-def stream(command: list[str], log_path: Path | None, env: dict[str, str]) -> int:
-    """Run `command`, copying its output (stdout and stderr) to the console and to `log_path`."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **env)
-    log_fh = None
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_fh = open(log_path, "ab")
-        log_fh.write(f"\n$ {shlex.join(command)}\n".encode())
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env)
-    try:
-        # Raw chunks, not lines: tqdm redraws with \r and would otherwise show up only at the end.
-        while chunk := os.read(proc.stdout.fileno(), 65536):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            if log_fh:
-                log_fh.write(chunk)
-                log_fh.flush()
-        return proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        if log_fh:
-            log_fh.close()
+        tree = prepare_tree(cfg, workflow, gpus)
+        with_eval = bool(cfg.eval_dataset_path)
+        if with_eval:
+            for step in eval_steps(cfg, paths.baseline_eval(workflow), cfg.student_model_path, tree, gpus, workflow):
+                run_step(step, cfg.dry_run)
+        student = cfg.student_model_path
+        for i in range(1, cfg.num_iterations + 1):
+            it = paths.IterationPaths(workflow, models, i)
+            print(f"=== iteration {i}/{cfg.num_iterations}: student {student}", flush=True)
+            steps = iteration_steps(cfg, it, student, tree, gpus)
+            if with_eval:
+                steps += eval_steps(cfg, it.eval, str(it.final_model), tree, gpus, it.dir)
+            for step in steps:
+                run_step(step, cfg.dry_run)
+            student = str(it.final_model)  # the next round distils into this round's result
+            if not cfg.dry_run:
+                print(write_report(workflow, models, cfg.num_iterations, with_eval), flush=True)
+    except StepFailed as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return err.code if err.code > 0 else 1
+    if not cfg.dry_run:
+        print(f"done: report in {workflow / paths.REPORT_MD} and {workflow / paths.REPORT_JSON}", flush=True)
+    return 0

@@ -1,4 +1,4 @@
-"""Building an initial ability tree by asking an LLM for the children of each node, level by level.
+"""create_initial_tree.py: an initial ability tree, by asking an LLM for the children of each node, level by level.
 
 The model is asked (prompt: `prompts.tree_level_user_text`) for the sub-abilities of every node of
 one level at once (one batch or one burst of API requests per level). Replies are parsed by
@@ -29,8 +29,12 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
+from .cli import MODEL, OUTPUT, Check, StageConfig, api_key_env, at_least, dtype, gpu_ids, setting, trust_remote_code
+from .errors import StageFailed
+from .fingerprint import DoneRecord
 from .prompts import ABILITY_SEP, tree_level_user_text
 from .qparse import normalize_text
 from .tree import AbilityTree, Node
@@ -143,7 +147,7 @@ def usable_names(names: list[str], path: tuple[str, ...], have: list[str] | None
 
 # --------------------------------------------------------------------------- building
 
-class TreeBuildError(RuntimeError):
+class TreeBuildError(StageFailed):
     """The model gave no usable level-1 ability: there is no tree to write."""
 
 
@@ -212,10 +216,112 @@ def build_tree(ask: Ask, domain: str, nodes_per_level: list[int], lang: str,
     return AbilityTree(root), shortfalls
 
 
-def parse_nodes_per_level(text: str) -> list[int]:
-    """`"6,4"` -> [6, 4]; raises ValueError on anything but positive integers."""
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    values = [int(p) for p in parts]
-    if not values or any(v < 1 for v in values):
-        raise ValueError(text)
-    return values
+# --------------------------------------------------------------------------- the stage
+
+RETRY_TEMPERATURE = 0.7  # a greedy retry would repeat the same reply
+
+
+@dataclass(kw_only=True)
+class TreeConfig(StageConfig):
+    """create_initial_tree.py: the domain's ability tree, written by an LLM.
+
+    The five settings the seed's README names (model, domain, output folder and file, GPU) have
+    no default here: create_initial_tree.py's UPPER_CASE constants are their defaults.
+    """
+
+    model_path: str = setting(role=MODEL, help="local model folder of the LLM that writes the tree (ignored "
+                                               "with --api_base)")
+    domain: str = setting(check=Check(lambda v: bool(v.strip()), "non-empty"),
+                          help="the domain: the tree's root and the prompts' subject")
+    output_dir: str = setting(role=OUTPUT, help="folder of the tree file")
+    output_filename: str = setting(role=OUTPUT, help="the tree file's name")
+    gpu_ids: list[int] = gpu_ids()
+    nodes_per_level: list[int] = setting([6, 4], check=Check(lambda v: bool(v) and min(v) >= 1,
+                                                             "positive integers like 6,4"),
+                                         help="children per node at each level (the tree's depth is the list's length)")
+    max_retries: int = setting(3, check=at_least(0), help="extra asks for a node that got too few names (then it "
+                                                          "keeps what it has)")
+    lang: str = setting("auto", choices=("auto", "en", "zh"),
+                        help="prompt language; auto = zh when the domain name is Chinese")
+    max_new_tokens: int = setting(256, check=at_least(1), help="reply length limit, in tokens")
+    temperature: float = setting(0.0, check=at_least(0),
+                                 help=f"0 = greedy (retries then sample at {RETRY_TEMPERATURE})")
+    seed: int = setting(0, help="sampling seed")
+    dtype: str = dtype()
+    trust_remote_code: bool = trust_remote_code()
+    api_base: str = setting("", affects_output=False,
+                            help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (instead of a folder)")
+    api_model: str = setting("", help="model name the server knows (required with --api_base)")
+    api_key_env: str = api_key_env()
+
+    def __post_init__(self) -> None:
+        if self.api_base:
+            self.model_path = ""  # not used: the endpoint writes the tree
+        super().__post_init__()
+
+    def problems(self) -> list[str]:
+        if self.api_base and not self.api_model:
+            return ["--api_base needs --api_model (the model name the server serves)"]
+        return []
+
+    def outputs(self) -> list[Path]:
+        return [Path(self.output_dir) / self.output_filename]
+
+
+def retry_temperature(temperature: float, attempt: int) -> float:
+    return temperature if attempt == 0 or temperature > 0 else RETRY_TEMPERATURE
+
+
+def api_asker(cfg: TreeConfig) -> Ask:
+    """ask(prompts, attempt) through an OpenAI-compatible server (the server applies the chat template)."""
+    from .api import ChatAPI
+
+    api = ChatAPI(base_url=cfg.api_base, model=cfg.api_model, api_key_env=cfg.api_key_env)
+    log.info("asking %s (model %s)", cfg.api_base, cfg.api_model)
+
+    def ask(prompts: list[str], attempt: int) -> list[str]:
+        return api.chat_many(prompts, cfg.max_new_tokens, retry_temperature(cfg.temperature, attempt),
+                             seeds=[cfg.seed + attempt] * len(prompts))
+    return ask
+
+
+def local_asker(cfg: TreeConfig) -> Ask:
+    """ask(prompts, attempt) with a local model: one batched generate call per level, chat template."""
+    from .generation import generate_batch
+    from .models import device_for, load, usable_gpu_ids
+    from .prompts import encode_prompt, render
+
+    gpus = usable_gpu_ids(cfg.gpu_ids)
+    device = device_for(gpus[0] if gpus else None)
+    model, tok = load(cfg.model_path, device, cfg.dtype, cfg.trust_remote_code)
+    log.info("loaded %s on %s", cfg.model_path, device)
+
+    def ask(prompts: list[str], attempt: int) -> list[str]:
+        ids = [encode_prompt(tok, render(tok, p)) for p in prompts]
+        return generate_batch(model, tok, ids, cfg.max_new_tokens, retry_temperature(cfg.temperature, attempt),
+                              seed=cfg.seed + attempt)
+    return ask
+
+
+def run(cfg: TreeConfig) -> AbilityTree | None:
+    """Ask the model level by level and write the nested tree; None when it was already written."""
+    from .models import check_model_dir
+    from .prompts import detect_language
+
+    record = DoneRecord(cfg)
+    if record.is_done():
+        return None
+    lang = detect_language([cfg.domain]) if cfg.lang == "auto" else cfg.lang
+    if not cfg.api_base:
+        check_model_dir(cfg.model_path)
+    record.start()
+    ask = api_asker(cfg) if cfg.api_base else local_asker(cfg)
+    tree, shortfalls = build_tree(ask, cfg.domain.strip(), cfg.nodes_per_level, lang, cfg.max_retries)
+    out_path = cfg.outputs()[0]
+    tree.save_nested(out_path)
+    record.write()
+    depth_counts = [sum(1 for n in tree.nodes() if len(n.path) == d + 1) for d in range(1, len(cfg.nodes_per_level) + 1)]
+    log.info("wrote %s: %s nodes per level (asked %s), %d shortfall(s)", out_path, depth_counts,
+             [cfg.nodes_per_level[0]] + [a * b for a, b in zip(depth_counts, cfg.nodes_per_level[1:])],
+             len(shortfalls))
+    return tree

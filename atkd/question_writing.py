@@ -1,4 +1,4 @@
-"""Writing distillation questions with the teacher (DESIGN §8, §10): tasks, rounds, acceptance.
+"""Step C, generate_distill_data.py: the teacher writes new questions for the abilities where the student is weak.
 
 The work is split so that everything random is decided once, in the main process, from `seed`:
 
@@ -8,11 +8,13 @@ The work is split so that everything random is decided once, in the main process
    an unseeded RNG before seeding, and its GPU workers disagreed on the tasks);
 3. `make_batches` fixes each round's batches and a sampling seed per batch, so a batch that is
    regenerated after a kill gives exactly the text an uninterrupted run got;
-4. workers (`generate_worker`, one per GPU, or an HTTP endpoint) only turn batches into text;
+4. workers (`write_worker`, one per GPU, or an HTTP endpoint) only turn batches into text;
 5. `Acceptor` reads the texts in task order: strict parse, near-duplicate check against the
    dataset and earlier accepted items, the correct option moved to a seeded random position.
 
-`run_rounds` repeats 2-5 for leaves still short of their target, at most `max_retries` times.
+`run_rounds` repeats 2-5 for leaves still short of their target, at most `max_retries` times;
+`run` is the whole stage: allocation (`atkd.allocation`), rounds, generated.jsonl and plan.json
+(target, achieved, seeds and rejection reasons per leaf). A killed run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -22,16 +24,21 @@ import logging
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .dedup import NearDupIndex, features
+from . import paths
+from .allocation import allocate
+from .cli import (INPUT, MODEL, OUTPUT, Check, StageConfig, above, api_key_env, at_least, between, dtype, gpu_ids,
+                  lang, setting, trust_remote_code)
+from .dedup import DEFAULT_THRESHOLD, NearDupIndex, features
 from .errors import InputError
-from .io import iter_jsonl
+from .fingerprint import DoneRecord
+from .io import PartLog, iter_jsonl, write_json, write_jsonl
 from .qparse import parse_question
-from .records import LETTERS, Question
-from .tree import AbilityTree, Node
+from .records import LETTERS, Question, load_ability_paths, load_questions
+from .tree import AbilityTree, Node, load_tree
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +48,8 @@ MAX_OVERSAMPLE = 2.0
 
 
 @dataclass
-class Leaf:
-    """A leaf ability and what the allocation needs to know about it."""
+class LeafSeeds:
+    """A leaf ability, its weakness and its seed questions: what allocation and prompts need."""
 
     index: int  # position among the tree's leaves (stable for a given tree)
     path: tuple[str, ...]  # from the root (the domain) down to this leaf
@@ -74,19 +81,57 @@ class Batch:
     tasks: list[Task]
 
 
-@dataclass
-class DistillConfig:
-    """What decides the tasks and the accepted records (everything but the model)."""
+@dataclass(kw_only=True)
+class QuestionWritingConfig(StageConfig):
+    """generate_distill_data.py: the teacher writes questions for the weak abilities."""
 
-    seed: int = 0
-    seeds_per_prompt: int = 3
-    batch_size: int = 16
-    max_retries: int = 3
-    dedup_threshold: float = 0.6
-    lang: str = "en"
-    domain: str = ""
-    id_prefix: str = "gen"
-    teacher: str = ""
+    teacher_model_path: str = setting("", role=MODEL, help="teacher model folder (unless --api_base)")
+    ability_tree_path: str = setting(role=INPUT, help="scored tree (B's tree.json) or a nested initial tree")
+    full_dataset_path: str = setting(role=INPUT, help="question .jsonl the seeds come from")
+    ability_class_path: str = setting(role=INPUT, help="ability paths .jsonl of those questions")
+    output_path: str = setting(role=OUTPUT, help="generated questions .jsonl (plan.json goes beside it)")
+    num_samples: int = setting(100, check=at_least(1), help="questions to generate in total")
+    max_retries: int = setting(3, check=at_least(0), help="extra rounds for leaves short of their target")
+    seed: int = setting(0, help="seed of seed-drawing, sampling and option shuffling")
+    # Not `affects_output=False`: each batch is sampled with its own seed, so batching changes the text.
+    batch_size: int = setting(16, check=at_least(1), help="prompts per generate call (each batch has its own seed)")
+    temperature: float = setting(0.8, check=at_least(0), help="sampling temperature (0: greedy)")
+    top_p: float = setting(0.95, check=Check(lambda v: 0 < v <= 1, "in (0, 1]"),
+                           help="nucleus sampling mass (local models)")
+    max_new_tokens: int = setting(512, check=at_least(1), help="reply length limit, in tokens")
+    alloc_temperature: float = setting(1.0, check=above(0),
+                                       help="share ~ weakness^(1/T): below 1 favours the weakest leaves, above 1 flattens")
+    alloc_floor: int = setting(1, check=at_least(0), help="minimum samples for every leaf that has seeds")
+    seeds_per_prompt: int = setting(3, check=at_least(0), help="example questions shown in each prompt")
+    dedup_threshold: float = setting(DEFAULT_THRESHOLD, check=Check(lambda v: 0 < v <= 1, "in (0, 1]"),
+                                     help="Jaccard similarity (word 1-2 grams) of stems and of option sets at "
+                                          "which an item is a near-duplicate; 1: exact only")
+    id_prefix: str = setting("gen", check=Check(lambda v: bool(v.strip()) and not any(c.isspace() for c in v),
+                                                "non-empty, without spaces"),
+                             help="ids are <prefix>-<leaf index>-<n>; use one prefix per iteration")
+    lang: str = lang()
+    domain: str | None = setting(None, help="domain name when the tree file has several top-level abilities")
+    api_base: str = setting("", affects_output=False,
+                            help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (instead of a folder)")
+    api_model: str = setting("", help="model name at --api_base")
+    api_key_env: str = api_key_env()
+    gpu_ids: list[int] = gpu_ids()
+    dtype: str = dtype()
+    trust_remote_code: bool = trust_remote_code()
+
+    def problems(self) -> list[str]:
+        if self.api_base and not self.api_model:
+            return ["--api_base needs --api_model"]
+        if not self.api_base and not self.teacher_model_path:
+            return ["give --teacher_model_path (or --api_base and --api_model)"]
+        return []
+
+    def outputs(self) -> list[Path]:
+        return [Path(self.output_path), paths.plan_path(self.output_path)]
+
+    @property
+    def teacher_name(self) -> str:
+        return self.api_model if self.api_base else self.teacher_model_path
 
 
 # --------------------------------------------------------------------------- leaves and seeds
@@ -103,10 +148,10 @@ def leaf_weakness(node: Node, tree: AbilityTree) -> float:
     return 1.0
 
 
-def leaves_with_seeds(tree: AbilityTree, questions: list[Question], ability_file: str | Path) -> list[Leaf]:
+def leaves_with_seeds(tree: AbilityTree, questions: list[Question], ability_file: str | Path) -> list[LeafSeeds]:
     """Every leaf with its seed questions; an ability path naming no node is an `InputError`."""
     by_id = {q.key: q for q in questions}
-    leaves = [Leaf(index=i, path=node.path, weakness=leaf_weakness(node, tree), n=_count(node.stats.get("n")))
+    leaves = [LeafSeeds(index=i, path=node.path, weakness=leaf_weakness(node, tree), n=_count(node.stats.get("n")))
               for i, node in enumerate(tree.leaves())]
     leaf_of = {leaf.path: leaf for leaf in leaves}
     not_in_dataset = 0
@@ -137,7 +182,7 @@ def _rng(*parts) -> random.Random:
     return random.Random("|".join(str(p) for p in parts))
 
 
-def draw_seeds(leaf: Leaf, k: int, seed: int, round_: int, slot: int) -> list[Question]:
+def draw_seeds(leaf: LeafSeeds, k: int, seed: int, round_: int, slot: int) -> list[Question]:
     """k seeds of the leaf for one prompt, from an RNG keyed by (seed, leaf, round, slot) alone."""
     rng = _rng(seed, "seeds", leaf.index, " > ".join(leaf.path), round_, slot)
     return rng.sample(leaf.seeds, min(k, len(leaf.seeds)))
@@ -152,8 +197,8 @@ def n_options_of(seeds: list[Question], default: int = 4) -> int:
 
 # --------------------------------------------------------------------------- tasks and batches
 
-def make_tasks(leaves: list[Leaf], wanted: dict[int, int], first_slot: dict[int, int], round_: int,
-               cfg: DistillConfig) -> list[Task]:
+def make_tasks(leaves: list[LeafSeeds], wanted: dict[int, int], first_slot: dict[int, int], round_: int,
+               cfg: QuestionWritingConfig) -> list[Task]:
     """`wanted[leaf]` prompts per leaf for this round, in leaf order, slots continuing from `first_slot`."""
     from .prompts import write_question_user_text
 
@@ -207,7 +252,7 @@ class LeafTally:
 class Acceptor:
     """Turns teacher replies into records, in task order, keeping tallies for the plan."""
 
-    def __init__(self, leaves: list[Leaf], targets: list[int], cfg: DistillConfig, dataset: list[Question]):
+    def __init__(self, leaves: list[LeafSeeds], targets: list[int], cfg: QuestionWritingConfig, dataset: list[Question]):
         self.leaves = {leaf.index: leaf for leaf in leaves}
         self.targets = targets
         self.cfg = cfg
@@ -240,7 +285,7 @@ class Acceptor:
                   "options": options, "answer_idx": answer,
                   "meta_info": {"source": "generated", "task": task.id},
                   "ability_path": list(leaf.path), "generated_from_seed": list(task.seed_ids),
-                  "teacher": self.cfg.teacher}
+                  "teacher": self.cfg.teacher_name}
         self.index.add(feats, f"gen:{record['id']}")
         self.records[task.leaf].append(record)
         tally.accepted += 1
@@ -275,7 +320,7 @@ def prompts_for_round(acc: Acceptor, round_: int) -> dict[int, int]:
 Produce = Callable[[int, list[Batch]], dict[str, str]]
 
 
-def run_rounds(leaves: list[Leaf], targets: list[int], cfg: DistillConfig, dataset: list[Question],
+def run_rounds(leaves: list[LeafSeeds], targets: list[int], cfg: QuestionWritingConfig, dataset: list[Question],
                produce: Produce) -> tuple[Acceptor, int]:
     """Generate, accept, and retry leaves short of target; returns the acceptor and rounds run.
 
@@ -304,7 +349,7 @@ def run_rounds(leaves: list[Leaf], targets: list[int], cfg: DistillConfig, datas
 
 # --------------------------------------------------------------------------- the plan file
 
-def plan_report(leaves: list[Leaf], targets: list[int], acc: Acceptor | None, total: int, rounds: int,
+def plan_report(leaves: list[LeafSeeds], targets: list[int], acc: Acceptor | None, total: int, rounds: int,
                 allocation: dict) -> dict:
     """plan.json: per leaf target / achieved / seeds / weakness / rejections, and totals."""
     rows, rejected = [], Counter()
@@ -332,71 +377,55 @@ def plan_report(leaves: list[Leaf], targets: list[int], acc: Acceptor | None, to
     }
 
 
-# --------------------------------------------------------------------------- the workers
+# --------------------------------------------------------------------------- the teacher
 
-@dataclass
-class TeacherConfig:
-    """How a worker turns prompts into text: a local model folder or an OpenAI-compatible endpoint."""
+class Teacher:
+    """Turns a batch's prompts into the teacher's replies: a local model (loaded on first use, once
+    per process) or an OpenAI-compatible endpoint. Sent to spawned GPU workers unloaded."""
 
-    model_path: str = ""
-    api_base: str = ""
-    api_model: str = ""
-    api_key_env: str = "OPENAI_API_KEY"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    max_new_tokens: int = 512
-    temperature: float = 0.8
-    top_p: float = 0.95
-    lang: str = "en"
+    def __init__(self, cfg: QuestionWritingConfig):
+        self.cfg = cfg
+        self._loaded = None  # (model, tokenizer) in the process that uses it
+
+    def __getstate__(self) -> dict:
+        return {"cfg": self.cfg, "_loaded": None}
+
+    def texts(self, batch: Batch, gpu_id: int | None) -> list[str]:
+        cfg = self.cfg
+        if cfg.api_base:
+            from .api import ChatAPI
+
+            api = ChatAPI(cfg.api_base, cfg.api_model, cfg.api_key_env)
+            return api.chat_many([t.user_text for t in batch.tasks], cfg.max_new_tokens, cfg.temperature,
+                                 seeds=[batch.seed + i for i in range(len(batch.tasks))])
+        from .generation import generate_batch
+        from .models import device_for, load
+        from .prompts import LABELS, encode_prompt, has_chat_template, render
+
+        if self._loaded is None:
+            self._loaded = load(cfg.teacher_model_path, device_for(gpu_id), cfg.dtype, cfg.trust_remote_code)
+        model, tok = self._loaded
+        # Without a chat template the prompt ends with the format's first label, so the model starts
+        # writing the question itself; the label is put back in front of the reply before parsing.
+        cue = "" if has_chat_template(tok) else LABELS[cfg.lang].question
+        ids = [encode_prompt(tok, render(tok, t.user_text, plain_cue=cue)) for t in batch.tasks]
+        texts = generate_batch(model, tok, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=batch.seed)
+        return [cue + x for x in texts]
+
+    def release(self) -> None:
+        self._loaded = None
 
 
-_LOADED: dict[tuple, tuple] = {}  # (path, device, dtype) -> (model, tokenizer): one load per process
-
-
-def _local_teacher(cfg: TeacherConfig, gpu_id: int | None):
-    from .models import device_for, load_model, load_tokenizer
-
-    key = (cfg.model_path, gpu_id, cfg.dtype)
-    if key not in _LOADED:
-        _LOADED.clear()  # one teacher in memory at a time
-        tok = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
-        model = load_model(cfg.model_path, device_for(gpu_id), cfg.dtype, cfg.trust_remote_code)
-        _LOADED[key] = (model, tok)
-    return _LOADED[key]
-
-
-def release_teacher() -> None:
-    _LOADED.clear()
-
-
-def generate_worker(rank: int, gpu_id: int | None, batches: list[Batch], writer, cfg: TeacherConfig) -> None:
+def write_worker(rank: int, gpu_id: int | None, batches: list[Batch], writer, teacher: Teacher) -> None:
     """Generate every batch and append `{"id": task id, "text": reply}` records, one batch at a time."""
     from tqdm import tqdm
 
-    if cfg.api_base:
-        from .api import ChatAPI
-
-        api = ChatAPI(cfg.api_base, cfg.api_model, cfg.api_key_env)
-        for batch in tqdm(batches, desc="writing questions", unit="batch", disable=rank != 0):
-            texts = api.chat_many([t.user_text for t in batch.tasks], cfg.max_new_tokens, cfg.temperature,
-                                  seeds=[batch.seed + i for i in range(len(batch.tasks))])
-            writer.write([{"id": t.id, "text": x} for t, x in zip(batch.tasks, texts)])
-        return
-
-    from .generation import generate_batch
-    from .prompts import LABELS, encode_prompt, has_chat_template, render
-
-    model, tok = _local_teacher(cfg, gpu_id)
-    # Without a chat template the prompt ends with the format's first label, so the model starts
-    # writing the question itself; the label is put back in front of the reply before parsing.
-    cue = "" if has_chat_template(tok) else LABELS[cfg.lang].question
     for batch in tqdm(batches, desc="writing questions", unit="batch", disable=rank != 0):
-        ids = [encode_prompt(tok, render(tok, t.user_text, plain_cue=cue)) for t in batch.tasks]
-        texts = generate_batch(model, tok, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=batch.seed)
-        writer.write([{"id": t.id, "text": cue + x} for t, x in zip(batch.tasks, texts)])
+        texts = teacher.texts(batch, gpu_id)
+        writer.write([{"id": t.id, "text": x} for t, x in zip(batch.tasks, texts)])
 
 
-def part_log_producer(part_log, gpu_ids: list[int], teacher: TeacherConfig) -> Produce:
+def part_log_producer(part_log: PartLog, gpu_ids: list[int], teacher: Teacher) -> Produce:
     """A `produce` that skips batches already in the part log and runs the rest on the workers.
 
     A batch counts as done only when all its tasks are logged; a batch cut short by a kill is
@@ -410,8 +439,61 @@ def part_log_producer(part_log, gpu_ids: list[int], teacher: TeacherConfig) -> P
         if len(todo) < len(batches):
             log.info("round %d: %d of %d batches already written by an earlier run", round_,
                      len(batches) - len(todo), len(batches))
-        run_workers(generate_worker, todo, gpu_ids, part_log, teacher)
+        run_workers(write_worker, todo, gpu_ids, part_log, teacher)
         done = part_log.done()
         return {t.id: done[t.id]["text"] for b in batches for t in b.tasks}
 
     return produce
+
+
+# --------------------------------------------------------------------------- the stage
+
+def run(cfg: QuestionWritingConfig) -> dict | None:
+    """Allocate, write, accept; write generated.jsonl and plan.json (returned)."""
+    from .models import check_model_dir, usable_gpu_ids
+    from .prompts import language_of
+
+    record = DoneRecord(cfg)
+    if record.is_done():
+        return None
+    if not cfg.api_base:
+        check_model_dir(cfg.teacher_model_path)
+    gpus = usable_gpu_ids(cfg.gpu_ids)
+    tree = load_tree(cfg.ability_tree_path, domain=cfg.domain)
+    dataset = load_questions(cfg.full_dataset_path)
+    load_ability_paths(cfg.ability_class_path)  # field and duplicate-id checks, with line numbers
+    leaves = leaves_with_seeds(tree, dataset, cfg.ability_class_path)
+    if not any(leaf.seeds for leaf in leaves):
+        raise InputError(cfg.ability_class_path, "no question of the dataset is labelled with a leaf of "
+                                                 "the ability tree: there is nothing to write from")
+    resolved = replace(cfg, lang=language_of(dataset, cfg.lang), domain=tree.domain)
+    record.start()
+
+    alloc = allocate([leaf.weakness for leaf in leaves], [len(leaf.seeds) for leaf in leaves],
+                     cfg.num_samples, cfg.alloc_temperature, cfg.alloc_floor)
+    allocation = {"rule": "share ~ weakness^(1/temperature), floor for leaves with seeds, largest remainder",
+                  "temperature": cfg.alloc_temperature, "floor": cfg.alloc_floor, "floor_used": alloc.floor_used}
+    if alloc.floor_used < cfg.alloc_floor:
+        log.warning("--num_samples %d is too small to give %d to each of %d leaves with seeds; floor %d used",
+                    cfg.num_samples, cfg.alloc_floor, sum(bool(leaf.seeds) for leaf in leaves), alloc.floor_used)
+    for leaf, target in zip(leaves, alloc.targets):
+        log.info("%-60s weakness %.3f  seeds %4d  target %d", " > ".join(leaf.path), leaf.weakness,
+                 len(leaf.seeds), target)
+
+    part_log = PartLog(cfg.output_path, record.fingerprint)
+    part_log.open()
+    teacher = Teacher(resolved)
+    acc, rounds = run_rounds(leaves, alloc.targets, resolved, dataset, part_log_producer(part_log, gpus, teacher))
+    teacher.release()
+
+    plan = plan_report(leaves, alloc.targets, acc, cfg.num_samples, rounds, allocation)
+    write_jsonl(cfg.output_path, acc.all_records())
+    write_json(paths.plan_path(cfg.output_path), plan)
+    record.write()
+    part_log.remove()
+    log.info("wrote %d of %d questions to %s (acceptance rate %s; rejected: %s)", plan["achieved"],
+             cfg.num_samples, cfg.output_path, plan["acceptance_rate"], plan["rejected"] or "none")
+    if plan["shortfall"]:
+        log.warning("short by %d questions after %d round(s): see %s", plan["shortfall"], rounds,
+                    paths.plan_path(cfg.output_path))
+    return plan

@@ -1,4 +1,4 @@
-"""Per-node statistics of the student's answers over the ability tree (step B of an iteration).
+"""Step B (and H), student_data_analyzer.py: per-node statistics of the student's answers over the ability tree.
 
 A question counts at the node its ability path names and at every ancestor of that node, root
 included. Correctness is recomputed from the reply's `pred_letter` against the answers file's
@@ -30,12 +30,36 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cli import INPUT, OUTPUT, StageConfig, at_least, setting
 from .errors import InputError
-from .io import iter_jsonl
-from .records import Question
+from .fingerprint import DoneRecord
+from .io import iter_jsonl, read_json, write_json
+from .records import Question, load_ability_paths, load_questions, load_replies
 from .tree import DEFAULT_ROOT, SCORE_KEYS, AbilityTree, Node, is_scored, tree_from_nested, tree_from_scored
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class AnalyzerConfig(StageConfig):
+    """student_data_analyzer.py: score the ability tree with the student's answers."""
+
+    initial_tree_path: str = setting(role=INPUT, help="ability tree JSON (nested form, with or without the "
+                                                      "domain key, or a scored tree)")
+    paths_file: str = setting(role=INPUT, help='JSONL of {"id", "ability_path": [...]}')
+    answers_file: str = setting(role=INPUT, help="the question JSONL with gold answer_idx")
+    student_responses_file: str = setting(role=INPUT, help="inference.py replies JSONL (id, pred_letter)")
+    output_tree_path: str = setting(role=OUTPUT, help="where the scored tree JSON goes")
+    output_stats_path: str = setting(role=OUTPUT, help="where the stats JSON goes")
+    prior_strength: float = setting(4.0, check=at_least(0),
+                                    help="Beta prior strength, in pseudo-questions: each node shrinks toward its "
+                                         "parent (0 = raw accuracy)")
+    domain: str | None = setting(None, help="root name for a tree file that lists level-1 abilities directly "
+                                            "(default: the first element shared by all ability paths when it is "
+                                            "not a level-1 node, else 'root')")
+
+    def outputs(self) -> list[Path]:
+        return [Path(self.output_tree_path), Path(self.output_stats_path)]
 
 ROOT_PRIOR = 0.5  # the root's smoothed accuracy is shrunk toward this
 EXAMPLE_IDS = 10  # ids listed per reported problem (the count is always complete)
@@ -236,8 +260,6 @@ def smooth(tree: AbilityTree, prior_strength: float) -> None:
 def analyze(tree: AbilityTree, questions: list[Question], paths: dict[str, list[str]],
             replies: dict[str, dict], replies_path: str | Path, prior_strength: float) -> Analysis:
     """Counts, smoothed accuracies and weaknesses on `tree` (in place), plus the problem report."""
-    if prior_strength < 0:
-        raise InputError(None, f"--prior_strength must be >= 0 (got {prior_strength})")
     analysis = count_answers(tree, questions, paths, replies, replies_path, prior_strength)
     smooth(tree, prior_strength)
     return analysis
@@ -251,3 +273,29 @@ def check_some_path_matches(tree: AbilityTree, paths: dict[str, list[str]], path
     raise InputError(paths_file, f"no ability path matches a node of the tree rooted at {tree.domain!r} "
                                  f"(e.g. {' > '.join(first)}); wrong tree file or --domain?",
                      line_of(paths_file, first_key))
+
+
+def run(cfg: AnalyzerConfig) -> dict | None:
+    """Score the tree; write the scored tree and the stats (returned)."""
+    record = DoneRecord(cfg)
+    if record.is_done():
+        return None
+    # Read and check every input before writing anything.
+    paths = load_ability_paths(cfg.paths_file)
+    questions = load_questions(cfg.answers_file)
+    replies = load_replies(cfg.student_responses_file)
+    tree = tree_for_analysis(read_json(cfg.initial_tree_path), cfg.initial_tree_path, cfg.domain, paths)
+    check_some_path_matches(tree, paths, cfg.paths_file)
+    analysis = analyze(tree, questions, paths, replies, cfg.student_responses_file, cfg.prior_strength)
+    record.start()
+    analysis.log_warnings()
+    stats = analysis.stats()
+    tree.save_scored(cfg.output_tree_path)
+    write_json(cfg.output_stats_path, stats)
+    record.write()
+    log.info("scored %d of %d questions on %d nodes: accuracy %s", stats["scored"], len(questions),
+             len(stats["nodes"]), "n/a" if stats["accuracy"] is None else f"{stats['accuracy']:.4f}")
+    for leaf in stats["leaves_weakest_first"][:5]:
+        log.info("  weak: %-50s n=%-4d weakness=%.3f", " > ".join(leaf["path"]), leaf["n"], leaf["weakness"])
+    log.info("wrote %s and %s", cfg.output_tree_path, cfg.output_stats_path)
+    return stats

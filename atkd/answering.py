@@ -1,0 +1,255 @@
+"""Answering multiple-choice questions with a model: inference.py (steps A and G) and the agents of D.
+
+One path answers for every stage (`answer_all`):
+- score mode: one forward pass per length-sorted, left-padded batch; the answer is the most
+  probable option letter at the answer position (`atkd.scoring`), with `option_probs` over the
+  item's own options and `letter_mass` (the letters' share of the whole vocabulary);
+- generate mode: greedy chain-of-thought text, then `atkd.letters.extract_letter`; a reply that
+  commits to no letter is data (`pred_letter` null, counted as unparsed);
+- an OpenAI-compatible endpoint (generate mode only: an endpoint gives no logits).
+
+The batches are planned once, over the whole dataset, before any work starts, so a batch's
+numbers do not depend on how many GPUs ran it or how often the run was interrupted: finished
+batches go to a part log, a rerun skips them, and the final file equals an uninterrupted run's.
+
+inference.py's output contract (other stages read it): one reply per input question, in input
+order; a reply is the question record plus `pred_letter`, `option_probs` (score mode),
+`letter_mass` (score mode), `raw_reply` (generate mode), `correct` and `mode`. Fields that do not
+apply to the mode are present and null, so every reply has the same keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import paths
+from .batching import length_sorted_batches
+from .cli import INPUT, MODEL, OUTPUT, StageConfig, at_least, dtype, gpu_ids, lang, setting, trust_remote_code
+from .errors import InputError
+from .fingerprint import DoneRecord
+from .io import PartLog, write_json, write_jsonl
+from .models import check_model_dir, device_for, load, resolve_dtype, usable_gpu_ids
+from .prompts import encode_prompt, language_of, mcq_prompt, mcq_user_text
+from .records import LETTERS, Question, load_questions
+from .workers import run_workers
+
+log = logging.getLogger(__name__)
+
+MODES = ("score", "generate")
+ANSWER_FIELDS = ("pred_letter", "option_probs", "letter_mass", "raw_reply")
+
+
+@dataclass
+class Answerer:
+    """Who answers and how: a local model folder, or (generate mode) an OpenAI-compatible endpoint."""
+
+    model_path: str = ""
+    api_base: str = ""
+    api_model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    mode: str = "score"
+    lang: str = "en"  # resolved, never "auto"
+    max_new_tokens: int = 256  # generate mode only
+    seed: int = 0
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.api_model} @ {self.api_base}" if self.api_base else self.model_path
+
+
+def answer_record(key: str, pred_letter: str | None, option_probs: dict | None = None,
+                  letter_mass: float | None = None, raw_reply: str | None = None) -> dict:
+    """One answer as the part logs hold it (the same keys in every mode)."""
+    return {"id": key, "pred_letter": pred_letter, "option_probs": option_probs, "letter_mass": letter_mass,
+            "raw_reply": raw_reply}
+
+
+# --------------------------------------------------------------------------- batches
+
+def plan_batches(who: Answerer, questions: list[Question], batch_size: int, tokenizer=None) -> list[list[int]]:
+    """Question indices per batch, fixed for the whole run: length-sorted prompts for a local model,
+    input order for an endpoint (it batches on its own)."""
+    if who.api_base:
+        return [list(range(i, min(i + batch_size, len(questions)))) for i in range(0, len(questions), batch_size)]
+    cot = who.mode == "generate"
+    lengths = [len(encode_prompt(tokenizer, mcq_prompt(tokenizer, q, who.lang, cot=cot))) for q in questions]
+    return length_sorted_batches(lengths, batch_size)
+
+
+def answer_local(model, tokenizer, questions: list[Question], who: Answerer) -> list[dict]:
+    """Answers of one batch with a local model: one forward pass (score) or one generate call."""
+    from .generation import generate_batch
+    from .letters import extract_letter
+    from .scoring import score_questions
+
+    if who.mode == "score":
+        out: list[dict] = []
+        score_questions(model, tokenizer, questions, who.lang, len(questions), lambda pairs: out.extend(
+            answer_record(q.key, s.pred_letter, s.probs(), s.letter_mass) for q, s in pairs))
+        return out
+    ids = [encode_prompt(tokenizer, mcq_prompt(tokenizer, q, who.lang, cot=True)) for q in questions]
+    texts = generate_batch(model, tokenizer, ids, who.max_new_tokens, seed=who.seed)
+    return [answer_record(q.key, extract_letter(t, q.letters, q.options), raw_reply=t) for q, t in zip(questions, texts)]
+
+
+def answer_by_api(api, questions: list[Question], who: Answerer) -> list[dict]:
+    """Answers of one batch from an OpenAI-compatible endpoint (chain-of-thought prompt, letter extracted)."""
+    from .letters import extract_letter
+
+    texts = api.chat_many([mcq_user_text(q, who.lang, cot=True) for q in questions], who.max_new_tokens)
+    return [answer_record(q.key, extract_letter(t, q.letters, q.options), raw_reply=t) for q, t in zip(questions, texts)]
+
+
+def answer_worker(rank: int, gpu_id: int | None, batches: list[list[int]], writer, payload) -> None:
+    """One worker (one GPU, the CPU, or an endpoint): answer its batches, one part-log write per batch."""
+    from tqdm.auto import tqdm
+
+    who, questions, desc = payload
+    torch.manual_seed(who.seed)
+    if who.api_base:
+        from .api import ChatAPI
+
+        api = ChatAPI(who.api_base, who.api_model, who.api_key_env)
+        answer = lambda qs: answer_by_api(api, qs, who)  # noqa: E731
+    else:
+        model, tokenizer = load(who.model_path, device_for(gpu_id), who.dtype, who.trust_remote_code)
+        answer = lambda qs: answer_local(model, tokenizer, qs, who)  # noqa: E731
+    with tqdm(total=sum(len(b) for b in batches), desc=desc, unit="q", disable=rank != 0) as bar:
+        for batch in batches:
+            writer.write(answer([questions[i] for i in batch]))
+            bar.update(len(batch))
+
+
+def answer_all(who: Answerer, questions: list[Question], batches: list[list[int]], gpus: list[int],
+               part_log: PartLog, desc: str) -> tuple[dict[str, dict], int]:
+    """(every question's answer by id, how many came from an earlier run): only the batches the
+    part log does not hold yet are computed."""
+    done = part_log.open()
+    todo = [b for b in batches if not all(questions[i].key in done for i in b)]
+    resumed = len(questions) - sum(len(b) for b in todo)
+    if resumed:
+        log.info("%s: %d of %d answers already written by an earlier run", desc, resumed, len(questions))
+    run_workers(answer_worker, todo, gpus, part_log, (who, questions, desc))
+    done = part_log.done()
+    missing = [q.key for q in questions if q.key not in done]
+    if missing:  # a worker died without raising: keep the parts so a rerun finishes the job
+        raise RuntimeError(f"{len(missing)} questions were not answered (first: {missing[0]}); rerun to finish")
+    return done, resumed
+
+
+# --------------------------------------------------------------------------- inference.py (steps A, G)
+
+@dataclass(kw_only=True)
+class InferenceConfig(StageConfig):
+    """inference.py: answer a multiple-choice dataset with a local model."""
+
+    model_path: str = setting(help="local Hugging Face model folder", role=MODEL)
+    dataset_path: str = setting(help="questions .jsonl (id, question, options, answer_idx)", role=INPUT)
+    output_path: str = setting(help="replies .jsonl to write (summary.json goes beside it)", role=OUTPUT)
+    mode: str = setting("score", choices=MODES,
+                        help="score: option-letter probabilities (one forward pass per batch); "
+                             "generate: chain-of-thought text, then the letter is extracted")
+    max_new_tokens: int = setting(256, check=at_least(1), help="generate mode: reply length limit, in tokens")
+    batch_size: int = setting(16, check=at_least(1), affects_output=False,
+                              help="questions per forward pass / generate call")
+    seed: int = setting(0, help="torch seed (greedy decoding does not depend on it)")
+    lang: str = lang()
+    gpu_ids: list[int] = gpu_ids()
+    dtype: str = dtype()
+    trust_remote_code: bool = trust_remote_code()
+
+    def problems(self) -> list[str]:
+        if Path(self.output_path).resolve() == Path(self.dataset_path).resolve():
+            return ["--output_path is the dataset itself; it would be overwritten"]
+        return []
+
+    def outputs(self) -> list[Path]:
+        return [Path(self.output_path), paths.summary_path(self.output_path)]
+
+
+def reply_record(q: Question, mode: str, answer: dict) -> dict:
+    """The question record plus the model's answer and whether it is right."""
+    rec = q.to_dict()
+    rec.update({k: answer[k] for k in ANSWER_FIELDS})
+    rec.update(correct=answer["pred_letter"] is not None and answer["pred_letter"] == q.answer_idx, mode=mode)
+    return rec
+
+
+def summarize(replies: list[dict], cfg: InferenceConfig, lang: str, items_per_s: float | None, seconds: float,
+              n_resumed: int) -> dict:
+    """n, correct, accuracy, unparsed (generate mode; null in score mode) and throughput."""
+    n = len(replies)
+    correct = sum(1 for r in replies if r["correct"])
+    return {
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n if n else 0.0,
+        "unparsed": sum(1 for r in replies if r["pred_letter"] is None) if cfg.mode == "generate" else None,
+        "items_per_s": items_per_s,  # items answered in this run / `seconds`
+        "seconds": seconds,  # wall time of the answering phase, model loading included
+        "resumed": n_resumed,  # items taken from an interrupted earlier run
+        "mode": cfg.mode,
+        "model_path": cfg.model_path,
+        "dataset_path": cfg.dataset_path,
+        "lang": lang,
+    }
+
+
+def run(cfg: InferenceConfig) -> dict | None:
+    """Answer every question of the dataset; write the replies and the summary (returned).
+
+    All inputs are validated before anything is written, so bad input (an `InputError`) leaves
+    neither an output file nor a parts folder behind. None when the outputs were already done.
+    """
+    from .letters import letter_token_ids
+    from .models import load_tokenizer
+
+    record = DoneRecord(cfg)
+    if record.is_done():
+        return None
+    output_path = Path(cfg.output_path)
+    if output_path.is_dir():
+        raise InputError(output_path, "output path is a folder; give a .jsonl file name")
+    questions = load_questions(cfg.dataset_path)
+    check_model_dir(cfg.model_path)
+    gpus = usable_gpu_ids(cfg.gpu_ids)
+    device = device_for(gpus[0] if gpus else None)
+    tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
+    who = Answerer(model_path=cfg.model_path, mode=cfg.mode, lang=language_of(questions, cfg.lang),
+                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, dtype=cfg.dtype,
+                   trust_remote_code=cfg.trust_remote_code)
+    if cfg.mode == "score":  # every letter used must be one token at the answer position
+        letter_token_ids(tokenizer, list(LETTERS[: max(len(q.options) for q in questions)]), who.lang,
+                         source=cfg.model_path)
+    batches = plan_batches(who, questions, cfg.batch_size, tokenizer)
+    record.start()
+
+    # Device type and dtype change the numbers: parts from a CPU run are not mixed into a GPU run.
+    torch_dtype = resolve_dtype(cfg.dtype, device)
+    part_log = PartLog(output_path, {**record.fingerprint, "device_type": device.type, "dtype": str(torch_dtype)})
+    where = f"GPUs {gpus}" if gpus else "CPU"
+    log.info("%s mode, %d questions in %d batches of up to %d, language %s, on %s (%s)", cfg.mode, len(questions),
+             len(batches), cfg.batch_size, who.lang, where, str(torch_dtype).replace("torch.", ""))
+    start = time.perf_counter()
+    done, n_resumed = answer_all(who, questions, batches, gpus, part_log, f"inference ({cfg.mode})")
+    seconds = time.perf_counter() - start
+
+    replies = [reply_record(q, cfg.mode, done[q.key]) for q in questions]
+    computed = len(questions) - n_resumed
+    summary = summarize(replies, cfg, who.lang, computed / seconds if computed and seconds > 0 else None,
+                        seconds, n_resumed)
+    write_jsonl(output_path, replies)
+    write_json(paths.summary_path(output_path), summary)
+    record.write()
+    part_log.remove()
+    unparsed = f", {summary['unparsed']} unparsed" if summary["unparsed"] is not None else ""
+    log.info("accuracy %.4f (%d/%d)%s; wrote %s", summary["accuracy"], summary["correct"], summary["n"], unparsed,
+             output_path)
+    return summary

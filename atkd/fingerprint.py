@@ -1,0 +1,185 @@
+"""The one owner of staleness: a stage's fingerprint and its done-record.
+
+A stage's fingerprint holds everything that can change what it writes:
+- every setting of its config except those declared `affects_output=False` and output paths;
+- for each model folder and input file or folder, a hash of its *contents* (never its path or
+  mtime: retrained weights written to the same path, even with the old size and mtime, change it);
+- the stage's code version (`StageConfig.version`) and the version of the prompts.
+
+When a stage finishes it writes its done-record (`<stem>.done.json` beside its outputs): the
+fingerprint, the command line it ran with and the library versions. The stage is done when its
+outputs exist and the record's fingerprint equals the current one. main.py's skip decision and a
+stage run by hand read that same record, so a finished step is skipped either way, and a changed
+setting or input reruns it either way. Partial work inside a stage (part logs, checkpoints) is
+keyed by the same fingerprint, so it is resumed only by a run that would produce the same result.
+
+Hashing is SHA-256 over the bytes. A file's hash is cached (`$ATKD_CACHE_DIR`, default
+`~/.cache/atkd/hashes`) under its path, size, mtime, ctime and inode: any rewrite changes the
+ctime (it cannot be set back), so the cache never returns the hash of old contents, and a 15 GB
+checkpoint is read once, not at every step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from .cli import INPUT, MODEL, OUTPUT, StageConfig, to_argv
+from .io import write_json
+
+log = logging.getLogger(__name__)
+
+MISSING_PATH = "missing"  # the signature of a path that does not exist (yet)
+RECORD_SUFFIX = ".done.json"
+
+
+# --------------------------------------------------------------------------- content signatures
+
+def _cache_dir() -> Path | None:
+    root = os.environ.get("ATKD_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "atkd", "hashes")
+    return Path(root)
+
+
+def _cache_key(path: Path, st: os.stat_result) -> str:
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}|{st.st_dev}"
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, cached under its stat identity (see the module docstring)."""
+    path = Path(path)
+    st = path.stat()
+    cache = _cache_dir()
+    entry = cache / _cache_key(path, st) if cache is not None else None
+    if entry is not None and entry.is_file():
+        cached = entry.read_text(encoding="ascii").strip()
+        if len(cached) == 64:
+            return cached
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    if entry is not None and path.stat().st_ctime_ns == st.st_ctime_ns:  # unchanged while we read it
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+            tmp.write_text(digest, encoding="ascii")
+            os.replace(tmp, entry)
+        except OSError:
+            pass  # a read-only home only costs the re-hash
+    return digest
+
+
+def is_bookkeeping(rel_parts: tuple[str, ...]) -> bool:
+    """Files that say nothing about a folder's content: hidden files, records, logs, partial work."""
+    name = rel_parts[-1]
+    return (any(p.startswith(".") or p.endswith(".parts") for p in rel_parts)
+            or name.endswith((RECORD_SUFFIX, ".log")))
+
+
+def signature(path: str | Path) -> str:
+    """Content hash of a file, or of every (non-bookkeeping) file under a folder, with their names."""
+    path = Path(path)
+    if not path.exists():
+        return MISSING_PATH
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).parts
+        if not is_bookkeeping(rel):
+            h.update(f"{'/'.join(rel)}\0{file_sha256(f)}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+def prompts_version() -> str:
+    """A short hash of every prompt the pipeline renders (their words decide every model's input)."""
+    from . import prompts
+
+    text = json.dumps({k: vars(v) for k, v in prompts.LABELS.items()}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def fingerprint(cfg: StageConfig, exclude: tuple[str, ...] = ()) -> dict:
+    """What decides the stage's output: settings, input contents, code and prompt versions.
+
+    `exclude` leaves out settings that do not concern a part of the work (one agent's answers do
+    not depend on the other agent's model).
+    """
+    out: dict = {"stage": type(cfg).__name__, "version": cfg.version, "prompts": prompts_version()}
+    for f in fields(cfg):
+        meta = f.metadata
+        if f.name in exclude or not meta.get("affects_output", True) or meta.get("role") == OUTPUT:
+            continue
+        value = getattr(cfg, f.name)
+        out[f.name] = signature(value) if meta.get("role") in (MODEL, INPUT) and value else value
+    return out
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+# --------------------------------------------------------------------------- done-records
+
+class DoneRecord:
+    """A stage's done-record: written last, read by the stage itself and by main.py."""
+
+    def __init__(self, cfg: StageConfig, fp: dict | None = None):
+        self.cfg = cfg
+        self.path = cfg.record_path()
+        self.fingerprint = fp if fp is not None else fingerprint(cfg)
+
+    def read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def status(self) -> tuple[str, str]:
+        """("done" | "changed" | "new", why): done when the outputs exist and the record matches."""
+        old = self.read()
+        if old is None:
+            return "new", "not finished before"
+        changed = changed_keys(old.get("fingerprint", {}), self.fingerprint)
+        if changed:
+            return "changed", "changed since the last run: " + ", ".join(changed)
+        missing = [str(p) for p in self.cfg.outputs() if not p.exists()]
+        if missing:
+            return "new", "outputs missing: " + ", ".join(missing)
+        return "done", "outputs are up to date"
+
+    def is_done(self) -> bool:
+        state, why = self.status()
+        if state == "done":
+            log.info("nothing to do: %s (%s)", why, self.path)
+        elif state == "changed":
+            log.info("%s: redoing", why)
+        return state == "done"
+
+    def start(self) -> None:
+        """Forget the old record: until this run finishes, the stage is not done."""
+        self.path.unlink(missing_ok=True)
+
+    def write(self, **extra) -> None:
+        import torch
+        import transformers
+
+        write_json(self.path, {
+            "fingerprint": self.fingerprint,
+            "argv": [sys.argv[0], *to_argv(self.cfg)],
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **extra,
+        })

@@ -1,0 +1,203 @@
+"""Step E, generate_logits.py: the teacher's answer distributions on the validated data.
+
+Per item: the teacher's log-probabilities over the option letters at the answer position
+(tokenizer independent, so the student may come from another family) and, with a response
+field, the top-k log-probabilities and the leftover tail mass at every later response token
+(token-level KD when the student shares the teacher's vocabulary). The sequences are
+`atkd.sequence.training_sequence`, exactly what train.py feeds the student; the store's format
+is `atkd.logits_store`.
+
+Resume: shards are planned over the whole dataset (independent of the number of GPUs); each
+finished shard is written atomically into `<output_dir>.parts/` and recorded in a part log, so a
+rerun skips it. When every shard is done they move into the output folder and index.json is
+written last.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .batching import left_pad, length_sorted_batches
+from .cli import INPUT, MODEL, OUTPUT, StageConfig, at_least, dtype, gpu_ids, lang, setting, trust_remote_code
+from .errors import InputError
+from .fingerprint import DoneRecord
+from .head import HeadAtPositions
+from .io import PartLog, read_json, write_bytes
+from .logits_store import FORMAT, assemble, pack, shard_name
+from .paths import logits_index, logits_summary
+from .records import MAX_OPTIONS, Question, load_questions, question_from_dict
+from .scoring import scores_from_logits
+from .sequence import sha256_ids, sha256_text, tokenizer_fingerprint, training_sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class LogitsConfig(StageConfig):
+    """generate_logits.py: store the teacher's logits for distillation."""
+
+    model_path: str = setting(role=MODEL, help="the teacher: a local Hugging Face model folder")
+    dataset_path: str = setting(role=INPUT, help="questions .jsonl (the data the student trains on)")
+    output_dir: str = setting(role=OUTPUT, help="folder for index.json, summary.json and the shards")
+    top_k: int = setting(20, check=at_least(1), help="token-level KD: teacher log-probs kept per response token")
+    batch_size: int = setting(8, check=at_least(1), affects_output=False, help="items per teacher forward pass")
+    lang: str = lang()
+    response_field: str | None = setting(None, help="record field holding a longer response (e.g. an explanation) "
+                                                    "for token-level KD; unset: option-level only")
+    shard_size: int = setting(500, check=at_least(1), help="items per safetensors shard (the unit of resume)")
+    gpu_ids: list[int] = gpu_ids()
+    dtype: str = dtype()
+    trust_remote_code: bool = trust_remote_code()
+
+    def outputs(self) -> list[Path]:
+        return [logits_index(self.output_dir), logits_summary(self.output_dir)]
+
+    def record_path(self) -> Path:
+        return Path(self.output_dir) / "logits.done.json"
+
+
+def plan_shards(n_items: int, shard_size: int) -> list[list[int]]:
+    """Contiguous shards of at most `shard_size` items (independent of the number of GPUs)."""
+    return [list(range(i, min(i + shard_size, n_items))) for i in range(0, n_items, shard_size)]
+
+
+@torch.no_grad()
+def teacher_outputs(head: HeadAtPositions, tokenizer, questions: list[Question], lang: str, top_k: int,
+                    batch_size: int, response_field: str | None) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """One shard's tensors and per-item index entries (in `questions` order)."""
+    seqs = [training_sequence(tokenizer, q, lang, response_field) for q in questions]
+    option_rows = torch.full((len(questions), MAX_OPTIONS), float("-inf"))
+    per_item_tokens: list[tuple | None] = [None] * len(questions)
+    items: list[dict] = [{} for _ in questions]
+    device = head.model.get_input_embeddings().weight.device
+    for batch in length_sorted_batches([len(s.input_ids) for s in seqs], batch_size):
+        inputs = left_pad([seqs[i].input_ids for i in batch], tokenizer.pad_token_id)
+        width = inputs["input_ids"].shape[1]
+        rows, cols, spans = [], [], []
+        for b, i in enumerate(batch):
+            s = seqs[i]
+            first = width - len(s.input_ids) + len(s.prompt_ids) - 1
+            spans.append((len(rows), len(s.response_ids)))
+            for j in range(len(s.response_ids)):
+                rows.append(b)
+                cols.append(first + j)
+        logits = head(**{k: v.to(device) for k, v in inputs.items()},
+                      rows=torch.as_tensor(rows, device=device), cols=torch.as_tensor(cols, device=device)).float()
+        letter_rows = logits[[start for start, _ in spans]]
+        scores = scores_from_logits(letter_rows, [seqs[i].option_ids for i in batch],
+                                    [questions[i].letters for i in batch])
+        for (start, n), i, sc in zip(spans, batch, scores):
+            q = questions[i]
+            option_rows[i, : len(q.letters)] = torch.tensor([sc.logprobs[L] for L in q.letters])
+            items[i] = {"letters": "".join(q.letters), "answer": q.answer_idx, "pred": sc.pred_letter,
+                        "correct": sc.pred_letter == q.answer_idx, "letter_mass": sc.letter_mass,
+                        "user_sha256": sha256_text(seqs[i].user_text),
+                        "prompt_sha256": sha256_text(seqs[i].prompt_text),
+                        "prompt_ids_sha256": sha256_ids(seqs[i].prompt_ids)}
+            if n > 1:
+                per_item_tokens[i] = topk_and_tail(logits[start + 1:start + n], top_k) + (
+                    torch.as_tensor(seqs[i].response_ids[1:], dtype=torch.int32),)
+    return pack(option_rows, per_item_tokens, items, top_k)
+
+
+def topk_and_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top-k ids, their log-probs, log of the mass outside them) per row, at temperature 1."""
+    full = torch.log_softmax(logits, dim=-1)
+    top_logp, top_ids = full.topk(k, dim=-1)
+    tail = torch.logsumexp(full.scatter(-1, top_ids, float("-inf")), dim=-1)
+    return top_ids.to(torch.int32).cpu(), top_logp.cpu(), tail.cpu()
+
+
+@dataclass
+class LogitsJob:
+    """What a worker needs (sent to spawned GPU workers, so plain data only)."""
+
+    cfg: LogitsConfig  # with the language resolved
+    parts_dir: str
+    questions: list[dict]
+    shards: list[list[int]]  # item indices of each shard
+
+
+def logits_worker(rank: int, gpu_id: int | None, shard_ids: list[int], writer, job: LogitsJob) -> None:
+    """Compute and write the listed shards with one copy of the teacher (one GPU or the CPU)."""
+    from safetensors.torch import save as st_save
+    from tqdm.auto import tqdm
+
+    from .models import device_for, load
+
+    cfg = job.cfg
+    model, tok = load(cfg.model_path, device_for(gpu_id), cfg.dtype, cfg.trust_remote_code)
+    head = HeadAtPositions(model, len(tok))
+    n_items = sum(len(job.shards[s]) for s in shard_ids)
+    with tqdm(total=n_items, desc="teacher logits", unit="q", disable=rank != 0) as bar:
+        for s in shard_ids:
+            questions = [question_from_dict(job.questions[i]) for i in job.shards[s]]
+            tensors, items = teacher_outputs(head, tok, questions, cfg.lang, cfg.top_k, cfg.batch_size,
+                                             cfg.response_field)
+            for q, entry in zip(questions, items):
+                entry["id"] = q.key
+            write_bytes(Path(job.parts_dir) / shard_name(s), st_save(tensors, metadata={"format": FORMAT}))
+            writer.write([{"shard": s, "file": shard_name(s), "items": items}])
+            bar.update(len(questions))
+
+
+def validate_inputs(questions: list[Question], tokenizer, lang: str, top_k: int, response_field: str | None,
+                    source: str) -> None:
+    """Everything that can be wrong with the inputs, checked before any work (InputError)."""
+    vocab = len(tokenizer)
+    if not 1 <= top_k < vocab:
+        raise InputError(None, f"--top_k must be between 1 and the vocabulary size - 1 ({vocab - 1}), got {top_k}")
+    for q in questions:
+        training_sequence(tokenizer, q, lang, response_field, source)  # letters are single tokens, field is text
+    if response_field and not any(q.extra.get(response_field) for q in questions):
+        log.warning('no item has a non-empty "%s" field: only option-level logits will be stored', response_field)
+
+
+def run(cfg: LogitsConfig) -> dict | None:
+    """Compute (or finish) the store; returns its summary (the teacher's accuracy), None when done before."""
+    from .models import load_tokenizer, usable_gpu_ids
+    from .prompts import language_of
+    from .workers import run_workers
+
+    record = DoneRecord(cfg)
+    if record.is_done():
+        return None
+    gpus = usable_gpu_ids(cfg.gpu_ids)
+    questions = load_questions(cfg.dataset_path)
+    tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
+    resolved = replace(cfg, lang=language_of(questions, cfg.lang))
+    validate_inputs(questions, tokenizer, resolved.lang, cfg.top_k, cfg.response_field, cfg.dataset_path)
+    record.start()
+
+    output_dir = Path(cfg.output_dir)
+    part_log = PartLog(output_dir, record.fingerprint, key_field="shard")
+    part_log.open()
+    job = LogitsJob(cfg=resolved, parts_dir=str(part_log.dir), questions=[q.to_dict() for q in questions],
+                    shards=plan_shards(len(questions), cfg.shard_size))
+
+    def done_shards() -> dict[int, dict]:
+        """Shards whose file and part-log record both exist (a kill between the two redoes the shard)."""
+        return {int(k): v for k, v in part_log.done().items() if (part_log.dir / v["file"]).is_file()}
+
+    todo = [s for s in range(len(job.shards)) if s not in done_shards()]
+    if len(todo) < len(job.shards):
+        log.info("resuming: %d of %d shards already done", len(job.shards) - len(todo), len(job.shards))
+    run_workers(logits_worker, todo, gpus, part_log, job)
+    done = done_shards()
+    missing = [s for s in range(len(job.shards)) if s not in done]
+    if missing:
+        raise RuntimeError(f"shards {missing} were not written; run the same command again")
+    header = {"teacher_model": cfg.model_path, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+              "vocab_size": len(tokenizer), "lang": resolved.lang, "top_k": cfg.top_k,
+              "response_field": cfg.response_field}
+    index = assemble(output_dir, part_log.dir, [done[s] for s in range(len(job.shards))], header)
+    record.write()
+    part_log.remove()
+    summary = index["summary"]
+    log.info("teacher accuracy %.3f (%d/%d) on %s; %d shard(s) in %s", summary["accuracy"], summary["correct"],
+             summary["n"], cfg.dataset_path, summary["shards"], cfg.output_dir)
+    return summary
