@@ -1,4 +1,4 @@
-"""How many questions the teacher writes for each leaf ability (DESIGN §8).
+"""How many questions the teacher writes for each leaf ability (ARCHITECTURE.md §7).
 
 A leaf's share is proportional to its weakness sharpened by a temperature,
 `weakness ** (1 / temperature)` (temperature 1: plain proportional; below 1: more to the weakest;

@@ -116,10 +116,6 @@ class StageConfig:
         return out / f"{out.name}.done.json"
 
 
-def help_of(cls, name: str) -> str:
-    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
-
-
 # --------------------------------------------------------------------------- types
 
 def _hints(cls) -> dict[str, Any]:

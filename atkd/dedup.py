@@ -1,4 +1,4 @@
-"""Near-duplicate detection for generated questions (DESIGN §10).
+"""Near-duplicate detection for generated questions (ARCHITECTURE.md §9).
 
 Two questions are near-duplicates when BOTH their stems and their option sets are similar: the
 Jaccard similarity of the stems' features reaches the threshold and so does that of the options'.

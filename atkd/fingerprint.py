@@ -130,6 +130,20 @@ def changed_keys(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
+def _is_signature(value) -> bool:
+    return value == MISSING_PATH or (isinstance(value, str) and len(value) == 64
+                                     and all(c in "0123456789abcdef" for c in value))
+
+
+def describe_changes(old: dict, new: dict) -> str:
+    """'num_samples 60 -> 72, input_file (contents)': what differs between two fingerprints."""
+    parts = []
+    for k in changed_keys(old, new):
+        a, b = old.get(k), new.get(k)
+        parts.append(f"{k} (contents)" if _is_signature(a) or _is_signature(b) else f"{k} {a!r} -> {b!r}")
+    return ", ".join(parts)
+
+
 # --------------------------------------------------------------------------- done-records
 
 class DoneRecord:
@@ -151,9 +165,9 @@ class DoneRecord:
         old = self.read()
         if old is None:
             return "new", "not finished before"
-        changed = changed_keys(old.get("fingerprint", {}), self.fingerprint)
+        changed = describe_changes(old.get("fingerprint", {}), self.fingerprint)
         if changed:
-            return "changed", "changed since the last run: " + ", ".join(changed)
+            return "changed", "changed since the last run: " + changed
         missing = [str(p) for p in self.cfg.outputs() if not p.exists()]
         if missing:
             return "new", "outputs missing: " + ", ".join(missing)
@@ -172,14 +186,18 @@ class DoneRecord:
         self.path.unlink(missing_ok=True)
 
     def write(self, **extra) -> None:
-        import torch
-        import transformers
-
         write_json(self.path, {
             "fingerprint": self.fingerprint,
             "argv": [sys.argv[0], *to_argv(self.cfg)],
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__},
+            "versions": versions(),
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             **extra,
         })
+
+
+def versions() -> dict:
+    """The versions a result was computed with (recorded, not fingerprinted: an upgrade keeps finished work)."""
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}

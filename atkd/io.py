@@ -1,7 +1,7 @@
 """File io: JSONL reading with file/line errors, atomic writes, and resumable part logs.
 
 Every output file is written to a temporary name in the same folder and renamed into place
-with `os.replace` only when complete, so a file that exists is complete (DESIGN §6).
+with `os.replace` only when complete, so a file that exists is complete (ARCHITECTURE.md §5).
 Long stages append finished records to a *part log* (`<output>.parts/`) as they go; a rerun
 reads it back, skips that work, and the final file is assembled in input order.
 """

@@ -1,4 +1,4 @@
-"""The option-letter rule (DESIGN §8): which token is "the answer", and reading a letter from text.
+"""The option-letter rule (ARCHITECTURE.md §7): which token is "the answer", and reading a letter from text.
 
 The answer token for letter X is the first token of a reply that is X, derived per tokenizer by
 encoding a probe prompt with and without the reply, and checked to decode to X. Scoring, teacher

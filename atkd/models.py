@@ -1,4 +1,4 @@
-"""Loading models and tokenizers the same way in every stage (DESIGN §7).
+"""Loading models and tokenizers the same way in every stage (ARCHITECTURE.md §6).
 
 bf16 on GPU and fp32 on CPU unless told otherwise; safetensors only (never pickle);
 `trust_remote_code` off unless asked; tokenizers pad on the left (batched generation and
@@ -19,19 +19,6 @@ from .errors import InputError
 log = logging.getLogger(__name__)
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def parse_gpu_ids(text: str | None) -> list[int]:
-    """`"0,1,2"` -> [0, 1, 2]; empty, None or "cpu" -> [] (run on the CPU)."""
-    if text is None or str(text).strip().lower() in ("", "cpu", "none"):
-        return []
-    try:
-        ids = [int(p) for p in str(text).replace(" ", "").split(",") if p != ""]
-    except ValueError:
-        raise InputError(None, f"--gpu_ids must be comma-separated integers like 0,1 (got {text!r})") from None
-    if len(set(ids)) != len(ids):
-        raise InputError(None, f"--gpu_ids lists a GPU twice ({text!r})")
-    return ids
 
 
 def usable_gpu_ids(gpu_ids: list[int]) -> list[int]:

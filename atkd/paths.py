@@ -1,4 +1,4 @@
-"""Every file and folder name the pipeline hands between stages, decided here once (DESIGN §3).
+"""Every file and folder name the pipeline hands between stages, decided here once (ARCHITECTURE.md §2).
 
 main.py builds its commands from these, and a person running a stage by hand gets the same
 names: each stage derives its side files (summary, stats, plan, report, args) from its main

@@ -1,4 +1,4 @@
-"""Parsing a model-written question in the strict reply format (DESIGN §10).
+"""Parsing a model-written question in the strict reply format (ARCHITECTURE.md §9).
 
 The format is exactly what `prompts.question_block(q, lang, with_answer=True)` prints:
 

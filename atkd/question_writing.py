@@ -30,7 +30,7 @@ from typing import Callable
 
 from . import paths
 from .allocation import allocate
-from .cli import (INPUT, MODEL, OUTPUT, Check, StageConfig, above, api_key_env, at_least, between, dtype, gpu_ids,
+from .cli import (INPUT, MODEL, OUTPUT, Check, StageConfig, above, api_key_env, at_least, dtype, gpu_ids,
                   lang, setting, trust_remote_code)
 from .dedup import DEFAULT_THRESHOLD, NearDupIndex, features
 from .errors import InputError

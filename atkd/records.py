@@ -1,4 +1,4 @@
-"""Record schemas and their validation: questions, ability paths, replies (DESIGN §4).
+"""Record schemas and their validation: questions, ability paths, replies (ARCHITECTURE.md §3).
 
 A question is `{"id", "question", "options": {"A": ..., "B": ...}, "answer_idx", "meta_info"}`
 plus any extra fields, which are kept. Ids may be int or str; they are compared as strings.

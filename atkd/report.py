@@ -1,4 +1,4 @@
-"""The run's report: accuracy per iteration and per ability, before and after (DESIGN §3).
+"""The run's report: accuracy per iteration and per ability, before and after (ARCHITECTURE.md §2).
 
 Built only from files the stages wrote (scored trees, JSONL outputs), so it can be rebuilt at any
 time; main.py rewrites it after every iteration as `report.md` and `report.json`.

@@ -1,4 +1,4 @@
-"""MCQ scoring from the option-letter logits at the answer position (DESIGN §7, §8).
+"""MCQ scoring from the option-letter logits at the answer position (ARCHITECTURE.md §6, §7).
 
 One forward pass per left-padded batch; the model's head runs on the last position only
 (`logits_to_keep=1`), so a batch costs B x V logits, not B x L x V. The probabilities are over the

@@ -71,8 +71,10 @@ def run_step(step: Step, dry_run: bool = False) -> str:
         code = stream([sys.executable, *step.argv, *step.precheck_flags], step.log_path, step.env)
         if code != 0:
             raise StepFailed(step, code)
-    print(f"[{'rerun' if state == 'changed' else 'run'}] {step.name}: {why}\n  $ {env + ' ' if env else ''}{cmd}",
-          flush=True)
+    label = "rerun" if state == "changed" else "resume" if has_partial_work(step.cfg) else "run"
+    if label == "resume":
+        why = "continuing the work an earlier run left"
+    print(f"[{label}] {step.name}: {why}\n  $ {env + ' ' if env else ''}{cmd}", flush=True)
     code = stream(step.command, step.log_path, step.env)
     if code != 0:
         raise StepFailed(step, code)
@@ -80,6 +82,14 @@ def run_step(step: Step, dry_run: bool = False) -> str:
     if after != "done":
         raise StepFailed(step, -1, f" (it exited 0 but is not done: {why})")
     return state
+
+
+def has_partial_work(cfg: StageConfig) -> bool:
+    """Part logs or checkpoints of an unfinished run beside the stage's record (the stage decides
+    whether they are resumed: only when they were made with the same fingerprint)."""
+    folder = cfg.record_path().parent
+    return (folder.with_name(folder.name + ".parts").is_dir() or any(folder.glob("*.parts"))
+            or any(folder.glob("checkpoint-*")))
 
 
 def stream(command: list[str], log_path: Path | None, env: dict[str, str]) -> int:

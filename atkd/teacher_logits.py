@@ -26,7 +26,7 @@ from .cli import INPUT, MODEL, OUTPUT, StageConfig, at_least, dtype, gpu_ids, la
 from .errors import InputError
 from .fingerprint import DoneRecord
 from .head import HeadAtPositions
-from .io import PartLog, read_json, write_bytes
+from .io import PartLog, write_bytes
 from .logits_store import FORMAT, assemble, pack, shard_name
 from .paths import logits_index, logits_summary
 from .records import MAX_OPTIONS, Question, load_questions, question_from_dict

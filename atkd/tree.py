@@ -1,4 +1,4 @@
-"""The ability tree: load, match ability paths, list leaves, save (DESIGN §4).
+"""The ability tree: load, match ability paths, list leaves, save (ARCHITECTURE.md §3).
 
 Initial trees are nested JSON objects whose keys are ability names and whose leaves are `0`,
 `null` or `{}` (any non-object value is a leaf; a list of strings is a list of leaves). The file

@@ -19,7 +19,7 @@ names of the node itself and its ancestors.
 
 A node that gets fewer names than asked is asked again, at most `max_retries` times, and new
 names are added to what it has; after that it keeps what there is and the shortfall is logged.
-Model output that cannot be parsed is data, not an error (DESIGN §11); only a tree with no
+Model output that cannot be parsed is data, not an error (ARCHITECTURE.md §10); only a tree with no
 level-1 ability at all is a failure (`TreeBuildError`).
 """
 

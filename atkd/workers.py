@@ -1,4 +1,4 @@
-"""One worker per GPU over a shared task list, with per-worker part logs (DESIGN §6, §7).
+"""One worker per GPU over a shared task list, with per-worker part logs (ARCHITECTURE.md §5, §6).
 
 `run_workers(fn, tasks, gpu_ids, part_log, payload)` calls `fn(rank, gpu_id, tasks, writer, payload)`
 in this process when there is at most one GPU (or none: the CPU), and in one spawned process per

@@ -1,7 +1,7 @@
 """Batched generation (one left-padded generate call for 16 prompts) against one prompt at a time.
 
-    python bench/generation.py                                   # ~11M-parameter Llama on the CPU
-    python bench/generation.py --device cuda --model_size 0.5b   # Qwen2.5-0.5B-shaped model on a GPU
+    python -m bench.generation                                   # ~11M-parameter Llama on the CPU
+    python -m bench.generation --device cuda --model_size 0.5b   # Qwen2.5-0.5B-shaped model on a GPU
 
 This is why generate_distill_data.py and the generate-mode agents take --batch_size: the same
 model, the same prompts (question-writing length, 160-320 tokens), the same sampling settings as
@@ -17,17 +17,15 @@ import argparse
 import json
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent  # run from the repository root: python -m bench.<name>
 
-from atkd.batching import left_pad  # noqa: E402
-from atkd.models import DTYPES  # noqa: E402
+from atkd.batching import left_pad
+from atkd.models import DTYPES
 
 SIZES = {
     # ~11M parameters: an 8k vocabulary and 8 layers of width 256.

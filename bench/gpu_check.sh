@@ -28,9 +28,9 @@ part() {  # part NAME COMMAND...: run, log, count failures
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
-part scoring python bench/scoring.py --device cuda --model_size 0.5b --batch_size 64 --n_items 256
-part generation python bench/generation.py --device cuda --model_size 0.5b
-part train_memory python bench/train_memory.py --device cuda --vocab 151936 --prompt_len 1024 --batch_size 4 \
+part scoring python -m bench.scoring --device cuda --model_size 0.5b --batch_size 64 --n_items 256
+part generation python -m bench.generation --device cuda --model_size 0.5b
+part train_memory python -m bench.train_memory --device cuda --vocab 151936 --prompt_len 1024 --batch_size 4 \
     --hidden 896 --layers 24 --repeats 1
 part demo_gpu python main.py --gpus_to_use 0 --num_iterations 1 \
     --dataset_files_per_iteration data/demo/iteration_1.jsonl \

@@ -1,9 +1,9 @@
 """Score-mode throughput of inference.py against the reference's per-item `generate`, in one run.
 
-    python bench/scoring.py --device cpu --model_size 11m
+    python -m bench.scoring --device cpu --model_size 11m
 
 Both sides answer the same questions with the same randomly initialised Qwen2-style model:
-- ours: `atkd.inference.plan_batches` + `answer_batches` in score mode, exactly what inference.py's
+- ours: `atkd.answering.plan_batches` + `answer_local` in score mode, exactly what inference.py's
   workers run (length-sorted left-padded batches, one forward pass each, logits at the last
   position only);
 - the reference's approach: one `model.generate` per item of the letter prompt, 8 new tokens,
@@ -25,17 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent  # run from the repository root: python -m bench.<name>
 
-import torch  # noqa: E402
+import torch
 
-from atkd.inference import InferenceConfig, answer_batches, plan_batches  # noqa: E402
-from atkd.letters import extract_letter  # noqa: E402
-from atkd.models import resolve_dtype  # noqa: E402
-from atkd.prompts import answer_line, encode_prompt, mcq_prompt, mcq_user_text  # noqa: E402
-from atkd.records import Question  # noqa: E402
-from atkd.tiny import train_tokenizer  # noqa: E402
+from atkd.answering import Answerer, answer_local, plan_batches
+from atkd.letters import extract_letter
+from atkd.models import resolve_dtype
+from atkd.prompts import answer_line, encode_prompt, mcq_prompt, mcq_user_text
+from atkd.records import Question
+from atkd.tiny import train_tokenizer
 
 RESULTS = ROOT / "bench" / "results" / "scoring.json"
 REFERENCE_NEW_TOKENS = 8  # what the reference generates per item to read one letter
@@ -135,10 +134,10 @@ def sync(device: torch.device) -> None:
 
 def run_ours(model, tokenizer, questions: list[Question], batch_size: int) -> list[dict]:
     """inference.py's score mode: plan the batches, one forward pass per batch."""
-    cfg = InferenceConfig(model_path="<in memory>", mode="score", lang="en", batch_size=batch_size)
+    who = Answerer(model_path="<in memory>", mode="score", lang="en")
     replies: list[dict] = []
-    answer_batches(model, tokenizer, questions, plan_batches(tokenizer, questions, "en", "score", batch_size), cfg,
-                   replies.extend)
+    for batch in plan_batches(who, questions, batch_size, tokenizer):
+        replies += answer_local(model, tokenizer, [questions[i] for i in batch], who)
     return replies
 
 

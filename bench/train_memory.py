@@ -1,7 +1,7 @@
 """Peak memory of one distillation training step: head at response positions vs full-sequence logits.
 
-    python bench/train_memory.py                      # CPU: peak RSS increase of the step
-    python bench/train_memory.py --device cuda        # GPU: torch.cuda.max_memory_allocated increase
+    python -m bench.train_memory                      # CPU: peak RSS increase of the step
+    python -m bench.train_memory --device cuda        # GPU: torch.cuda.max_memory_allocated increase
 
 One forward + backward of a randomly initialised Llama-style student with a 32k vocabulary on
 `--batch_size` sequences of a 512-token prompt and a 32-token response, four ways, each in a fresh
@@ -38,8 +38,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent  # run from the repository root: python -m bench.<name>
 
 VARIANTS = ("ce_only", "kd", "naive_kd", "full_sliced", "hf_ce")
 GIB = 1024 ** 3
@@ -214,11 +213,11 @@ def main(argv=None) -> int:
         return 0
     samples: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     passthrough = list(argv if argv is not None else sys.argv[1:])
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     for _ in range(max(1, args.repeats)):
         for variant in VARIANTS:  # round-robin, so a drifting machine affects every variant alike
-            res = subprocess.run([sys.executable, __file__, *passthrough, "--variant", variant], capture_output=True,
-                                 text=True, env=env)
+            res = subprocess.run([sys.executable, "-m", "bench.train_memory", *passthrough, "--variant", variant],
+                                 capture_output=True, text=True, env=env, cwd=ROOT)
             if res.returncode != 0:
                 print(res.stderr[-3000:], file=sys.stderr)
                 return 1

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from atkd.io import write_jsonl
+from atkd.prompts import mcq_prompt, question_block
+from atkd.records import question_from_dict
+from atkd.tiny import build_model, save_model, train_tokenizer
 
-from atkd.io import write_jsonl  # noqa: E402
-from atkd.prompts import mcq_prompt, question_block  # noqa: E402
-from atkd.records import question_from_dict  # noqa: E402
-from atkd.tiny import build_model, save_model, train_tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 WORDS = ("heart lung liver kidney aspirin insulin metoprolol amoxicillin femur tibia nerve muscle virus "
          "bacteria fungus enzyme protein vein artery cell blood bone skin brain").split()
@@ -79,6 +78,7 @@ def mcq_file(tmp_path, questions) -> Path:
 
 def run_script(script: str, *args, env: dict | None = None, timeout: float = 600, cwd: Path = ROOT):
     """Run a stage script of the repo as a user would; returns the CompletedProcess."""
+    # PYTHONPATH: the scripts import `atkd` from this checkout even where it is not pip-installed.
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     full_env.update(env or {})
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,

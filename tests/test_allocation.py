@@ -1,4 +1,4 @@
-"""Allocation of samples over leaves (DESIGN §8) and the reference's defect 1."""
+"""Allocation of samples over leaves (ARCHITECTURE.md §7), against the reference implementation's rule."""
 
 import random
 
@@ -14,12 +14,14 @@ def reference_allocation(scores: list[float], total: int) -> list[int]:
     return [int(total * w / sum(weights)) for w in weights]
 
 
-def test_defect_1_weakest_leaf_does_not_take_nearly_everything():
+def test_weakest_leaf_does_not_take_nearly_everything():
+    """Samples are shared in proportion to weakness: a leaf nearly as weak as the weakest gets nearly as much
+    (the reference weighted by 1 / (score - min), so the weakest leaf took almost the whole budget)."""
     accuracy = [0.50, 0.52, 0.60, 0.75, 0.90]  # five leaves, two of them about equally weak
     weakness = [1 - a for a in accuracy]
     total = 1000
     ref = reference_allocation(accuracy, total)
-    assert ref[0] >= 0.99 * total  # the defect, reproduced: leaf 0 takes ~everything, leaf 1 ~nothing
+    assert ref[0] >= 0.99 * total  # the reference's rule, reproduced: leaf 0 takes ~everything, leaf 1 ~nothing
     ours = allocate(weakness, [10] * 5, total).targets
     assert sum(ours) == total
     # Proportional to weakness: 0.50 / 1.73 of the total to the weakest, and the nearly-as-weak

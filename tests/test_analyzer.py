@@ -132,7 +132,11 @@ def test_numbers_equal_hand_computed(tmp_path, run):
     resp_node = tree.node(("Med", "Internal", "Resp"))
     assert (resp_node.stats["n"], resp_node.stats["correct"]) == (2, 0)
     assert resp_node.stats["smoothed_accuracy"] == pytest.approx(0.2375)
-    assert (tmp_path / "out" / "tree.args.json").is_file()
+    # The done-record beside the outputs holds the command line and the fingerprint of the run.
+    record = json.loads((tmp_path / "out" / "tree.done.json").read_text(encoding="utf-8"))
+    assert record["argv"][record["argv"].index("--prior_strength") + 1] == "2.0"
+    assert record["fingerprint"]["prior_strength"] == 2.0 and record["fingerprint"]["stage"] == "AnalyzerConfig"
+    assert not list((tmp_path / "out").glob("*.args.json"))
 
 
 def test_default_prior_and_flat_tree_root_inferred(tmp_path, run):

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from atkd.tree import load_tree
-from atkd.tree_builder import TreeBuildError, build_tree, parse_names, usable_names
+from atkd.tree_building import TreeBuildError, build_tree, parse_names, usable_names
 
 STYLES = {
     "numbered dot, with chatter, bold and explanations": (
@@ -116,14 +116,16 @@ def test_end_to_end_on_a_tiny_local_model(tmp_path, run, llama_dir):
         names = [c.name.casefold() for c in node.children]
         assert len(set(names)) == len(names)
     assert all(len(c.path) == 3 and not c.children for n in level1 for c in n.children)
-    args = json.loads((tmp_path / "trees" / "t.args.json").read_text(encoding="utf-8"))
-    assert args["args"]["nodes_per_level"] == "3,2"
+    record = json.loads((tmp_path / "trees" / "t.done.json").read_text(encoding="utf-8"))
+    argv = record["argv"]
+    assert argv[argv.index("--nodes_per_level") + 1] == "3,2" and record["fingerprint"]["nodes_per_level"] == [3, 2]
 
 
 @pytest.mark.parametrize("flags, problem", [
     (["--model_path", "/nonexistent/model"], "/nonexistent/model: model folder not found"),
     (["--nodes_per_level", "6,0"], "--nodes_per_level"),
     (["--api_base", "http://127.0.0.1:9/v1"], "--api_model"),
+    (["--gpu_ids", "0,0"], "--gpu_ids must be distinct non-negative ids"),  # was --gpu_id N
 ])
 def test_bad_settings_exit_2_without_output(tmp_path, run, flags, problem):
     res = run("create_initial_tree.py", *flags, "--output_dir", tmp_path / "out")

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from atkd import demo
+import demo_recipe as demo  # data/demo_recipe.py (pytest puts data/ on the path: pyproject.toml)
 from atkd.models import load_model, load_tokenizer
 from atkd.records import load_ability_paths, load_questions
 from atkd.tree import load_tree
@@ -71,7 +71,7 @@ def test_generator_is_deterministic_and_seeded():
     other = demo.demo_data(demo.DataConfig(seed=1))
     assert other[demo.EVAL_FILE] != a[demo.EVAL_FILE]
     # The evaluation set is held out from the seed pools (no item repeats across files).
-    keys = [demo.option_key(q) for name in (demo.EVAL_FILE, "iteration_1.jsonl", "iteration_2.jsonl") for q in a[name]]
+    keys = [demo.option_set(q) for name in (demo.EVAL_FILE, "iteration_1.jsonl", "iteration_2.jsonl") for q in a[name]]
     assert len(keys) == len(set(keys))
 
 

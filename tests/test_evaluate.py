@@ -1,4 +1,4 @@
-"""evaluate_distilled_data.py and atkd.validation: two agents, verdicts, report, resume, bad input."""
+"""evaluate_distilled_data.py and atkd.cross_check: two agents, verdicts, report, resume, bad input."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from atkd.answering import Answerer
+from atkd.cross_check import same_model, verdict
 from atkd.io import parts_dir_for, write_jsonl
 from atkd.models import load_model, load_tokenizer
 from atkd.paths import agent_answers_path, rejected_path, report_path
 from atkd.records import question_from_dict
 from atkd.scoring import score_questions
-from atkd.validation import AgentConfig, same_model, verdict
 from conftest import make_questions, run_script
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # see tests/test_generate_distill.py
@@ -69,8 +70,8 @@ def two_agents(tmp_path_factory, llama_dir, qwen_plain_dir):
     return folder / "gen.jsonl", out, res.stderr
 
 
-def test_defect_3_two_agents_are_two_models_and_both_are_reported(two_agents, llama_dir, qwen_plain_dir):
-    """The reference ran the teacher twice and called it two agents."""
+def test_two_agents_are_two_models_and_both_are_reported(two_agents, llama_dir, qwen_plain_dir):
+    """Each agent's answers are its own model's (the reference ran the teacher twice and called it two agents)."""
     rows = generated()
     _, out, stderr = two_agents
     assert "same model" not in stderr
@@ -125,13 +126,23 @@ def test_same_model_twice_is_flagged_and_min_confidence_applies(tmp_path, run, l
     assert low == {r["id"] for r in rows if mine[r["id"]][0] == r["answer_idx"]} - want and low
 
 
-def test_same_model_detection():
-    a = AgentConfig(1, model_path="models/x")
-    assert same_model(a, AgentConfig(2, model_path="models/./x"))
-    assert not same_model(AgentConfig(1, api_base="http://h/v1", api_model="m"),
-                          AgentConfig(2, api_base="http://h/v1/", api_model="n"))
-    assert same_model(AgentConfig(1, api_base="http://h/v1", api_model="m"),
-                      AgentConfig(2, api_base="http://h/v1/", api_model="m"))
+def test_same_model_detection(tmp_path, llama_dir, qwen_plain_dir):
+    a = Answerer(model_path=str(llama_dir))
+    assert same_model(a, Answerer(model_path=f"{llama_dir.parent}/./{llama_dir.name}"))
+    copy = tmp_path / "copy"  # the same contents in another folder: one model
+    shutil.copytree(llama_dir, copy)
+    assert same_model(a, Answerer(model_path=str(copy)))
+    assert not same_model(a, Answerer(model_path=str(qwen_plain_dir)))
+    retrained = tmp_path / "retrained"  # same names and sizes, other weights: another model
+    shutil.copytree(llama_dir, retrained)
+    weights = bytearray((retrained / "model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (retrained / "model.safetensors").write_bytes(bytes(weights))
+    assert not same_model(a, Answerer(model_path=str(retrained)))
+    assert not same_model(Answerer(api_base="http://h/v1", api_model="m"),
+                          Answerer(api_base="http://h/v1/", api_model="n"))
+    assert same_model(Answerer(api_base="http://h/v1", api_model="m"),
+                      Answerer(api_base="http://h/v1/", api_model="m"))
 
 
 def test_second_agent_crash_keeps_the_first_agents_answers(tmp_path, run, two_agents, llama_dir, qwen_plain_dir):
@@ -197,8 +208,8 @@ class _AgentHandler(BaseHTTPRequestHandler):
         pass
 
 
-def test_defect_4_generate_mode_never_reads_a_capital_inside_a_word(tmp_path, run):
-    """The reference took any capital letter anywhere in the reply as the answer."""
+def test_generate_mode_never_reads_a_capital_inside_a_word(tmp_path, run):
+    """Only a committed letter counts (the reference took any capital letter anywhere in the reply as the answer)."""
     opts = {"A": "aspirin", "B": "heparin", "C": "digoxin", "D": "insulin"}
     rows = [{"id": "t", "question": "TRAP: which drug?", "options": opts, "answer_idx": "A", "ability_path": ["Med"]},
             {"id": "o", "question": "OK: which drug?", "options": opts, "answer_idx": "C", "ability_path": ["Med"]},
@@ -242,7 +253,7 @@ def test_generate_mode_with_local_tiny_models(tmp_path, run, llama_dir, qwen_pla
 @pytest.mark.parametrize("extra,problem", [
     (["--mode", "generate", "--min_confidence", "0.5"], "--min_confidence needs --mode score"),
     (["--agent_1_api_base", "http://127.0.0.1:9/v1", "--agent_1_api_model", "m"], "needs --mode generate"),
-    (["--min_confidence", "1.5"], "--min_confidence must be in [0, 1]"),
+    (["--min_confidence", "1.5"], "error: --min_confidence must be between 0.0 and 1.0 (got 1.5)"),
 ])
 def test_bad_settings_exit_2_without_output(tmp_path, run, llama_dir, extra, problem):
     write_jsonl(tmp_path / "gen.jsonl", generated(4))

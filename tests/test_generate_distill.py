@@ -1,4 +1,4 @@
-"""generate_distill_data.py and atkd.distill: tasks, acceptance, retries, plan, resume, bad input."""
+"""generate_distill_data.py and atkd.question_writing: tasks, acceptance, retries, plan, resume, bad input."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from atkd import distill
+from atkd import question_writing as qw
 from atkd.allocation import allocate
 from atkd.io import PartLog, parts_dir_for, write_jsonl
 from atkd.paths import plan_path
@@ -56,9 +56,17 @@ def inputs(tmp_path):
     return tmp_path
 
 
-def leaves_of(folder: Path, tree_name: str = "tree.json") -> tuple[list[distill.Leaf], list]:
+def config(folder: Path, **settings) -> qw.QuestionWritingConfig:
+    """The stage's settings on the `inputs` folder, with the language and the domain resolved (as `run` does)."""
+    base = dict(teacher_model_path="teacher-x", ability_tree_path=str(folder / "tree.json"),
+                full_dataset_path=str(folder / "data.jsonl"), ability_class_path=str(folder / "paths.jsonl"),
+                output_path=str(folder / "C" / "generated.jsonl"), lang="en", domain="Med")
+    return qw.QuestionWritingConfig(**{**base, **settings})
+
+
+def leaves_of(folder: Path, tree_name: str = "tree.json") -> tuple[list[qw.LeafSeeds], list]:
     dataset = load_questions(folder / "data.jsonl")
-    return distill.leaves_with_seeds(load_tree(folder / tree_name), dataset, folder / "paths.jsonl"), dataset
+    return qw.leaves_with_seeds(load_tree(folder / tree_name), dataset, folder / "paths.jsonl"), dataset
 
 
 def test_seed_pools_and_weakness_from_a_scored_or_plain_tree(inputs):
@@ -75,31 +83,34 @@ TASK_LIST_SCRIPT = r"""
 import json, random, sys
 random.seed(int(sys.argv[2]))  # a different global RNG state in each "worker"
 for _ in range(int(sys.argv[2])): random.random()
-sys.path.insert(0, sys.argv[3])
 from pathlib import Path
-from atkd import distill
+from atkd import question_writing as qw
 from atkd.records import load_questions
 from atkd.tree import load_tree
 folder = Path(sys.argv[1])
 dataset = load_questions(folder / "data.jsonl")
-leaves = distill.leaves_with_seeds(load_tree(folder / "tree.json"), dataset, folder / "paths.jsonl")
-cfg = distill.DistillConfig(seed=int(sys.argv[4]), seeds_per_prompt=3, lang="en", domain="Med")
-tasks = distill.make_tasks(leaves, {0: 6, 1: 4, 2: 3}, {0: 2}, 1, cfg)
-batches = distill.make_batches(tasks, 4, cfg.seed, 1)
+leaves = qw.leaves_with_seeds(load_tree(folder / "tree.json"), dataset, folder / "paths.jsonl")
+cfg = qw.QuestionWritingConfig(teacher_model_path="t", ability_tree_path=str(folder / "tree.json"),
+                               full_dataset_path=str(folder / "data.jsonl"),
+                               ability_class_path=str(folder / "paths.jsonl"), output_path=str(folder / "g.jsonl"),
+                               seed=int(sys.argv[3]), seeds_per_prompt=3, lang="en", domain="Med")
+tasks = qw.make_tasks(leaves, {0: 6, 1: 4, 2: 3}, {0: 2}, 1, cfg)
+batches = qw.make_batches(tasks, 4, cfg.seed, 1)
 print(json.dumps([[b.seed, [[t.id, t.seed_ids, t.user_text] for t in b.tasks]] for b in batches]))
 """
 
 
 def task_list_in_fresh_process(folder: Path, rng_state: int, hash_seed: str, seed: int = 0) -> list:
-    env = dict(os.environ, PYTHONHASHSEED=hash_seed)
-    out = subprocess.run([sys.executable, "-c", TASK_LIST_SCRIPT, str(folder), str(rng_state), str(ROOT), str(seed)],
-                         capture_output=True, text=True, env=env, timeout=120)
+    env = dict(os.environ, PYTHONHASHSEED=hash_seed, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", TASK_LIST_SCRIPT, str(folder), str(rng_state), str(seed)],
+                         capture_output=True, text=True, env=env, timeout=120, cwd=folder)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
 
-def test_defect_2_every_worker_builds_the_same_task_list(inputs):
-    """The reference drew seeds with an unseeded RNG before seeding, so GPU workers disagreed."""
+def test_every_worker_builds_the_same_task_list(inputs):
+    """Every process and rerun draws the same tasks and batch seeds, whatever its global RNG and hash seed
+    (the reference drew seeds with an unseeded RNG before seeding, so its GPU workers disagreed)."""
     first = task_list_in_fresh_process(inputs, rng_state=1, hash_seed="1")
     second = task_list_in_fresh_process(inputs, rng_state=977, hash_seed="4242")
     assert first == second
@@ -139,7 +150,7 @@ class ScriptedTeacher:
         self.by_slot: dict[tuple[int, int], str] = {}
         self.calls: list[tuple[int, int]] = []
 
-    def reply(self, task: distill.Task) -> str:
+    def reply(self, task: qw.Task) -> str:
         rng = random.Random(task.id)
         kind = task.slot % 5
         if kind == 1:
@@ -150,7 +161,7 @@ class ScriptedTeacher:
             return self.by_slot[(task.leaf, task.slot - 3)]
         return fresh_question(rng)
 
-    def __call__(self, round_: int, batches: list[distill.Batch]) -> dict[str, str]:
+    def __call__(self, round_: int, batches: list[qw.Batch]) -> dict[str, str]:
         self.calls.append((round_, sum(len(b.tasks) for b in batches)))
         for t in sorted((t for b in batches for t in b.tasks), key=lambda t: t.slot):
             self.by_task[t.id] = self.by_slot[(t.leaf, t.slot)] = self.reply(t)
@@ -161,17 +172,16 @@ def test_accept_path_dedup_shuffle_ids_and_retries(inputs):
     leaves, dataset = leaves_of(inputs)
     targets = allocate([x.weakness for x in leaves], [len(x.seeds) for x in leaves], 40).targets
     assert targets[3] == 0 and sum(targets) == 40
-    cfg = distill.DistillConfig(seed=3, max_retries=4, id_prefix="it2", teacher="teacher-x", lang="en",
-                                domain="Med", batch_size=4)
+    cfg = config(inputs, seed=3, max_retries=4, id_prefix="it2", teacher_model_path="teacher-x", batch_size=4)
     teacher = ScriptedTeacher()
-    acc, rounds = distill.run_rounds(leaves, targets, cfg, dataset, teacher)
+    acc, rounds = qw.run_rounds(leaves, targets, cfg, dataset, teacher)
     records = acc.all_records()
 
     # Only 2 of 5 replies are new questions, so retries were needed, and they filled every leaf.
     assert rounds > 1 and teacher.calls[0] == (0, 40)
     assert [acc.tally[x.index].accepted for x in leaves] == targets
     assert len(records) == 40 and len({r["id"] for r in records}) == 40
-    plan = distill.plan_report(leaves, targets, acc, 40, rounds, {})
+    plan = qw.plan_report(leaves, targets, acc, 40, rounds, {})
     assert plan["achieved"] == 40 and plan["shortfall"] == 0
     assert {"near_duplicate_seed", "near_duplicate_generated", "no_question"} <= set(plan["rejected"])
     assert plan["attempts"] == sum(plan["rejected"].values()) + plan["achieved"] + plan["surplus"]
@@ -189,23 +199,23 @@ def test_accept_path_dedup_shuffle_ids_and_retries(inputs):
     positions = Counter(r["answer_idx"] for r in records)
     assert set(positions) == set("ABCD") and max(positions.values()) <= 20  # no position bias
 
-    again, _ = distill.run_rounds(leaves, targets, cfg, dataset, ScriptedTeacher())
+    again, _ = qw.run_rounds(leaves, targets, cfg, dataset, ScriptedTeacher())
     assert again.all_records() == records  # deterministic from the seed
 
 
 def test_retries_are_bounded_and_the_shortfall_is_reported(inputs):
     leaves, dataset = leaves_of(inputs)
     targets = [3, 2, 1, 0]
-    cfg = distill.DistillConfig(seed=0, max_retries=2, lang="en", domain="Med")
+    cfg = config(inputs, seed=0, max_retries=2)
     calls = []
 
     def garbage(round_, batches):
         calls.append(sum(len(b.tasks) for b in batches))
         return {t.id: "Question: ?\nA. x\nB. x\nAnswer: A" for b in batches for t in b.tasks}
 
-    acc, rounds = distill.run_rounds(leaves, targets, cfg, dataset, garbage)
+    acc, rounds = qw.run_rounds(leaves, targets, cfg, dataset, garbage)
     assert rounds == 3 and calls == [6, 12, 12]  # a retry asks for at most 2x what is missing
-    plan = distill.plan_report(leaves, targets, acc, 6, rounds, {})
+    plan = qw.plan_report(leaves, targets, acc, 6, rounds, {})
     assert plan["achieved"] == 0 and plan["shortfall"] == 6 and plan["rejected"] == {"duplicate_options": 30}
     assert plan["leaves"][0]["note"] == "short by 3 after 3 round(s)"
 
@@ -213,21 +223,21 @@ def test_retries_are_bounded_and_the_shortfall_is_reported(inputs):
 def test_local_teacher_regenerates_a_batch_identically_on_its_own(inputs, llama_dir, tmp_path):
     """A resumed run regenerates only the unfinished batches: each must give what it gave in the full run."""
     leaves, _ = leaves_of(inputs)
-    cfg = distill.DistillConfig(seed=0, lang="en", domain="Med")
-    batches = distill.make_batches(distill.make_tasks(leaves, {0: 3, 1: 3}, {}, 0, cfg), 2, 0, 0)
-    teacher = distill.TeacherConfig(model_path=str(llama_dir), max_new_tokens=10, temperature=1.0, top_p=1.0)
+    cfg = config(inputs, teacher_model_path=str(llama_dir), seed=0, max_new_tokens=10, temperature=1.0, top_p=1.0)
+    batches = qw.make_batches(qw.make_tasks(leaves, {0: 3, 1: 3}, {}, 0, cfg), 2, 0, 0)
 
     def texts(batch_list, name):
         log = PartLog(tmp_path / name, {"t": 1})
         log.open()
-        distill.generate_worker(0, None, batch_list, log.writer(0), teacher)
+        teacher = qw.Teacher(cfg)  # a fresh teacher each time, as in a resumed run's new process
+        qw.write_worker(0, None, batch_list, log.writer(0), teacher)
+        teacher.release()
         return {k: v["text"] for k, v in log.done().items()}
 
     full = texts(batches, "full.jsonl")
     alone = texts(batches[2:], "last.jsonl")  # as after a kill during batch 2
     assert len(full) == 6 and alone == {k: full[k] for k in alone} and len(alone) == 2
     assert len(set(full.values())) == 6  # sampled, not constant: the equality above is not vacuous
-    distill.release_teacher()
 
 
 # ------------------------------------------------------------------ the CLI
@@ -252,7 +262,8 @@ def test_cli_tiny_random_teacher_reports_its_shortfall(inputs, llama_dir, run):
     targets = [row["target"] for row in plan["leaves"]]
     assert targets == [3, 2, 1, 0] and plan["leaves_without_seeds"] == [["Med", "Surgery", "Ortho"]]
     assert [row["seeds_available"] for row in plan["leaves"]] == [10, 10, 9, 0]
-    assert (out.parent / "generated.args.json").is_file() and not parts_dir_for(out).exists()
+    assert (out.parent / "generated.done.json").is_file() and not parts_dir_for(out).exists()
+    assert not (out.parent / "generated.args.json").exists()
 
 
 def test_cli_unknown_ability_path_is_bad_input(inputs, llama_dir, run):

@@ -21,7 +21,7 @@ from atkd.letters import extract_letter
 from atkd.models import load_model, load_tokenizer
 from atkd.prompts import encode_prompt, mcq_prompt
 from atkd.records import question_from_dict
-from conftest import ROOT, make_questions
+from conftest import ROOT, make_questions, run_script
 
 REPLY_KEYS = ["pred_letter", "option_probs", "letter_mass", "raw_reply", "correct", "mode"]
 # Tiny models run faster on one thread than on several fighting over CI's two cores.
@@ -67,7 +67,7 @@ def check_replies(inputs: list[dict], out: Path, mode: str, model_dir: Path) -> 
     assert (summary["n"], summary["correct"], summary["mode"], summary["lang"]) == (len(inputs), correct, mode, "en")
     assert summary["accuracy"] == pytest.approx(correct / len(inputs))
     assert summary["model_path"] == str(model_dir) and summary["items_per_s"] > 0
-    assert (out.parent / "replies.args.json").is_file()
+    assert (out.parent / "replies.done.json").is_file() and not (out.parent / "replies.args.json").exists()
     assert not parts_dir_for(out).exists()
     return replies, summary
 
@@ -146,39 +146,68 @@ def kill_after_first_batches(proc: subprocess.Popen, part: Path, timeout: float 
     proc.wait()
 
 
-def test_resume_after_sigkill_gives_identical_file(tmp_path, llama_dir, run):
-    n = 400
-    data = tmp_path / "data.jsonl"
-    write_jsonl(data, make_questions(n, seed=3))
-    args = ["--model_path", llama_dir, "--dataset_path", data]
+N_KILLED = 400
 
-    whole = tmp_path / "whole" / "replies.jsonl"
-    assert run("inference.py", *args, "--output_path", whole, "--batch_size", 2, env=ONE_THREAD).returncode == 0
 
-    out = tmp_path / "killed" / "replies.jsonl"
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory, llama_dir):
+    """An uninterrupted run and a run SIGKILLed mid-way (its parts copied aside), both with --batch_size 2."""
+    folder = tmp_path_factory.mktemp("killed_run")
+    data = folder / "data.jsonl"
+    write_jsonl(data, make_questions(N_KILLED, seed=3))
+    whole = folder / "whole" / "replies.jsonl"
+    res = run_script("inference.py", "--model_path", llama_dir, "--dataset_path", data, "--output_path", whole,
+                     "--batch_size", 2, env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr
+
+    out = folder / "killed" / "replies.jsonl"
     parts = parts_dir_for(out)
     proc = start_inference(llama_dir, data, out, batch_size=2)
     kill_after_first_batches(proc, parts / "part-000.jsonl")
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
     done_lines = (parts / "part-000.jsonl").read_text(encoding="utf-8").count("\n")
-    assert 0 < done_lines < n, "the kill must land mid-run"
+    assert 0 < done_lines < N_KILLED, "the kill must land mid-run"
+    shutil.copytree(parts, folder / "parts-copy")
+    return {"data": data, "whole": whole, "parts": folder / "parts-copy", "done_lines": done_lines}
 
-    # Other arguments (here the batch size, which changes the padding and so the numbers) never
-    # reuse the parts; keep a copy of them to resume from afterwards.
-    shutil.copytree(parts, tmp_path / "parts-copy")
-    other = run("inference.py", *args, "--output_path", out, "--batch_size", 3, env=ONE_THREAD)
-    assert other.returncode == 0 and "discarding partial work" in other.stderr and "resuming" not in other.stderr
-    out.unlink()
-    shutil.copytree(tmp_path / "parts-copy", parts)
 
-    res = run("inference.py", *args, "--output_path", out, "--batch_size", 2, env=ONE_THREAD)
+def killed_output(tmp_path: Path, killed_run: dict) -> Path:
+    """A fresh output path whose parts folder holds what the killed run left behind."""
+    out = tmp_path / "killed" / "replies.jsonl"
+    shutil.copytree(killed_run["parts"], parts_dir_for(out))
+    return out
+
+
+def test_resume_after_sigkill_gives_identical_file(tmp_path, llama_dir, run, killed_run):
+    out = killed_output(tmp_path, killed_run)
+    args = ["--model_path", llama_dir, "--dataset_path", killed_run["data"], "--output_path", out]
+    res = run("inference.py", *args, "--batch_size", 2, env=ONE_THREAD)
     assert res.returncode == 0, res.stderr
-    resumed = int(re.search(r"resuming: (\d+) of 400", res.stderr).group(1))
-    assert 0 < resumed <= done_lines
+    assert "discarding partial work" not in res.stderr
+    resumed = int(re.search(rf"(\d+) of {N_KILLED} answers already written by an earlier run", res.stderr).group(1))
+    assert 0 < resumed <= killed_run["done_lines"]
     assert json.loads(summary_text(out))["resumed"] == resumed
-    assert out.read_bytes() == whole.read_bytes()
-    assert not parts.exists()
+    assert out.read_bytes() == killed_run["whole"].read_bytes()
+    assert not parts_dir_for(out).exists()
+
+
+@pytest.mark.xfail(reason="library bug: atkd/answering.py:160 declares InferenceConfig.batch_size "
+                          "affects_output=False, but the batch size changes the padding and so the written "
+                          "probabilities; parts made with another batch size are resumed and mixed in",
+                   strict=True)
+def test_rerun_with_another_batch_size_never_reuses_partial_work(tmp_path, llama_dir, run, killed_run):
+    """The batch size changes the padding and so the numbers: parts of a --batch_size 2 run are discarded by
+    a --batch_size 3 run, whose file is then the one an uninterrupted --batch_size 3 run writes."""
+    out = killed_output(tmp_path, killed_run)
+    args = ["--model_path", llama_dir, "--dataset_path", killed_run["data"]]
+    other = run("inference.py", *args, "--output_path", out, "--batch_size", 3, env=ONE_THREAD)
+    assert other.returncode == 0, other.stderr
+    assert "discarding partial work" in other.stderr and "already written by an earlier run" not in other.stderr
+    assert json.loads(summary_text(out))["resumed"] == 0
+    fresh = tmp_path / "fresh" / "replies.jsonl"
+    assert run("inference.py", *args, "--output_path", fresh, "--batch_size", 3, env=ONE_THREAD).returncode == 0
+    assert out.read_bytes() == fresh.read_bytes()
 
 
 def summary_text(out: Path) -> str:
@@ -250,6 +279,26 @@ def test_damaged_weights_exit_2_before_any_output(tmp_path, llama_dir, run, dama
     assert res.stderr.strip().splitlines() == [res.stderr.strip().splitlines()[0]]
     assert res.stderr.startswith(f"error: {where}: {problem}"), res.stderr
     assert not out.parent.exists()
+
+
+def test_rerun_is_a_no_op_and_a_changed_input_redoes_it(tmp_path, llama_dir, run):
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, make_questions(6, seed=4))
+    out = tmp_path / "A" / "replies.jsonl"
+    args = ["--model_path", llama_dir, "--dataset_path", data, "--output_path", out]
+    assert run("inference.py", *args, env=ONE_THREAD).returncode == 0
+    stamps = [(p.name, p.stat().st_mtime_ns) for p in sorted(out.parent.iterdir())]
+    assert [name for name, _ in stamps] == ["replies.done.json", "replies.jsonl", "summary.json"]
+
+    again = run("inference.py", *args, env=ONE_THREAD)
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+    assert [(p.name, p.stat().st_mtime_ns) for p in sorted(out.parent.iterdir())] == stamps
+
+    write_jsonl(data, make_questions(7, seed=4))  # same path, other content
+    redo = run("inference.py", *args, env=ONE_THREAD)
+    assert redo.returncode == 0 and "nothing to do" not in redo.stderr and "dataset_path" in redo.stderr
+    assert len(read_jsonl(out)) == 7 and json.loads(summary_text(out))["n"] == 7
+
 
 def test_help(run):
     res = run("inference.py", "--help")

@@ -6,8 +6,9 @@ import random
 import pytest
 import torch
 
-from atkd.kd_loss import (HeadAtPositions, bucket_logp, ce_sum, combined_loss, divergence, gathered_logp, option_kd,
-                          response_loss_sums, soften, token_kd)
+from atkd.head import HeadAtPositions
+from atkd.kd_loss import (bucket_logp, ce_sum, combined_loss, divergence, gathered_logp, option_kd, response_loss_sums,
+                          soften, token_kd)
 from atkd.models import load_model, load_tokenizer
 from atkd.train_data import TrainExample, collate, token_counts
 from atkd.trainer import TrainConfig, micro_batch_loss
@@ -172,8 +173,9 @@ def test_ce_sum_masks_by_weight_and_matches_hand():
     assert abs(float(ce_sum(logits, targets, weights)) - hand) < TOL
 
 
-def test_alpha_ce_weights_the_ce_term_defect_5():
-    """The reference weighted KD with alpha_ce although it is documented as the CE weight."""
+def test_alpha_ce_weights_the_ce_term():
+    """alpha_ce weighs CE and 1 - alpha_ce weighs KD (the reference weighted KD with alpha_ce although it is
+    documented as the CE weight)."""
     ce, kd, T = torch.tensor(6.0), torch.tensor(10.0), 2.0
     got = combined_loss(ce, kd, n_ce=3, n_kd=5, alpha_ce=0.25, temperature=T)
     assert float(got) == pytest.approx(0.25 * 6 / 3 + 0.75 * T ** 2 * 10 / 5)
@@ -213,6 +215,11 @@ def synthetic_examples(tok, n, seed=0, k=5, token_level=True):
     return out
 
 
+def train_config(**settings) -> TrainConfig:
+    """train.py's settings; the paths are never read by the loss."""
+    return TrainConfig(student_model_path="s", train_file_path="t", teacher_logits_dir="l", output_dir="o", **settings)
+
+
 def grads_of(model):
     return torch.cat([p.grad.reshape(-1).clone() for p in model.parameters() if p.grad is not None])
 
@@ -220,7 +227,7 @@ def grads_of(model):
 def test_window_normalisation_micro_batches_and_processes_equal_one_big_batch(tiny):
     tok, model = tiny
     head = HeadAtPositions(model, len(tok))
-    cfg = TrainConfig("s", "t", "l", "o", temperature=2.0, alpha_ce=0.4, kd_loss="forward_kl")
+    cfg = train_config(temperature=2.0, alpha_ce=0.4, kd_loss="forward_kl")
     examples = synthetic_examples(tok, 6)
     pad = tok.pad_token_id
     big = collate(examples, [1.0] * 6, pad)
@@ -256,12 +263,12 @@ def test_window_normalisation_micro_batches_and_processes_equal_one_big_batch(ti
 
 
 def test_ce_reads_response_positions_only_and_head_output_equals_full_logits(tiny):
-    """Defect 6: CE is the mean over response tokens of the full model's next-token CE, no prompt token."""
+    """CE is the mean over response tokens of the full model's next-token CE, no prompt token."""
     tok, model = tiny
     head = HeadAtPositions(model, len(tok))
     examples = synthetic_examples(tok, 3, seed=4, token_level=False)
     batch = collate(examples, [1.0] * 3, tok.pad_token_id)
-    cfg = TrainConfig("s", "t", "l", "o", alpha_ce=1.0)
+    cfg = train_config(alpha_ce=1.0)
     n_ce, n_kd = token_counts(batch)
     assert n_ce == sum(len(ex.response_ids) for ex in examples)
     with torch.no_grad():

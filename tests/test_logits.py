@@ -1,6 +1,7 @@
 """generate_logits.py: the safetensors store, its numbers, resume, and bad input."""
 
 import json
+import logging
 import os
 import pickle
 
@@ -10,8 +11,9 @@ from conftest import make_questions
 from safetensors import safe_open
 
 import generate_logits
-from atkd.io import write_jsonl
-from atkd.logits_store import LogitsStore, compute_shards, generate_store, plan_store
+from atkd import teacher_logits, workers
+from atkd.io import parts_dir_for, write_jsonl
+from atkd.logits_store import LogitsStore
 from atkd.models import load_model, load_tokenizer
 from atkd.records import load_questions
 from atkd.scoring import score_questions
@@ -47,12 +49,12 @@ def store_dir(tmp_path_factory, llama_dir, data_file):
     return out
 
 
-def test_store_is_a_few_safetensors_shards_never_pickle_defect_7(store_dir, monkeypatch):
-    """The reference loaded one .pt per item with torch.load (pickle)."""
+def test_store_is_a_few_safetensors_shards_never_pickle(store_dir, monkeypatch):
+    """Shards hold many items and are read without pickle (the reference loaded one .pt per item with torch.load)."""
     names = sorted(p.name for p in store_dir.iterdir())
     shards = [n for n in names if n.endswith(".safetensors")]
     assert len(shards) == 3  # ceil(40 / 16), not one per item
-    assert set(names) - set(shards) == {"index.json", "summary.json", "E_teacher_logits.args.json"}
+    assert set(names) - set(shards) == {"index.json", "summary.json", "logits.done.json"}
     assert not list(store_dir.parent.glob("*.parts"))  # the part log is gone once the store is complete
 
     def forbidden(*a, **k):
@@ -74,6 +76,10 @@ def test_token_level_rows_are_top_k_plus_a_tail_that_sums_to_one(store_dir, data
     store = LogitsStore.open(store_dir)
     idx = json.loads((store_dir / "index.json").read_text())
     assert idx["top_k"] == 8 and idx["response_field"] == "explanation"
+    # Staleness is the done-record's business, not the index's.
+    assert "fingerprint" not in idx
+    record = json.loads((store_dir / "logits.done.json").read_text())
+    assert (record["fingerprint"]["top_k"], record["fingerprint"]["response_field"]) == (8, "explanation")
     with_text = [str(q.id) for q in load_questions(data_file) if q.extra.get("explanation")]
     assert {k for k, v in store.items.items() if v["tok_len"]} == set(with_text)
     for key in with_text:
@@ -101,19 +107,35 @@ def test_option_logprobs_and_accuracy_equal_mcq_scoring(store_dir, llama_dir, da
     assert json.loads((store_dir / "index.json").read_text())["summary"] == summary
 
 
-def test_resume_keeps_written_shards_and_matches_an_uninterrupted_run(tmp_path, store_dir, llama_dir, data_file):
-    tok = load_tokenizer(llama_dir)
-    questions = load_questions(data_file)
-    job = dict(model_path=str(llama_dir), lang="en", top_k=8, batch_size=5, response_field="explanation",
-               dtype="auto", trust_remote_code=False)
+def test_resume_keeps_written_shards_and_matches_an_uninterrupted_run(tmp_path, store_dir, llama_dir, data_file,
+                                                                      monkeypatch, caplog):
     out = tmp_path / "E_teacher_logits"
-    plan = plan_store(questions, tok, out, job, SHARD)
-    compute_shards(plan, [1], gpu_ids=[])  # what a run killed after its second shard leaves behind
-    first = plan.part_log.dir / "shard-00001.safetensors"
-    stamp = (first.stat().st_ino, first.stat().st_mtime_ns)
-    assert plan_store(questions, tok, out, job, SHARD).todo() == [0, 2]
+    cfg = teacher_logits.LogitsConfig(model_path=str(llama_dir), dataset_path=str(data_file), output_dir=str(out),
+                                      top_k=8, batch_size=5, response_field="explanation", shard_size=SHARD)
+    real_run_workers, asked = workers.run_workers, []
 
-    generate_store(questions, tok, out, [], job, SHARD)
+    def second_shard_only(fn, tasks, gpu_ids, part_log, payload=None):
+        """What a run killed after its second shard leaves behind: that shard alone is written."""
+        asked.append(list(tasks))
+        real_run_workers(fn, [1], gpu_ids, part_log, payload)
+
+    monkeypatch.setattr(workers, "run_workers", second_shard_only)
+    with pytest.raises(RuntimeError, match=r"shards \[0, 2\] were not written"):
+        teacher_logits.run(cfg)
+    assert asked == [[0, 1, 2]] and not out.exists()
+    first = parts_dir_for(out) / "shard-00001.safetensors"
+    stamp = (first.stat().st_ino, first.stat().st_mtime_ns)
+
+    def spy(fn, tasks, gpu_ids, part_log, payload=None):
+        asked.append(list(tasks))
+        real_run_workers(fn, tasks, gpu_ids, part_log, payload)
+
+    monkeypatch.setattr(workers, "run_workers", spy)
+    with caplog.at_level(logging.INFO, logger="atkd"):
+        assert teacher_logits.run(cfg)["n"] == N_ITEMS
+    assert asked[-1] == [0, 2]  # only the shards the killed run had not written
+    assert "resuming: 1 of 3 shards already done" in caplog.text
+    assert not parts_dir_for(out).exists()
     moved = out / "shard-00001.safetensors"
     assert (moved.stat().st_ino, moved.stat().st_mtime_ns) == stamp  # not recomputed, only moved into place
     a, b = LogitsStore.open(out), LogitsStore.open(store_dir)
@@ -126,12 +148,15 @@ def test_resume_keeps_written_shards_and_matches_an_uninterrupted_run(tmp_path, 
             assert all(torch.allclose(x.float(), y.float(), atol=1e-6) for x, y in zip(ta, tb))
 
     index_stamp = (out / "index.json").stat().st_mtime_ns
-    generate_store(questions, tok, out, [], job, SHARD)  # complete for these inputs: nothing to do
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="atkd"):
+        assert teacher_logits.run(cfg) is None  # complete for these inputs: nothing to do
+    assert "nothing to do" in caplog.text and len(asked) == 2
     assert (out / "index.json").stat().st_mtime_ns == index_stamp
 
 
 @pytest.mark.parametrize("extra,problem", [
-    (["--top_k", "0"], "--top_k must be between 1"),
+    (["--top_k", "0"], "--top_k must be at least 1 (got 0)"),
     (["--top_k", "100000"], "--top_k must be between 1"),
     (["--response_field", "meta_info_num"], 'field "meta_info_num" must be a string'),
 ])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "demo"
@@ -121,9 +123,72 @@ def test_kill_during_generation_then_rerun_matches_and_changes_rerun_only_what_d
     changed = run_main(tmp_path, "--num_distill_samples", "72")
     for step in ("A_student_reply", "B_student_tree", "G_eval_reply", "H_eval_tree"):
         assert f"[skip] {step}" in changed.stdout  # baseline evaluation and the measurement stay
-    assert "[rerun] C_distill_data: arguments changed: --num_samples 60 -> 72" in changed.stdout
-    for step in ("D_validated_data", "E_teacher_logits", "F_train"):
-        assert f"[rerun] {step}: inputs changed" in changed.stdout
+    assert "[rerun] C_distill_data: changed since the last run: num_samples 60 -> 72" in changed.stdout
+    for step, source in (("D_validated_data", "input_file"), ("E_teacher_logits", "dataset_path"),
+                         ("F_train", "teacher_logits_dir")):
+        assert f"[rerun] {step}: changed since the last run: {source} (contents)" in changed.stdout
+
+
+def printed_commands(stdout: str) -> dict[str, list[str]]:
+    """Step name -> the command main.py printed before running it."""
+    out, name = {}, None
+    for line in stdout.splitlines():
+        if line.startswith("[run] "):
+            name = line.split()[1].rstrip(":")
+        elif line.startswith("  $ ") and name:
+            out[name] = shlex.split(line[4:])
+            name = None
+    return out
+
+
+def test_commands_main_printed_rerun_by_hand_after_the_run_do_no_work(reference):
+    base, proc = reference
+    commands = printed_commands(proc.stdout)
+    assert {"A_student_reply", "B_student_tree", "C_distill_data", "D_validated_data", "E_teacher_logits",
+            "F_train", "G_eval_reply", "H_eval_tree"} <= set(commands)
+    before = {p: p.stat().st_mtime_ns for p in base.rglob("*") if p.is_file()}
+    for name, cmd in commands.items():
+        by_hand = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+        assert by_hand.returncode == 0, (name, by_hand.stderr[-2000:])
+        assert "nothing to do" in by_hand.stderr, (name, by_hand.stderr[-2000:])
+    after = {p: p.stat().st_mtime_ns for p in base.rglob("*") if p.is_file()}
+    assert after == before  # not one file written, not one removed
+
+
+def test_new_weights_at_the_same_path_redo_the_work_in_main_and_by_hand(tmp_path):
+    """Same size, mtime set back: only the contents changed, and that is enough."""
+    student = tmp_path / "student"
+    shutil.copytree(DEMO / "models" / "student", student)
+    first = run_main(tmp_path, "--student_model_path", str(student), "--num_distill_samples", "24",
+                     "--train_epochs", "1")
+    weights_file = student / "model.safetensors"
+
+    def rewrite(scale: float) -> None:
+        st = weights_file.stat()
+        tensors = load_file(str(weights_file))
+        name = next(k for k in sorted(tensors) if "lm_head" in k)
+        tensors[name] = (tensors[name].float() * scale).to(tensors[name].dtype)
+        save_file(tensors, str(weights_file), metadata={"format": "pt"})
+        assert weights_file.stat().st_size == st.st_size
+        os.utime(weights_file, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    rewrite(0.5)
+    again = run_main(tmp_path, "--student_model_path", str(student), "--num_distill_samples", "24",
+                     "--train_epochs", "1")
+    for step in ("G_eval_reply", "A_student_reply"):
+        assert f"[rerun] {step}: changed since the last run: model_path (contents)" in again.stdout
+    assert "[rerun] F_train: changed since the last run:" in again.stdout  # the student is F's input too
+
+    replies = it1(tmp_path) / "A_student_reply" / "replies.jsonl"
+    record = it1(tmp_path) / "A_student_reply" / "replies.done.json"
+    old_replies, old_signature = replies.read_bytes(), json.loads(record.read_text())["fingerprint"]["model_path"]
+    rewrite(3.0)  # and by hand: the command main.py printed for step A sees the new weights too
+    by_hand = subprocess.run(printed_commands(first.stdout)["A_student_reply"], capture_output=True, text=True,
+                             env=env(), cwd=ROOT, timeout=300)
+    assert by_hand.returncode == 0, by_hand.stderr[-2000:]
+    assert "nothing to do" not in by_hand.stderr and "model_path (contents): redoing" in by_hand.stderr
+    assert replies.read_bytes() != old_replies  # new option probabilities
+    assert json.loads(record.read_text())["fingerprint"]["model_path"] != old_signature
 
 
 def test_kill_during_training_then_rerun_matches(reference, tmp_path):

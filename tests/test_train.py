@@ -1,7 +1,9 @@
-"""train.py: training examples (defect 6), bad input, resume after SIGKILL, accelerate launch."""
+"""train.py: training examples (the teacher's prompt and letter), bad input, resume after SIGKILL, accelerate launch."""
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,14 +15,17 @@ from conftest import ROOT, make_questions
 from safetensors.torch import load_file
 
 import train
+from atkd.head import HeadAtPositions
 from atkd.io import write_jsonl
-from atkd.kd_loss import HeadAtPositions
 from atkd.letters import letter_token_ids
-from atkd.logits_store import LogitsStore, generate_store
+from atkd.logits_store import LogitsStore
 from atkd.models import load_model, load_tokenizer
 from atkd.prompts import encode_prompt, mcq_prompt
 from atkd.records import load_questions
-from atkd.train_data import build_examples, collate, sha256_text
+from atkd.sequence import sha256_text
+from atkd.teacher_logits import LogitsConfig
+from atkd.teacher_logits import run as run_teacher_logits
+from atkd.train_data import build_examples, collate
 
 N_ITEMS = 24
 
@@ -40,14 +45,14 @@ def data_file(tmp_path_factory):
 def store_dir(tmp_path_factory, llama_dir, data_file):
     """Teacher logits of the tiny Llama (in-process: the CLI is covered in test_logits.py)."""
     out = tmp_path_factory.mktemp("logits") / "E_teacher_logits"
-    job = dict(model_path=str(llama_dir), lang="en", top_k=8, batch_size=8, response_field="explanation",
-               dtype="auto", trust_remote_code=False)
-    generate_store(load_questions(data_file), load_tokenizer(llama_dir), out, [], job, shard_size=10)
+    run_teacher_logits(LogitsConfig(model_path=str(llama_dir), dataset_path=str(data_file), output_dir=str(out),
+                                    top_k=8, batch_size=8, response_field="explanation", shard_size=10))
     return out
 
 
-def test_training_prompt_and_letter_are_the_teachers_defect_6(llama_dir, data_file, store_dir):
-    """Same bytes, same tokens, same positions: a student identical to the teacher reproduces its numbers."""
+def test_training_prompt_and_letter_are_the_teachers(llama_dir, data_file, store_dir):
+    """Same bytes, same tokens, same positions: a student identical to the teacher reproduces its numbers
+    (the reference re-tokenised a prompt string holding a literal backslash-n, and mixed " A" and "A")."""
     tok = load_tokenizer(llama_dir)
     store = LogitsStore.open(store_dir)
     questions = load_questions(data_file)
@@ -157,7 +162,7 @@ def test_accelerate_launch_cpu_writes_exactly_one_final_model(uninterrupted, lla
 
     names = sorted(p.name for p in uninterrupted.iterdir())
     # 24 items / (2 per micro-batch x 2 micro-batches) = 6 steps; checkpoints every 2, the newest 2 kept
-    assert names == ["checkpoint-2", "checkpoint-4", "final_model", "iteration_1_student_model.args.json"]
+    assert names == ["checkpoint-2", "checkpoint-4", "final_model", "train.done.json"]
     final = uninterrupted / "final_model"
     model = AutoModelForCausalLM.from_pretrained(str(final), use_safetensors=True)
     assert (final / "tokenizer.json").is_file() and model.config.vocab_size == len(load_tokenizer(final))
@@ -166,15 +171,42 @@ def test_accelerate_launch_cpu_writes_exactly_one_final_model(uninterrupted, lla
     assert [e["step"] for e in log] == list(range(1, 7)) and all(e["kd"] >= -1e-6 for e in log)
 
 
-def test_rerun_is_a_no_op_and_other_settings_are_refused(uninterrupted, llama_dir, data_file, store_dir, capsys):
+def test_rerun_is_a_no_op_and_other_settings_retrain(tmp_path, uninterrupted, llama_dir, data_file, store_dir,
+                                                     caplog):
     final = uninterrupted / "final_model"
     stamp = (final / "model.safetensors").stat().st_mtime_ns
-    assert train.main(train_args(llama_dir, data_file, store_dir, uninterrupted)) == 0  # done: nothing to do
+    with caplog.at_level(logging.INFO, logger="atkd"):
+        assert train.main(train_args(llama_dir, data_file, store_dir, uninterrupted)) == 0  # done: nothing to do
+    assert "nothing to do" in caplog.text
     assert (final / "model.safetensors").stat().st_mtime_ns == stamp
-    with pytest.raises(SystemExit) as err:
-        train.main(train_args(llama_dir, data_file, store_dir, uninterrupted, "--alpha_ce", "0.9"))
-    assert err.value.code == 2
-    assert "alpha_ce" in capsys.readouterr().err and (final / "model.safetensors").stat().st_mtime_ns == stamp
+
+    # Other settings in a folder trained before: its checkpoints are stale, removed (not resumed), and it trains again.
+    out = tmp_path / "retrained"
+    shutil.copytree(uninterrupted, out)
+    old_fingerprint = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["fingerprint"]
+    assert old_fingerprint["alpha_ce"] == 0.5
+    log = finish(launch(train_args(llama_dir, data_file, store_dir, out, "--alpha_ce", "0.9")))
+    for name in ("checkpoint-2", "checkpoint-4"):
+        assert f"removing {out / name}: it was trained with other settings or inputs" in log
+    assert "resumed from" not in log
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-4", "final_model", "train.done.json"]
+    for folder in ("checkpoint-2", "checkpoint-4", "final_model"):
+        state = json.loads((out / folder / "trainer_state.json").read_text())
+        assert state["fingerprint"]["alpha_ce"] == 0.9
+        assert {k: v for k, v in state["fingerprint"].items() if k != "alpha_ce"} == {
+            k: v for k, v in old_fingerprint.items() if k != "alpha_ce"}
+    state = json.loads((out / "final_model" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"]] == list(range(1, 7))  # all six steps, from the start
+    assert json.loads((out / "train.done.json").read_text())["fingerprint"]["alpha_ce"] == 0.9
+    assert max_diff(weights(out / "final_model"), weights(final)) > 1e-6  # other weights than alpha_ce 0.5 gave
+    assert (final / "model.safetensors").stat().st_mtime_ns == stamp  # the original folder is untouched
+
+    new_stamp = (out / "final_model" / "model.safetensors").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="atkd"):
+        assert train.main(train_args(llama_dir, data_file, store_dir, out, "--alpha_ce", "0.9")) == 0
+    assert "nothing to do" in caplog.text
+    assert (out / "final_model" / "model.safetensors").stat().st_mtime_ns == new_stamp
 
 
 def test_two_processes_give_the_weights_of_one(tmp_path, uninterrupted, llama_dir, data_file, store_dir):

@@ -1,124 +1,135 @@
-"""The step runner of main.py: skip done steps, rerun changed ones (and say why), resume started ones."""
+"""main.py's step runner on a real stage (the analyzer, no model): skip what is done, redo what changed and
+say what, resume what was left, and agree with the stage run by hand because both read one done-record."""
+
+from __future__ import annotations
 
 import json
-import sys
-import textwrap
+import os
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from atkd.workflow import Step, StepFailed, run_step, status
+from atkd import paths
+from atkd.cli import parse_config, to_argv
+from atkd.fingerprint import DoneRecord
+from atkd.io import write_json, write_jsonl
+from atkd.steps import Step, StepFailed, run_step
+from atkd.weakness import AnalyzerConfig
+from atkd.workflow import WorkflowConfig, train_step
 
-WRITER = textwrap.dedent("""
-    import sys, pathlib
-    src, out, word = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
-    calls = out.parent / "calls.txt"
-    calls.write_text((calls.read_text() if calls.exists() else "") + word + "\\n")
-    print("writing", out)
-    if word == "fail":
-        sys.exit(3)
-    out.write_text(pathlib.Path(src).read_text() + word)
-""")
+TREE = {"Med": {"Cardio": 0, "Resp": 0}}
+
+
+def q(i: int, answer: str) -> dict:
+    return {"id": i, "question": f"Question {i}?", "options": {"A": "a", "B": "b"}, "answer_idx": answer}
 
 
 @pytest.fixture
-def setup(tmp_path):
-    script = tmp_path / "writer.py"
-    script.write_text(WRITER)
-    src = tmp_path / "in.txt"
-    src.write_text("hello ")
-    folder = tmp_path / "step"
-
-    def make(word="x"):
-        out = folder / "out.txt"
-        return Step(name="S", argv=[str(script), str(src), str(out), word, "--gpu_ids", "0"], folder=folder,
-                    outputs=[out], inputs=[src], log_path=tmp_path / "S.log")
-    return make, src, folder, tmp_path
-
-
-def calls(folder):
-    return (folder / "calls.txt").read_text().split()
+def step(tmp_path) -> Step:
+    write_json(tmp_path / "tree.json", TREE)
+    write_jsonl(tmp_path / "q.jsonl", [q(1, "A"), q(2, "B"), q(3, "A")])
+    write_jsonl(tmp_path / "paths.jsonl", [{"id": 1, "ability_path": ["Cardio"]}, {"id": 2, "ability_path": ["Cardio"]},
+                                           {"id": 3, "ability_path": ["Resp"]}])
+    write_jsonl(tmp_path / "replies.jsonl", [{"id": 1, "pred_letter": "A"}, {"id": 2, "pred_letter": "A"},
+                                             {"id": 3, "pred_letter": "A"}])
+    out = tmp_path / "B"
+    cfg = AnalyzerConfig(initial_tree_path=str(tmp_path / "tree.json"), paths_file=str(tmp_path / "paths.jsonl"),
+                         answers_file=str(tmp_path / "q.jsonl"), student_responses_file=str(tmp_path / "replies.jsonl"),
+                         output_tree_path=str(out / "tree.json"), output_stats_path=str(out / "stats.json"))
+    return Step("B_student_tree", "student_data_analyzer.py", cfg, log_path=tmp_path / "B.log")
 
 
-def test_runs_once_then_skips(setup, capsys):
-    make, src, folder, tmp = setup
-    assert run_step(make()) == "new"
-    assert (folder / "out.txt").read_text() == "hello x"
-    assert run_step(make()) == "done"
-    assert calls(folder) == ["x"]
-    assert "writing" in (tmp / "S.log").read_text()
-    assert "[skip] S" in capsys.readouterr().out
+def accuracy(step: Step) -> float:
+    return json.loads(Path(step.cfg.output_stats_path).read_text())["accuracy"]
 
 
-def test_changed_argument_reruns_and_says_which(setup, capsys):
-    make, src, folder, tmp = setup
-    run_step(make("x"))
-    assert run_step(make("y")) == "rerun"
+def test_runs_once_then_skips_and_the_record_holds_the_command(step, capsys):
+    assert run_step(step) == "new"
+    assert accuracy(step) == pytest.approx(2 / 3)
+    record = json.loads(step.cfg.record_path().read_text())
+    assert record["argv"][1:] == to_argv(step.cfg)
+    mtime = Path(step.cfg.output_stats_path).stat().st_mtime_ns
+    assert run_step(step) == "done"
+    assert Path(step.cfg.output_stats_path).stat().st_mtime_ns == mtime
     out = capsys.readouterr().out
-    assert "[rerun] S: arguments changed" in out
-    assert (folder / "out.txt").read_text() == "hello y"
-    assert calls(folder) == ["y"]  # the folder was cleared: stale work is not resumed
+    assert "[run] B_student_tree" in out and "[skip] B_student_tree: outputs are up to date" in out
+    assert "student_data_analyzer.py" in step.log_path.read_text()
 
 
-def test_gpu_ids_do_not_count_as_a_change(setup):
-    make, src, folder, tmp = setup
-    run_step(make())
-    step = make()
-    step.argv[-1] = "1"
-    assert status(step)[0] == "done"
+def test_changed_setting_reruns_and_says_which(step, capsys):
+    run_step(step)
+    changed = replace(step, cfg=replace(step.cfg, prior_strength=0.0))
+    assert run_step(changed) == "changed"
+    assert "[rerun] B_student_tree: changed since the last run: prior_strength 4.0 -> 0.0" in capsys.readouterr().out
+    stats = json.loads(Path(step.cfg.output_stats_path).read_text())
+    assert stats["prior_strength"] == 0.0
 
 
-def test_changed_input_reruns(setup):
-    make, src, folder, tmp = setup
-    run_step(make())
-    src.write_text("bye ")
-    state, reason = status(make())
-    assert state == "rerun" and str(src) in reason
-    run_step(make())
-    assert (folder / "out.txt").read_text() == "bye x"
+def test_changed_input_contents_rerun_even_with_the_old_size_and_mtime(step, capsys):
+    run_step(step)
+    replies = Path(step.cfg.student_responses_file)
+    st = replies.stat()
+    text = replies.read_text().replace('"pred_letter": "A"}\n{"id": 2', '"pred_letter": "B"}\n{"id": 2')
+    assert len(text.encode()) == st.st_size
+    replies.write_text(text)
+    os.utime(replies, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert run_step(step) == "changed"
+    assert "student_responses_file (contents)" in capsys.readouterr().out
+    assert accuracy(step) == pytest.approx(1 / 3)
 
 
-def test_interrupted_step_resumes_without_clearing(setup):
-    make, src, folder, tmp = setup
-    step = make()
-    folder.mkdir()
-    (folder / f".started.{step.name}.json").write_text(json.dumps({"argv": ["other"], "inputs": {}}))
-    assert status(step)[0] == "rerun"  # started with other arguments: start over
-    from atkd.workflow import step_record
-    (folder / f".started.{step.name}.json").write_text(json.dumps(step_record(step)))
-    (folder / "calls.txt").write_text("earlier\n")
-    assert run_step(step) == "resume"
-    assert calls(folder) == ["earlier", "x"]
+def test_settings_that_cannot_change_results_are_not_a_change(tmp_path):
+    """GPU ids and batch sizes of deterministic passes are left out of the fingerprint (declared once, in the field)."""
+    from atkd.answering import InferenceConfig
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (tmp_path / "d.jsonl").write_text(json.dumps(q(1, "A")) + "\n")
+    a = InferenceConfig(model_path=str(model), dataset_path=str(tmp_path / "d.jsonl"), output_path=str(tmp_path / "r.jsonl"))
+    b = replace(a, gpu_ids=[0, 1], batch_size=64, output_path=str(tmp_path / "other.jsonl"))
+    assert DoneRecord(a).fingerprint == DoneRecord(b).fingerprint
+    assert DoneRecord(a).fingerprint != DoneRecord(replace(a, mode="generate")).fingerprint
 
 
-def test_failure_names_the_log_and_leaves_no_marker(setup):
-    make, src, folder, tmp = setup
-    step = make("fail")
+def test_a_stage_run_by_hand_after_main_does_nothing_and_main_skips_a_stage_run_by_hand(step, run, capsys):
+    run_step(step)
+    proc = run("student_data_analyzer.py", *to_argv(step.cfg))
+    assert proc.returncode == 0 and "nothing to do" in proc.stderr
+    other = replace(step.cfg, prior_strength=1.0)
+    assert run("student_data_analyzer.py", *to_argv(other)).returncode == 0  # by hand, with another setting
+    assert run_step(replace(step, cfg=other)) == "done"  # main.py agrees: it reads the same record
+
+
+def test_failure_names_the_log_and_leaves_no_record(step):
+    write_jsonl(Path(step.cfg.paths_file), [{"id": 1, "ability_path": ["Nowhere"]}])
     with pytest.raises(StepFailed) as err:
         run_step(step)
-    assert err.value.code == 3 and str(tmp / "S.log") in str(err.value)
-    assert not step.marker.exists()
-    assert status(step)[0] == "resume"
+    assert err.value.code == 2 and str(step.log_path) in str(err.value)
+    assert "no ability path matches" in step.log_path.read_text()
+    assert not step.cfg.record_path().exists()
+    assert DoneRecord(step.cfg).status()[0] == "new"
 
 
-def _launch(step, flag):
+def _launch(step: Step, flag: str):
     cmd = step.command
     return cmd[cmd.index(flag) + 1] if flag in cmd else None
 
 
 def test_training_launch_follows_the_gpus_or_the_users_accelerate_config(tmp_path):
-    from atkd import paths
-    from atkd.pipeline import WorkflowConfig, train_step
+    import main
 
     it = paths.IterationPaths(tmp_path / "wf", tmp_path / "models", 1)
-    cfg = WorkflowConfig(student_model_path="s", dataset_files_per_iteration=["d"], ability_class_files_per_iteration=["a"])
+    cfg = parse_config(WorkflowConfig, [], defaults=main.defaults())
     four = train_step(cfg, it, "s", [2, 3, 5, 7])
     assert _launch(four, "--num_processes") == "4" and "--multi_gpu" in four.command
     assert _launch(four, "--mixed_precision") == "bf16" and four.env == {"CUDA_VISIBLE_DEVICES": "2,3,5,7"}
     cpu = train_step(cfg, it, "s", [])
     assert _launch(cpu, "--num_processes") == "1" and "--cpu" in cpu.command and cpu.env == {}
-    cfg.accelerate_config_file = str(tmp_path / "fsdp.yaml")
-    own = train_step(cfg, it, "s", [0, 1])
-    assert _launch(own, "--config_file") == cfg.accelerate_config_file
+    own_cfg = replace(cfg, accelerate_config_file=str(tmp_path / "fsdp.yaml"))
+    own = train_step(own_cfg, it, "s", [0, 1])
+    assert _launch(own, "--config_file") == own_cfg.accelerate_config_file
     for flag in ("--num_processes", "--mixed_precision", "--multi_gpu", "--cpu"):
         assert flag not in own.command  # the user's file decides
     assert own.env == {"CUDA_VISIBLE_DEVICES": "0,1"}

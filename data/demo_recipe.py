@@ -1,4 +1,4 @@
-"""The embedded demo (DESIGN §12): a small clinical-medicine domain, its data, and tiny models.
+"""The embedded demo's recipe: a small clinical-medicine domain, its data, and how its tiny models are trained.
 
 The domain is "which of these belongs to <ability>" questions over a fixed vocabulary of real
 entities (drugs, organisms, anatomy, diseases): twelve leaves of ten entities each. A question
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .records import LETTERS
+from atkd.records import LETTERS
 
 DOMAIN = "Clinical medicine"
 LANG = "en"
@@ -33,7 +33,7 @@ N_SEED_EXAMPLES = 3  # seed questions shown in a question-writing prompt
 
 
 @dataclass(frozen=True)
-class Leaf:
+class DemoLeaf:
     """One ability of the demo tree and the entities that belong to it."""
 
     area: str
@@ -46,11 +46,11 @@ class Leaf:
         return [DOMAIN, self.area, self.name]
 
 
-def _leaf(area: str, name: str, noun: str, entities: str) -> Leaf:
-    return Leaf(area, name, noun, tuple(entities.split()))
+def _leaf(area: str, name: str, noun: str, entities: str) -> DemoLeaf:
+    return DemoLeaf(area, name, noun, tuple(entities.split()))
 
 
-LEAVES: tuple[Leaf, ...] = (
+LEAVES: tuple[DemoLeaf, ...] = (
     _leaf("Pharmacology", "Antibiotics", "an antibiotic",
           "amoxicillin penicillin ciprofloxacin doxycycline azithromycin vancomycin gentamicin "
           "ceftriaxone clindamycin metronidazole"),
@@ -104,7 +104,7 @@ EVAL_PATHS_FILE = "eval_ability_paths.jsonl"
 MODEL_NAMES = ("teacher", "agent", "student")
 
 
-def leaf_by_name(name: str) -> Leaf:
+def leaf_by_name(name: str) -> DemoLeaf:
     for leaf in LEAVES:
         if leaf.name == name:
             return leaf
@@ -121,7 +121,7 @@ def tree_nested() -> dict:
 
 # --------------------------------------------------------------------------- questions
 
-def make_question(rng: random.Random, leaf: Leaf, qid: str, pool: tuple[Leaf, ...] = LEAVES) -> dict:
+def make_question(rng: random.Random, leaf: DemoLeaf, qid: str, pool: tuple[DemoLeaf, ...] = LEAVES) -> dict:
     """A question record on `leaf`: one of its entities and three from three other leaves of `pool`."""
     others = rng.sample([x for x in pool if x is not leaf], N_OPTIONS - 1)
     options = [rng.choice(leaf.entities)] + [rng.choice(x.entities) for x in others]
@@ -134,11 +134,11 @@ def make_question(rng: random.Random, leaf: Leaf, qid: str, pool: tuple[Leaf, ..
 
 
 @functools.cache
-def leaf_of_entity() -> dict[str, Leaf]:
+def leaf_of_entity() -> dict[str, DemoLeaf]:
     return {e: leaf for leaf in LEAVES for e in leaf.entities}
 
 
-def question_is_valid(q: dict, leaf: Leaf) -> bool:
+def question_is_valid(q: dict, leaf: DemoLeaf) -> bool:
     """True when exactly the labelled option belongs to `leaf` (what a correct demo question is)."""
     owner = leaf_of_entity()
     inside = [k for k, v in q["options"].items() if owner.get(v.strip()) is leaf]
@@ -180,7 +180,7 @@ def demo_data(cfg: DataConfig = DataConfig()) -> dict[str, list[dict]]:
     return files
 
 
-def option_key(q: dict) -> tuple:
+def option_set(q: dict) -> tuple:
     """What makes two demo questions the same item: the asked leaf's wording and the option set."""
     return (q["question"], frozenset(q["options"].values()))
 
@@ -192,7 +192,7 @@ TOKENIZER_VOCAB = 1200  # the demo text saturates at ~1,100 tokens; every entity
 
 def tokenizer_corpus(seed: int) -> list[str]:
     """Demo text for the tokenizer: question blocks plus the words of both prompt kinds."""
-    from .prompts import LABELS, question_block
+    from atkd.prompts import LABELS, question_block
 
     rng = random.Random(f"demo-tokenizer-{seed}")
     blocks = [question_block(_q(make_question(rng, leaf, "t")), LANG, with_answer=True)
@@ -205,13 +205,13 @@ def tokenizer_corpus(seed: int) -> list[str]:
 
 
 def build_tokenizer(seed: int = 0):
-    from .tiny import train_tokenizer
+    from atkd.tiny import train_tokenizer
 
     return train_tokenizer(tokenizer_corpus(seed), vocab_size=TOKENIZER_VOCAB)
 
 
 def _q(record: dict):
-    from .records import question_from_dict
+    from atkd.records import question_from_dict
 
     return question_from_dict(record)
 
@@ -235,29 +235,29 @@ class ExampleMaker:
     """
 
     def __init__(self, tokenizer, held_out: set):
-        from .letters import letter_token_ids
+        from atkd.letters import letter_token_ids
 
         self.tok = tokenizer
-        self.held_out = held_out  # option_key()s of evaluation items, never trained on
+        self.held_out = held_out  # option_set()s of evaluation items, never trained on
         letters = LETTERS[:N_OPTIONS]
         self.letter_ids = dict(zip(letters, letter_token_ids(tokenizer, list(letters), LANG)))
 
-    def fresh(self, rng: random.Random, leaf: Leaf, pool: tuple[Leaf, ...] | None = None) -> dict:
+    def fresh(self, rng: random.Random, leaf: DemoLeaf, pool: tuple[DemoLeaf, ...] | None = None) -> dict:
         """A training question on `leaf` (distractors from `pool`, default every leaf), never a held-out one."""
         while True:
             q = make_question(rng, leaf, "train", pool or LEAVES)
-            if option_key(q) not in self.held_out:
+            if option_set(q) not in self.held_out:
                 return q
 
-    def answer(self, rng: random.Random, leaf: Leaf, pool: tuple[Leaf, ...] | None = None) -> Example:
-        from .prompts import encode_prompt, mcq_prompt
+    def answer(self, rng: random.Random, leaf: DemoLeaf, pool: tuple[DemoLeaf, ...] | None = None) -> Example:
+        from atkd.prompts import encode_prompt, mcq_prompt
 
         q = _q(self.fresh(rng, leaf, pool))
         ids = encode_prompt(self.tok, mcq_prompt(self.tok, q, LANG)) + [self.letter_ids[q.answer_idx]]
         return Example(ids, [len(ids) - 1])
 
-    def write(self, rng: random.Random, leaf: Leaf) -> Example:
-        from .prompts import encode_prompt, question_block, render, write_question_user_text
+    def write(self, rng: random.Random, leaf: DemoLeaf) -> Example:
+        from atkd.prompts import encode_prompt, question_block, render, write_question_user_text
 
         seeds = [_q(self.fresh(rng, leaf)) for _ in range(N_SEED_EXAMPLES)]
         text = render(self.tok, write_question_user_text(leaf.path, seeds, N_OPTIONS, LANG, DOMAIN))
@@ -316,7 +316,7 @@ class ModelSpec:
     grow_every: int = 100  # curriculum stage 2: one more asked leaf every this many steps
 
 
-def curriculum(step: int, spec: ModelSpec, leaves: tuple[Leaf, ...]) -> tuple[tuple[Leaf, ...], tuple[Leaf, ...] | None]:
+def curriculum(step: int, spec: ModelSpec, leaves: tuple[DemoLeaf, ...]) -> tuple[tuple[DemoLeaf, ...], tuple[DemoLeaf, ...] | None]:
     """(leaves asked about, leaves the distractors come from; None = all) at `step`.
 
     Trained on the full task from the start, tiny models sit at chance for 1,000+ steps (or
@@ -346,7 +346,7 @@ def train_model(spec: ModelSpec, tokenizer, held_out: set, seed: int = 0, progre
     Deterministic from (`seed`, `spec.seed`) for a given torch build and thread count.
     `callback(step, model)` runs after every optimizer step (experiments watch learning with it).
     """
-    from .tiny import build_model
+    from atkd.tiny import build_model
 
     model_seed = seed * 1000 + spec.seed
     model = build_model(tokenizer, family="llama", seed=model_seed, hidden=spec.hidden, layers=spec.layers,
@@ -382,7 +382,7 @@ def train_model(spec: ModelSpec, tokenizer, held_out: set, seed: int = 0, progre
 
 def accuracy_by_leaf(model, tokenizer, questions, paths: dict[str, list[str]], batch_size: int = 64) -> dict[str, list[int]]:
     """{leaf name: [correct, n]} from the pipeline's own MCQ scoring (atkd.scoring)."""
-    from .scoring import score_questions
+    from atkd.scoring import score_questions
 
     out: dict[str, list[int]] = {}
 
@@ -401,14 +401,14 @@ def overall(acc: dict[str, list[int]], leaves=None) -> float:
     return sum(c for c, _ in cells) / max(1, sum(n for _, n in cells))
 
 
-def write_replies(teacher, tokenizer, leaf: Leaf, seeds: list, n: int, temperature: float, seed: int,
+def write_replies(teacher, tokenizer, leaf: DemoLeaf, seeds: list, n: int, temperature: float, seed: int,
                   batch_size: int = 32, max_new_tokens: int = 64) -> list[str]:
     """`n` replies of the teacher to the pipeline's question-writing prompt for `leaf`.
 
     Each prompt shows `N_SEED_EXAMPLES` seeds of the leaf, drawn with a seeded RNG.
     """
-    from .generation import generate_batch
-    from .prompts import encode_prompt, render, write_question_user_text
+    from atkd.generation import generate_batch
+    from atkd.prompts import encode_prompt, render, write_question_user_text
 
     rng = random.Random(f"demo-write-{seed}-{leaf.name}")
     prompts = [encode_prompt(tokenizer, render(tokenizer, write_question_user_text(
@@ -420,14 +420,14 @@ def write_replies(teacher, tokenizer, leaf: Leaf, seeds: list, n: int, temperatu
     return replies
 
 
-def pass_counts(replies: list[str], leaf: Leaf, agents: list, seed: int = 0) -> dict[str, int]:
+def pass_counts(replies: list[str], leaf: DemoLeaf, agents: list, seed: int = 0) -> dict[str, int]:
     """How many replies parse, are truly valid for `leaf`, and are answered as labelled by every agent.
 
     `agents` is a list of (model, tokenizer); their answers come from the pipeline's scoring.
     """
-    from .distill import shuffle_options
-    from .qparse import parse_question
-    from .scoring import score_questions
+    from atkd.question_writing import shuffle_options
+    from atkd.qparse import parse_question
+    from atkd.scoring import score_questions
 
     rng = random.Random(f"demo-shuffle-{seed}")
     parsed = []
@@ -451,7 +451,7 @@ def pass_counts(replies: list[str], leaf: Leaf, agents: list, seed: int = 0) -> 
 
 def load_split(data_dir: str | Path, questions_file: str, paths_file: str):
     """(questions, {id: ability path}) of one shipped split, validated by atkd.records."""
-    from .records import load_ability_paths, load_questions
+    from atkd.records import load_ability_paths, load_questions
 
     data_dir = Path(data_dir)
     return load_questions(data_dir / questions_file), load_ability_paths(data_dir / paths_file)
@@ -466,7 +466,7 @@ def seeds_by_leaf(questions, paths: dict[str, list[str]]) -> dict[str, list]:
 
 def write_data(data_dir: str | Path, tree_path: str | Path, cfg: DataConfig = DataConfig()) -> list[Path]:
     """Write every data file and the demo tree; returns the paths written."""
-    from .io import write_json, write_jsonl
+    from atkd.io import write_json, write_jsonl
 
     written = []
     for name, records in demo_data(cfg).items():
@@ -478,7 +478,7 @@ def write_data(data_dir: str | Path, tree_path: str | Path, cfg: DataConfig = Da
 
 # --------------------------------------------------------------------------- the shipped demo
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent  # this file is data/demo_recipe.py
 DATA_DIR = REPO / "data" / "demo"
 MODELS_DIR = DATA_DIR / "models"
 TREE_PATH = REPO / "ability_trees" / "demo_tree.json"
@@ -496,8 +496,8 @@ MODEL_SPECS = {
 
 
 def held_out_keys(cfg: DataConfig = DataConfig()) -> set:
-    """option_key()s of the evaluation set: no model is ever trained on those items."""
-    return {option_key(q) for q in demo_data(cfg)[EVAL_FILE]}
+    """option_set()s of the evaluation set: no model is ever trained on those items."""
+    return {option_set(q) for q in demo_data(cfg)[EVAL_FILE]}
 
 
 def build_models(models_dir: str | Path = MODELS_DIR, seed: int = 0, dtype: torch.dtype = torch.float16,
@@ -505,7 +505,7 @@ def build_models(models_dir: str | Path = MODELS_DIR, seed: int = 0, dtype: torc
     """Train the tokenizer and the three models and save them (weights cast to `dtype`)."""
     from tqdm import tqdm
 
-    from .tiny import save_model
+    from atkd.tiny import save_model
 
     specs = specs or MODEL_SPECS
     tokenizer = build_tokenizer(seed)
@@ -528,7 +528,7 @@ def demo_figures(models_dir: str | Path = MODELS_DIR, data_dir: str | Path = DAT
     questions the teacher writes (seeds from iteration 1) and how many parse, are truly valid
     and pass both agents (teacher and agent) after the answer's position is shuffled.
     """
-    from .models import load_model, load_tokenizer
+    from atkd.models import load_model, load_tokenizer
 
     models_dir = Path(models_dir)
     tok = load_tokenizer(models_dir / "teacher")

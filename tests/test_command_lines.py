@@ -1,0 +1,90 @@
+"""Every script's command line is its config dataclass: one flag per field, nothing else, and a config
+written back as flags (what main.py runs and prints) parses to the same config."""
+
+from __future__ import annotations
+
+import re
+import typing
+from dataclasses import fields
+
+import pytest
+
+from atkd.answering import InferenceConfig
+from atkd.cli import parse_config, to_argv
+from atkd.cross_check import CrossCheckConfig
+from atkd.question_writing import QuestionWritingConfig
+from atkd.teacher_logits import LogitsConfig
+from atkd.trainer import TrainConfig
+from atkd.tree_building import TreeConfig
+from atkd.weakness import AnalyzerConfig
+from atkd.workflow import WorkflowConfig
+
+SCRIPTS = {"main.py": WorkflowConfig, "create_initial_tree.py": TreeConfig, "inference.py": InferenceConfig,
+           "student_data_analyzer.py": AnalyzerConfig, "generate_distill_data.py": QuestionWritingConfig,
+           "evaluate_distilled_data.py": CrossCheckConfig, "generate_logits.py": LogitsConfig, "train.py": TrainConfig}
+
+
+def flags_in_help(text: str) -> set[str]:
+    options = text.split("options:", 1)[1]
+    return set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", options))
+
+
+def expected_flags(cls) -> set[str]:
+    out = {"-h", "--help"}
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        out.add(f"--{f.name}")
+        if hints[f.name] is bool:
+            out.add(f"--no-{f.name}")
+    return out
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_help_lists_exactly_the_configs_fields(run, script):
+    proc = run(script, "--help")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith("usage:")
+    assert flags_in_help(proc.stdout) == expected_flags(SCRIPTS[script])
+
+
+def sample(cls) -> dict:
+    """A value for every field, different from its default where the field allows it."""
+    values = {"model_path": "m", "dataset_path": "d.jsonl", "output_path": "o.jsonl", "mode": "generate",
+              "gpu_ids": [1, 3], "dtype": "bf16", "lang": "zh", "trust_remote_code": True, "seed": 7,
+              "batch_size": 3, "api_base": "http://x/v1", "api_model": "served", "domain": "Med",
+              "output_dir": "out", "output_filename": "t.json", "nodes_per_level": [5, 2],
+              "response_field": "explanation", "min_confidence": 0.25, "learning_rate": 3e-05}
+    return {f.name: values[f.name] for f in fields(cls) if f.name in values}
+
+
+@pytest.mark.parametrize("cls", [InferenceConfig, CrossCheckConfig, QuestionWritingConfig, LogitsConfig,
+                                 AnalyzerConfig, TrainConfig, TreeConfig])
+def test_flags_written_by_to_argv_parse_back_to_the_same_config(cls):
+    import create_initial_tree
+
+    required = {"input_file": "g.jsonl", "output_file": "v.jsonl", "agent_model_1_path": "a1",
+                "agent_model_2_path": "a2", "ability_tree_path": "t.json", "full_dataset_path": "d.jsonl",
+                "ability_class_path": "p.jsonl", "teacher_model_path": "t", "initial_tree_path": "t.json",
+                "paths_file": "p.jsonl", "answers_file": "d.jsonl", "student_responses_file": "r.jsonl",
+                "output_tree_path": "b/t.json", "output_stats_path": "b/s.json", "student_model_path": "s",
+                "train_file_path": "v.jsonl", "teacher_logits_dir": "e"}
+    names = {f.name for f in fields(cls)}
+    values = {**{k: v for k, v in required.items() if k in names}, **sample(cls)}
+    if cls is CrossCheckConfig:
+        values.pop("min_confidence")  # generate mode carries no probabilities
+    if cls is TreeConfig:
+        values["model_path"] = ""  # ignored with an endpoint
+    cfg = cls(**values)
+    defaults = {"model_path": create_initial_tree.MODEL_PATH} if cls is TreeConfig else None
+    assert parse_config(cls, to_argv(cfg), defaults=defaults) == cfg
+
+
+def test_bad_values_are_one_line_errors_with_exit_2(run, tmp_path):
+    proc = run("inference.py", "--model_path", tmp_path, "--dataset_path", tmp_path / "d.jsonl",
+               "--output_path", tmp_path / "o.jsonl", "--batch_size", "0")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: --batch_size must be at least 1 (got 0)"
+    proc = run("main.py", "--num_iterations", "0")
+    assert proc.returncode == 2
+    assert "error: main.py: NUM_ITERATIONS (--num_iterations) must be at least 1 (got 0)" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
