@@ -1,0 +1,208 @@
+r"""Convert a public medical multiple-choice dataset to AT-KD's question and ability-path files.
+
+    python data/convert.py --format medmcqa --input medmcqa/train.json medmcqa/dev.json \
+        --output_dir data/medmcqa --iterations 2 --eval_fraction 0.1 --seed 0
+
+Formats: medqa, medmcqa, cmexam, mmlu, cmmlu (their published layouts, see atkd/datasets.py) and
+jsonl / csv (any layout, fields named by flags, e.g. `--format csv --question_field stem
+--option_fields A,B,C,D --answer_field key --answer_format letter --path_fields chapter,section`).
+
+Writes DIR/questions.jsonl, DIR/ability_paths.jsonl (when the source has categories) and
+DIR/convert_report.json (rows kept, rows dropped by reason, per file); prints the same counts.
+With --iterations N it also writes DIR/iteration_1.jsonl ... iteration_N.jsonl and DIR/eval.jsonl
+(with their *_ability_paths.jsonl): a seeded, disjoint split stratified by ability path, ready for
+main.py's --dataset_files_per_iteration and --eval_dataset_path.
+
+Rows that are not one clean single-answer question (no answer, several answers, an answer not
+among the options, an empty or repeated option) are dropped and counted. A file that cannot be read
+as its format stops the conversion with `error: <file>:<line>: <problem>` (exit status 2) before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from atkd import datasets
+from atkd.errors import InputError, exit_on_input_error
+from atkd.io import write_json, write_jsonl
+from atkd.stage import setup_logging
+
+log = logging.getLogger("convert")
+
+FORMATS = ("medqa", "medmcqa", "cmexam", "mmlu", "cmmlu", "jsonl", "csv")
+GENERIC_FLAGS = ("question_field", "option_fields", "options_field", "answer_field", "answer_format",
+                 "id_field", "path_fields", "explanation_field")
+DEFAULT_EVAL_FRACTION, DEFAULT_SEED = 0.1, 0
+
+
+def comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--format", required=True, choices=FORMATS, help="layout of the input files")
+    p.add_argument("--input", required=True, nargs="+", help="input files (one format, any number)")
+    p.add_argument("--output_dir", required=True, help="folder for questions.jsonl and the other outputs")
+
+    g = p.add_argument_group("medmcqa")
+    g.add_argument("--cop_base", type=int, choices=(0, 1), default=None,
+                   help="cop counts options from 0 (Hugging Face copies) or 1 (original release); "
+                        "default: read from the data (a 0 means 0-based, a 4 means 1-based)")
+    g = p.add_argument_group("cmexam")
+    g.add_argument("--path_columns", type=comma_list, default=None,
+                   help="category columns that make the ability path, in order, comma-separated (default "
+                        f"{','.join(datasets.CMEXAM_DEFAULT_PATH_COLUMNS)}; e.g. "
+                        "'Medical Discipline,Clinical Department' for two levels)")
+
+    g = p.add_argument_group("jsonl / csv (generic)")
+    g.add_argument("--question_field", default=None, help="field with the question text (default question)")
+    g.add_argument("--option_fields", type=comma_list, default=None,
+                   help="one field per option, in order, comma-separated, e.g. A,B,C,D")
+    g.add_argument("--options_field", default=None,
+                   help='one field with all options: {"A": ...}, a list, or "A xxx" lines')
+    g.add_argument("--answer_field", default=None, help="field with the answer (default answer)")
+    g.add_argument("--answer_format", default=None, choices=datasets.ANSWER_FORMATS,
+                   help="letter (A), index0 (0 = first option), index1 (1 = first option) or text "
+                        "(the correct option's text); default letter")
+    g.add_argument("--id_field", default=None, help="field with unique ids (default: <format>-<file>-<line>)")
+    g.add_argument("--path_fields", type=comma_list, default=None,
+                   help="fields that make the ability path, in order, comma-separated")
+    g.add_argument("--explanation_field", default=None, help="field kept as the record's explanation")
+
+    g = p.add_argument_group("split")
+    g.add_argument("--iterations", type=int, default=None,
+                   help="also split into iteration_1..N.jsonl and eval.jsonl (default: no split)")
+    g.add_argument("--eval_fraction", type=float, default=None,
+                   help=f"share of the questions in eval.jsonl (default {DEFAULT_EVAL_FRACTION})")
+    g.add_argument("--seed", type=int, default=None, help=f"seed of the split (default {DEFAULT_SEED})")
+    args = p.parse_args(argv)
+    check_flag_use(p, args)
+    return args
+
+
+def check_flag_use(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse flags that the chosen format would silently ignore."""
+    if args.cop_base is not None and args.format != "medmcqa":
+        p.error("--cop_base applies to --format medmcqa only")
+    if args.path_columns is not None and args.format != "cmexam":
+        p.error("--path_columns applies to --format cmexam only")
+    generic_given = [f"--{f}" for f in GENERIC_FLAGS if getattr(args, f) is not None]
+    if args.format not in ("jsonl", "csv"):
+        if generic_given:
+            p.error(f"{', '.join(generic_given)} apply to --format jsonl or csv only")
+    elif (args.option_fields is None) == (args.options_field is None):
+        p.error(f"--format {args.format} needs exactly one of --option_fields and --options_field")
+    if args.iterations is None and (args.eval_fraction is not None or args.seed is not None):
+        p.error("--eval_fraction and --seed apply to the split: give --iterations too")
+    args.eval_fraction = DEFAULT_EVAL_FRACTION if args.eval_fraction is None else args.eval_fraction
+    args.seed = DEFAULT_SEED if args.seed is None else args.seed
+
+
+def mapping_of(args: argparse.Namespace) -> datasets.FieldMapping:
+    return datasets.FieldMapping(
+        question=args.question_field or "question", option_fields=args.option_fields or [],
+        options_field=args.options_field, answer=args.answer_field or "answer",
+        answer_format=args.answer_format or "letter", id_field=args.id_field,
+        path_fields=args.path_fields or [], explanation=args.explanation_field)
+
+
+def converted_of(args: argparse.Namespace) -> datasets.Converted:
+    if args.format == "medqa":
+        return datasets.read_medqa(args.input)
+    if args.format == "medmcqa":
+        return datasets.read_medmcqa(args.input, cop_base=args.cop_base)
+    if args.format == "cmexam":
+        return datasets.read_cmexam(args.input, args.path_columns or datasets.CMEXAM_DEFAULT_PATH_COLUMNS)
+    if args.format == "mmlu":
+        return datasets.read_mmlu(args.input)
+    if args.format == "cmmlu":
+        return datasets.read_cmmlu(args.input)
+    if args.format == "jsonl":
+        return datasets.read_jsonl(args.input, mapping_of(args))
+    return datasets.read_csv(args.input, mapping_of(args))
+
+
+def path_lines(records: list[dict], paths: dict[str, list[str]]) -> list[dict]:
+    """The ability-path lines of `records` that have a path, in record order."""
+    return [{"id": r["id"], "ability_path": paths[r["id"]]} for r in records if r["id"] in paths]
+
+
+def planned_files(conv: datasets.Converted, split: datasets.Split | None) -> dict[str, list[dict]]:
+    """Every output file name with its lines (files that would be empty are left out)."""
+    files = {"questions.jsonl": conv.records, "ability_paths.jsonl": path_lines(conv.records, conv.paths)}
+    if split:
+        files["eval.jsonl"] = split.eval
+        files["eval_ability_paths.jsonl"] = path_lines(split.eval, conv.paths)
+        for k, part in enumerate(split.iterations, start=1):
+            files[f"iteration_{k}.jsonl"] = part
+            files[f"iteration_{k}_ability_paths.jsonl"] = path_lines(part, conv.paths)
+    return {name: lines for name, lines in files.items() if lines}
+
+
+def report_of(args: argparse.Namespace, conv: datasets.Converted, files: dict[str, list[dict]]) -> dict:
+    by_count = lambda c: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))  # noqa: E731
+    return {
+        "format": args.format,
+        "inputs": [str(p) for p in args.input],
+        "rows": len(conv.records) + sum(conv.dropped.values()),
+        "kept": len(conv.records),
+        "dropped": sum(conv.dropped.values()),
+        "dropped_by_reason": by_count(conv.dropped),
+        "with_ability_path": len(conv.paths),
+        "per_file": {key: {"path": f["path"], "kept": f["kept"], "dropped": sum(f["dropped"].values()),
+                           "dropped_by_reason": by_count(f["dropped"])} for key, f in conv.per_file.items()},
+        "notes": conv.notes,
+        "split": None if args.iterations is None else {"iterations": args.iterations,
+                                                       "eval_fraction": args.eval_fraction, "seed": args.seed},
+        "files": {name: len(lines) for name, lines in files.items()},
+        "args": vars(args),
+    }
+
+
+def summary_lines(report: dict, out_dir: Path) -> list[str]:
+    """What is printed: the counts of the report, one per line."""
+    lines = [f"rows: {report['rows']}", f"kept: {report['kept']}", f"dropped: {report['dropped']}"]
+    lines += [f"dropped ({reason}): {n}" for reason, n in report["dropped_by_reason"].items()]
+    if report["kept"]:
+        lines.append(f"with ability path: {report['with_ability_path']}")
+    lines += [f"note: {note}" for note in report["notes"]]
+    lines += [f"wrote {out_dir / name} ({n})" for name, n in report["files"].items()]
+    return lines
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    out_dir = Path(args.output_dir)
+    with exit_on_input_error():
+        # Everything is read and checked before the first file is written.
+        if out_dir.exists() and not out_dir.is_dir():
+            raise InputError(out_dir, "--output_dir is a file, not a folder")
+        conv = converted_of(args)
+        if not conv.records:
+            raise InputError(args.input[0], f"no usable question in the input ({sum(conv.dropped.values())} rows "
+                                            f"dropped: {dict(conv.dropped)})")
+        split = None
+        if args.iterations is not None:
+            split = datasets.split_questions(conv.records, conv.paths, args.iterations, args.eval_fraction, args.seed)
+    if conv.paths and len(conv.paths) < len(conv.records):
+        log.warning("%d of %d questions have no ability path (empty category); they are in questions.jsonl "
+                    "but not in ability_paths.jsonl", len(conv.records) - len(conv.paths), len(conv.records))
+    files = planned_files(conv, split)
+    report = report_of(args, conv, files)
+    for name, lines in files.items():
+        write_jsonl(out_dir / name, lines)
+    write_json(out_dir / "convert_report.json", report)
+    stale = sorted(p.name for p in out_dir.glob("*.jsonl") if p.name not in files)
+    if stale:  # from an earlier run with other settings; left alone, but they would mislead
+        log.warning("%s also holds %s, not written by this run", out_dir, ", ".join(stale))
+    print("\n".join(summary_lines(report, out_dir)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
