@@ -27,7 +27,7 @@ from .answering import MODES, Answerer, answer_all, plan_batches
 from .cli import (INPUT, MODEL, OUTPUT, StageConfig, api_key_env, at_least, between, dtype, gpu_ids, lang, setting,
                   trust_remote_code)
 from .errors import InputError
-from .fingerprint import DoneRecord, fingerprint, signature
+from .fingerprint import MISSING_PATH, DoneRecord, fingerprint, signature
 from .io import PartLog, write_json, write_jsonl
 from .models import check_model_dir, load_tokenizer, usable_gpu_ids
 from .prompts import language_of
@@ -104,7 +104,8 @@ def same_model(a: Answerer, b: Answerer) -> bool:
     """True when both agents are one model: one endpoint model, or folders with the same weights."""
     if a.api_base or b.api_base:
         return (a.api_base.rstrip("/"), a.api_model) == (b.api_base.rstrip("/"), b.api_model)
-    return signature(a.model_path) == signature(b.model_path)
+    sig_a = signature(a.model_path)
+    return sig_a != MISSING_PATH and sig_a == signature(b.model_path)
 
 
 def verdict(label: str, pred_1: str | None, pred_2: str | None, prob_1: float | None = None,

@@ -150,7 +150,7 @@ def validate_inputs(questions: list[Question], tokenizer, lang: str, top_k: int,
     """Everything that can be wrong with the inputs, checked before any work (InputError)."""
     vocab = len(tokenizer)
     if not 1 <= top_k < vocab:
-        raise InputError(None, f"--top_k must be between 1 and the vocabulary size - 1 ({vocab - 1}), got {top_k}")
+        raise InputError(None, f"--top_k must be between 1 and the vocabulary size - 1 ({vocab - 1}) (got {top_k})")
     for q in questions:
         training_sequence(tokenizer, q, lang, response_field, source)  # letters are single tokens, field is text
     if response_field and not any(q.extra.get(response_field) for q in questions):

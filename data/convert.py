@@ -28,7 +28,7 @@ from pathlib import Path
 from atkd import datasets
 from atkd.errors import InputError, exit_on_input_error
 from atkd.io import write_json, write_jsonl
-from atkd.stage import setup_logging
+from atkd.cli import setup_logging
 
 log = logging.getLogger("convert")
 
