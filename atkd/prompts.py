@@ -32,6 +32,7 @@ class Labels:
     write_examples: str
     write_task: str
     tree_task: str
+    label_task: str
 
 
 LABELS = {
@@ -49,6 +50,7 @@ LABELS = {
                    "format and nothing else:",
         tree_task="List {n} distinct sub-abilities of \"{ability}\" in {domain}, from broad to specific. "
                   "One short name per line, numbered 1., 2., ..., with no explanations.",
+        label_task="Which ability does this exam question test? \"{question}\" (its options: {options})",
     ),
     "zh": Labels(
         question="问题：",
@@ -61,6 +63,7 @@ LABELS = {
                    "且只有一个正确选项。严格使用以下格式，不要输出其他内容：",
         tree_task="列出{domain}中\"{ability}\"的{n}个不同的子能力，由宽到窄。"
                   "每行一个简短名称，编号为1.、2.、……，不要解释。",
+        label_task="这道考题考查的是哪一项能力？“{question}”（选项：{options}）",
     ),
 }
 LANGUAGES = tuple(LABELS)
@@ -155,6 +158,14 @@ def write_question_user_text(ability_path: list[str] | tuple[str, ...], seeds: l
     parts.append(lab.write_task.format(n=n_options, first=letters[0], last=letters[-1]))
     parts.append(template)
     return "\n\n".join(parts)
+
+
+def ability_question(q: Question, abilities: list[str], lang: str) -> Question:
+    """The labelling question: which of `abilities` does `q` test? An MCQ over the abilities, scored like
+    any other (the letter probabilities pick the ability). `answer_idx` is a placeholder: nobody knows it."""
+    sep = "; " if lang == "en" else "；"
+    stem = LABELS[lang].label_task.format(question=q.question.strip(), options=sep.join(v.strip() for v in q.options.values()))
+    return Question(id=q.id, question=stem, options=dict(zip(LETTERS, abilities)), answer_idx=LETTERS[0])
 
 
 def tree_level_user_text(domain: str, ability_path: list[str] | tuple[str, ...], n: int, lang: str) -> str:

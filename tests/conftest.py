@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -88,3 +89,13 @@ def run_script(script: str, *args, env: dict | None = None, timeout: float = 600
 @pytest.fixture
 def run():
     return run_script
+
+
+def send_chat_reply(handler, text: str) -> None:
+    """Answer an OpenAI-compatible chat request with `text` (from a test's fake endpoint's do_POST)."""
+    data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)

@@ -18,7 +18,7 @@ from atkd.models import load_model, load_tokenizer
 from atkd.paths import agent_answers_path, rejected_path, report_path
 from atkd.records import question_from_dict
 from atkd.scoring import score_questions
-from conftest import make_questions, run_script
+from conftest import make_questions, run_script, send_chat_reply
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # see tests/test_generate_distill.py
 LEAVES = [["Med", "Cardio", "Valves"], ["Med", "Pharm"]]
@@ -197,12 +197,7 @@ class _AgentHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt = body["messages"][0]["content"]
         marker = next(m for m in ("TRAP", "OK", "WRONG") if m in prompt)
-        data = json.dumps({"choices": [{"message": {"content": REPLIES[(body["model"], marker)]}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_chat_reply(self, REPLIES[(body["model"], marker)])
 
     def log_message(self, *args):
         pass

@@ -21,7 +21,7 @@ from atkd.io import PartLog, parts_dir_for, write_jsonl
 from atkd.paths import plan_path
 from atkd.records import load_questions, question_problem
 from atkd.tree import load_tree, tree_from_nested
-from conftest import ROOT, make_questions
+from conftest import ROOT, make_questions, send_chat_reply
 
 NESTED = {"Med": {"Cardio": {"Arrhythmia": 0, "Valves": 0}, "Pharm": 0, "Surgery": {"Ortho": 0}}}
 LEAVES = [["Med", "Cardio", "Arrhythmia"], ["Cardio", "Valves"], ["Med", "Pharm"]]  # Ortho: no seeds
@@ -323,13 +323,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.release.wait(60)
             return
         seed = body["seed"]
-        text = "no idea" if seed % 4 == 0 else fresh_question(random.Random(seed), answer="ABCD"[seed % 3])
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_chat_reply(self, "no idea" if seed % 4 == 0 else fresh_question(random.Random(seed), answer="ABCD"[seed % 3]))
 
     def log_message(self, *args):
         pass
