@@ -9,6 +9,7 @@ logits and training all use these ids, so KD and CE see the same tokens (the ref
 from __future__ import annotations
 
 import re
+import unicodedata
 import weakref
 
 from .errors import InputError
@@ -42,27 +43,50 @@ def letter_token_ids(tokenizer, letters: list[str] | str, lang: str = "en", sour
     return ids
 
 
-# Markers that introduce a final answer, strongest first. The letter must stand alone: never
-# the first capital of a word ("Aspirin"), the article "A" in prose, or a roman numeral.
-_ANSWER_MARKERS = [
-    r"(?:final\s+answer|answer|correct\s+(?:option|answer|choice))\s*(?:is|:|：|=)?\s*(?:option\s*)?[\(\[]?\s*([A-Z])\s*[\)\]]?(?![A-Za-z])",
-    r"(?:答案|正确答案|正确选项|故选|应选|选择)\s*(?:是|为|：|:)?\s*[\(（\[]?\s*([A-Z])(?![A-Za-z])",
+# Reading a letter from a reply. The text is first normalised: NFKC folds full-width letters,
+# colons and brackets (答案：（Ｂ）) to ASCII, and Markdown emphasis, inline code and heading marks
+# are dropped (**Answer:** B). Then, strongest first: a LaTeX \boxed{X}; an answer label followed
+# by the letter (the last one stated wins); "option X is correct"; a reply that is just the letter
+# or starts with an option line; one lone bracketed letter; an option's own text. The letter must
+# stand alone and be a capital: never the first capital of a word ("Aspirin"), the last of a
+# distractor's text ("Hepatitis C"), the article "A"/"a" in prose, or one of two candidates ("B or C").
+_MARKUP = re.compile(r"\*+|_{2,}|`+|^[ \t]*#{1,6}[ \t]*", re.MULTILINE)
+_ALONE = r"(?![A-Za-z0-9])(?!\s*(?:or|and|/|或|和|与)\s*\(?[A-Z](?![A-Za-z0-9]))"
+_BOXED = re.compile(r"\\boxed\s*\{\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{\s*)?\(?\s*([A-Z])" + _ALONE)
+_LABELLED = [
+    re.compile(r"\b(?i:final\s+answer|(?:correct|right|best)\s+(?:answer|option|choice)|answer)\b"
+               r"\s*(?i:is|should\s+be|would\s+be|will\s+be)?\s*[:=\-–—]?\s*(?i:option|choice)?\s*[(\[]?\s*([A-Z])"
+               + _ALONE),
+    re.compile(r"(?:答案|正确选项|(?<!不)选择|(?<![不项])选(?![项择]))[】\]]?\s*(?:应该?)?\s*(?:是|为)?\s*[:]?\s*"
+               r"(?:选项)?\s*[(\[【]?\s*([A-Z])" + _ALONE),
+]
+_CORRECT = [
+    re.compile(r"(?:^|[.!?。\n]\s*|\b(?i:option|choice)\s*)\(?([A-Z])\)?\s+(?i:is)\s+(?i:the\s+)?(?i:correct|right)\b"),
+    re.compile(r"(?<![A-Za-z和与或、,])(?:选项)?\s*([A-Z])\s*(?:选项)?\s*(?:是)?(?:正确|对)(?!吗)"),
 ]
 _SOLE = re.compile(r"^\W*([A-Z])\W*$")
-_LEADING = re.compile(r"^\s*[\(（\[]?([A-Z])\s*[\)）\].:：、]")
-_BRACKETED = re.compile(r"[\(（\[]([A-Z])[\)）\]]")
+_LEADING = re.compile(r"^\s*[(\[【]?([A-Z])\s*[)\]】.:、]")
+_BRACKETED = re.compile(r"[(\[【]([A-Z])[)\]】]")
+_LABEL_THEN_TEXT = re.compile(r"(?:\b(?i:answer)\b\s*(?i:is)?\s*[:=]?|答案\s*(?:是|为)?\s*[:]?)[ \t]*([^\n]+)")
+
+
+def normalised_reply(text: str) -> str:
+    """`text` with full-width forms folded to ASCII and Markdown emphasis/code/heading marks removed."""
+    return _MARKUP.sub("", unicodedata.normalize("NFKC", text))
 
 
 def extract_letter(text: str, letters: list[str], options: dict[str, str] | None = None) -> str | None:
     """The option letter a free-text reply commits to, or None when it commits to none."""
     if not text:
         return None
+    text = normalised_reply(text)
     allowed = set(letters)
-    for pattern in _ANSWER_MARKERS:
-        hits = [m.group(1) for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
-        hits = [h.upper() for h in hits if h.upper() in allowed and h.isupper()]
+    for patterns in ([_BOXED], _LABELLED, _CORRECT):
+        hits = sorted((m.start(1), m.group(1)) for p in patterns for m in p.finditer(text) if m.group(1) in allowed)
+        if patterns is _CORRECT and len({h for _, h in hits}) > 1:
+            return None  # "A is correct ... C is correct": no single commitment
         if hits:
-            return hits[-1]  # the last stated answer is the final one
+            return hits[-1][1]  # the last stated answer is the final one
     stripped = text.strip()
     for pattern in (_SOLE, _LEADING):
         m = pattern.match(stripped)
@@ -71,9 +95,15 @@ def extract_letter(text: str, letters: list[str], options: dict[str, str] | None
     bracketed = {m.group(1) for m in _BRACKETED.finditer(text)} & allowed
     if len(bracketed) == 1:  # "Definitely (B)." - but "(A) or (C)" commits to nothing
         return bracketed.pop()
-    if options:
-        first_line = stripped.splitlines()[0].strip().rstrip(".。") if stripped else ""
-        matches = [k for k, v in options.items() if v.strip().lower() == first_line.lower()]
+    return letter_of_option_text(stripped, options) if options else None
+
+
+def letter_of_option_text(text: str, options: dict[str, str]) -> str | None:
+    """The option whose text is the reply's first line, or what follows its last answer label."""
+    candidates = [m.group(1) for m in _LABEL_THEN_TEXT.finditer(text)][-1:] + text.splitlines()[:1]
+    for candidate in candidates:
+        said = candidate.strip().rstrip(".。!！").strip().lower()
+        matches = [k for k, v in options.items() if normalised_reply(v).strip().lower() == said]
         if len(matches) == 1:
             return matches[0]
     return None
