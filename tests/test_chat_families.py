@@ -1,0 +1,104 @@
+"""Chat formats of real model families, on tiny tokenizers shaped like each (atkd.tiny.CHAT_FORMATS):
+which token is the answer letter, where generation stops, think blocks, the pinned date."""
+
+import dataclasses
+import datetime
+import logging
+
+import pytest
+import torch
+
+from atkd import prompts
+from atkd.letters import letter_token_ids
+from atkd.prompts import CLOSE_THINK, encode_prompt, prompts_version, render, think_handling
+from atkd.tiny import CHAT_FORMATS, train_chat_tokenizer, train_tokenizer
+from conftest import corpus, make_questions
+
+
+@pytest.fixture(scope="session")
+def families():
+    texts = corpus(make_questions(60, seed=3))
+    return {name: train_chat_tokenizer(texts, name, vocab_size=400) for name in CHAT_FORMATS}
+
+
+@pytest.fixture(scope="session")
+def questions4():
+    return [question_from_dict(q) for q in make_questions(6, seed=5)]
+
+
+# ----------------------------------------------------------------------------- defect 7: think blocks
+
+def fresh(name):
+    """A tokenizer no other test has rendered with (the think log is once per tokenizer object)."""
+    return train_chat_tokenizer(corpus(make_questions(10, seed=9)), name, vocab_size=300)
+
+
+def test_qwen3_thinking_is_turned_off_by_its_own_switch(caplog):
+    tok = fresh("qwen3")
+    with caplog.at_level(logging.INFO, logger="atkd.prompts"):
+        text = render(tok, "Which?")
+        assert render(tok, "Which else?").endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") and text.count("</think>") == 1
+    assert think_handling(tok) == "enable_thinking"
+    assert [r.getMessage() for r in caplog.records if "think" in r.getMessage()] == [
+        "chat template honours enable_thinking: thinking is turned off, the answer letter is the reply's first token"]
+
+
+def test_r1_open_think_block_is_closed_before_the_letter(caplog):
+    tok = fresh("r1")
+    with caplog.at_level(logging.INFO, logger="atkd.prompts"):
+        texts = [render(tok, f"Which {i}?") for i in range(3)]
+    assert all(t.endswith("<｜Assistant｜><think>\n" + CLOSE_THINK) for t in texts)
+    assert think_handling(tok) == "closed"
+    assert len([r for r in caplog.records if "closed empty think block" in r.getMessage()]) == 1
+    # the letter is the token after the closed block, as the model emits it after thinking
+    ids = letter_token_ids(tok, list("AB"))
+    assert encode_prompt(tok, texts[0] + "B")[-1] == ids[1]
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "llama2", "gemma"])
+def test_templates_without_think_blocks_are_left_alone(families, name):
+    tok = families[name]
+    assert think_handling(tok) == "none"
+    quoting = "What does <think> mean here?"  # a question that quotes the tag opens nothing
+    assert not render(tok, quoting).endswith(CLOSE_THINK)
+
+
+# ----------------------------------------------------------------------------- defect 8: the pinned date
+
+def test_llama3_prompt_says_the_pinned_date_not_today(families):
+    text = render(families["llama3"], "Which?")
+    assert "Today Date: 26 Jul 2024\n" in text
+    assert datetime.date.today().strftime("%d %b %Y") not in text or datetime.date.today() == prompts.PINNED_DATE
+
+
+def test_templates_that_call_strftime_now_get_the_pinned_date():
+    tok = train_tokenizer(["a b c"] * 5, vocab_size=300)
+    tok.chat_template = "{{ strftime_now('%Y-%m-%d') }}|{{ messages[0]['content'] }}"
+    assert render(tok, "x") == "2024-07-26|x"
+
+
+def test_prompts_version_names_every_prompt_text_and_the_date(monkeypatch):
+    v = prompts_version()
+    assert len(v) == 12 and int(v, 16) >= 0 and prompts_version() == v
+    monkeypatch.setitem(prompts.LABELS, "en", dataclasses.replace(prompts.LABELS["en"], answer="Final answer:"))
+    changed_label = prompts_version()
+    monkeypatch.undo()
+    assert prompts_version() == v
+    monkeypatch.setattr(prompts, "PINNED_DATE", datetime.date(2025, 1, 1))
+    assert len({v, changed_label, prompts_version()}) == 3
+
+
+def test_pinned_rendering_is_the_same_whatever_today_is(families, monkeypatch):
+    tok = families["llama3"]
+    before = render(tok, "Which?")
+
+    class Tomorrow(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2031, 5, 17, tzinfo=tz)
+
+    import transformers.utils.chat_template_utils as ctu
+    monkeypatch.setattr(ctu, "datetime", Tomorrow, raising=False)
+    assert render(tok, "Which?") == before
+    assert torch.equal(torch.tensor(encode_prompt(tok, before)), torch.tensor(encode_prompt(tok, render(tok, "Which?"))))
