@@ -1,7 +1,11 @@
 """The option-letter rule (DESIGN §8): which token is "the answer", and reading a letter from text.
 
-The answer token for letter X is the first token of a reply that is X, derived per tokenizer by
-encoding a probe prompt with and without the reply, and checked to decode to X. Scoring, teacher
+The answer token for letter X is the first token of a reply that is X, as the model would emit it:
+- with a chat template, the first token the template puts after the generation prompt when the
+  assistant's turn is "X" (`prompts.reply_token_ids`). SentencePiece chat formats (Llama-2/Mistral
+  "[INST] ... [/INST]") render the reply as " X", so their letter is "▁X", not the bare "X";
+- without one, the token that follows the plain prompt's "Answer:" cue (plus `reply_prefix`).
+Each is checked to decode to X and to differ from the other letters' tokens. Scoring, teacher
 logits and training all use these ids, so KD and CE see the same tokens (the reference mixed
 " A" and "A").
 """
@@ -13,7 +17,7 @@ import unicodedata
 import weakref
 
 from .errors import InputError
-from .prompts import LABELS, encode_prompt, render, reply_prefix
+from .prompts import LABELS, encode_prompt, has_chat_template, render, reply_prefix, reply_token_ids
 
 # Per tokenizer object (weakly held: a freed tokenizer's id() can be reused by a new one).
 _CACHE: "weakref.WeakKeyDictionary[object, dict[str, dict[str, int]]]" = weakref.WeakKeyDictionary()
@@ -22,25 +26,37 @@ _CACHE: "weakref.WeakKeyDictionary[object, dict[str, dict[str, int]]]" = weakref
 def letter_token_ids(tokenizer, letters: list[str] | str, lang: str = "en", source: str = "tokenizer") -> list[int]:
     """Token id of each letter at the answer position; `InputError` if a letter is not one token."""
     table = _CACHE.setdefault(tokenizer, {}).setdefault(lang, {})
-    missing = [L for L in letters if L not in table]
-    if missing:
-        probe = render(tokenizer, "?", plain_cue=LABELS[lang].answer)
-        base = encode_prompt(tokenizer, probe)
-        prefix = reply_prefix(tokenizer, lang)
-        for letter in missing:
-            full = encode_prompt(tokenizer, probe + prefix + letter)
-            if len(full) <= len(base) or full[: len(base)] != base:
-                raise InputError(source, f"option letter {letter!r} changes the prompt's tokens; "
-                                         "cannot score letters with this tokenizer")
-            tok = full[len(base)]
-            if tokenizer.decode([tok]).strip() != letter:
-                raise InputError(source, f"option letter {letter!r} is not a single token at the answer "
-                                         f"position (first token decodes to {tokenizer.decode([tok])!r})")
-            table[letter] = tok
+    for letter in [L for L in letters if L not in table]:
+        tok = (_template_letter_token if has_chat_template(tokenizer) else _cue_letter_token)(
+            tokenizer, letter, lang, source)
+        if tokenizer.decode([tok]).strip() != letter:
+            raise InputError(source, f"option letter {letter!r} is not a single token at the answer "
+                                     f"position (first token decodes to {tokenizer.decode([tok])!r})")
+        table[letter] = tok
     ids = [table[L] for L in letters]
     if len(set(ids)) != len(ids):
         raise InputError(source, "two option letters map to the same token")
     return ids
+
+
+def _template_letter_token(tokenizer, letter: str, lang: str, source: str) -> int:
+    """The first token the chat template puts after the generation prompt for the reply `letter`."""
+    ids = reply_token_ids(tokenizer, letter)
+    if not ids:
+        raise InputError(source, f"the chat template renders no assistant reply {letter!r} after its generation "
+                                 "prompt; cannot score letters with this template")
+    return ids[0]
+
+
+def _cue_letter_token(tokenizer, letter: str, lang: str, source: str) -> int:
+    """The token after the plain prompt's answer cue when the reply is `letter` (no chat template)."""
+    probe = render(tokenizer, "?", plain_cue=LABELS[lang].answer)
+    base = encode_prompt(tokenizer, probe)
+    full = encode_prompt(tokenizer, probe + reply_prefix(tokenizer, lang) + letter)
+    if len(full) <= len(base) or full[: len(base)] != base:
+        raise InputError(source, f"option letter {letter!r} changes the prompt's tokens; "
+                                 "cannot score letters with this tokenizer")
+    return full[len(base)]
 
 
 # Reading a letter from a reply. The text is first normalised: NFKC folds full-width letters,

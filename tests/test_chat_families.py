@@ -10,8 +10,11 @@ import torch
 
 from atkd import prompts
 from atkd.letters import letter_token_ids
-from atkd.prompts import CLOSE_THINK, encode_prompt, prompts_version, render, think_handling
-from atkd.tiny import CHAT_FORMATS, train_chat_tokenizer, train_tokenizer
+from atkd.prompts import (CLOSE_THINK, encode_prompt, mcq_prompt, prompts_version, render, reply_token_ids,
+                          think_handling)
+from atkd.records import question_from_dict
+from atkd.scoring import letter_mass_summary, score_questions
+from atkd.tiny import CHAT_FORMATS, scripted_model, train_chat_tokenizer, train_tokenizer
 from conftest import corpus, make_questions
 
 
@@ -24,6 +27,52 @@ def families():
 @pytest.fixture(scope="session")
 def questions4():
     return [question_from_dict(q) for q in make_questions(6, seed=5)]
+
+
+# ----------------------------------------------------------------------------- defect 6: the letter token
+
+@pytest.mark.parametrize("name", list(CHAT_FORMATS))
+def test_letter_token_is_the_first_token_of_the_templated_reply(families, name):
+    tok = families[name]
+    ids = letter_token_ids(tok, list("ABCD"))
+    assert [tok.decode([i]).strip() for i in ids] == list("ABCD")
+    assert len(set(ids)) == 4
+    assert ids == [reply_token_ids(tok, L)[0] for L in "ABCD"]
+
+
+def test_sentencepiece_chat_letter_carries_the_word_start_marker(families):
+    """Llama-2/Mistral render the reply as " A": the model's first reply token is "▁A", not "A"."""
+    tok = families["llama2"]
+    assert tok.convert_ids_to_tokens(letter_token_ids(tok, list("ABCD"))) == ["▁A", "▁B", "▁C", "▁D"]
+
+
+def test_letter_mass_of_a_model_answering_in_the_llama2_format(families, questions4, caplog):
+    """A model that answers "▁B" right after "[/INST]" holds (nearly) all its mass on the letters."""
+    tok = families["llama2"]
+    last = {encode_prompt(tok, mcq_prompt(tok, q, "en"))[-1] for q in questions4}
+    assert len(last) == 1  # every prompt ends with the same token ("]" of "[/INST]")
+    model = scripted_model(tok, {last.pop(): tok.convert_tokens_to_ids("▁B")})
+    got = []
+    score_questions(model, tok, questions4, "en", batch_size=4, on_batch=got.extend)
+    assert all(s.pred_letter == "B" for _, s in got)
+    with caplog.at_level(logging.WARNING, logger="atkd.scoring"):
+        summary = letter_mass_summary([s.letter_mass for _, s in got], source="llama2")
+    assert summary["n"] == len(questions4) and summary["mean_letter_mass"] > 0.99
+    assert summary["share_below_threshold"] == 0.0 and not caplog.records
+
+
+def test_letter_mass_summary_warns_when_the_mean_is_below_half(caplog):
+    with caplog.at_level(logging.WARNING, logger="atkd.scoring"):
+        summary = letter_mass_summary([0.9, 0.2, 0.1], source="student")
+    assert summary["mean_letter_mass"] == pytest.approx(0.4) and summary["min_letter_mass"] == pytest.approx(0.1)
+    assert summary["share_below_threshold"] == pytest.approx(2 / 3) and summary["threshold"] == 0.5
+    [record] = caplog.records
+    assert "student" in record.getMessage() and "prompt or chat template is probably wrong" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="atkd.scoring"):
+        assert letter_mass_summary([0.9, 0.6])["mean_letter_mass"] == pytest.approx(0.75)
+        assert letter_mass_summary([])["mean_letter_mass"] is None
+    assert not caplog.records
 
 
 # ----------------------------------------------------------------------------- defect 7: think blocks
