@@ -9,13 +9,17 @@ import pytest
 import torch
 
 from atkd import prompts
+from atkd.generation import end_of_turn_id, generate_batch, stop_token_ids
 from atkd.letters import letter_token_ids
 from atkd.prompts import (CLOSE_THINK, encode_prompt, mcq_prompt, prompts_version, render, reply_token_ids,
                           think_handling)
 from atkd.records import question_from_dict
 from atkd.scoring import letter_mass_summary, score_questions
-from atkd.tiny import CHAT_FORMATS, scripted_model, train_chat_tokenizer, train_tokenizer
+from atkd.tiny import CHAT_FORMATS, generation_eos_ids, scripted_model, train_chat_tokenizer, train_tokenizer
 from conftest import corpus, make_questions
+
+END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "llama2": "</s>", "gemma": "<end_of_turn>",
+               "r1": "<｜end▁of▁sentence｜>", "qwen3": "<|im_end|>"}
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +77,50 @@ def test_letter_mass_summary_warns_when_the_mean_is_below_half(caplog):
         assert letter_mass_summary([0.9, 0.6])["mean_letter_mass"] == pytest.approx(0.75)
         assert letter_mass_summary([])["mean_letter_mass"] is None
     assert not caplog.records
+
+
+# ----------------------------------------------------------------------------- defect 1: end of turn
+
+@pytest.mark.parametrize("name", list(CHAT_FORMATS))
+def test_end_of_turn_token_per_family(families, name):
+    tok = families[name]
+    assert end_of_turn_id(tok) == tok.convert_tokens_to_ids(END_OF_TURN[name])
+
+
+def test_end_of_turn_of_the_minimal_template_and_of_plain_text():
+    chat = train_tokenizer(["a b c"] * 5, vocab_size=300)
+    plain = train_tokenizer(["a b c"] * 5, vocab_size=300, chat=False)
+    assert end_of_turn_id(chat) == chat.convert_tokens_to_ids("<|end|>")
+    assert end_of_turn_id(plain) is None
+
+
+def chatty_model(tok, prompt_ids, end_of_turn, generation_eos):
+    """Says "A", ends its turn, then keeps talking ("B B B ...") if nothing stops it."""
+    a, b = tok.convert_tokens_to_ids("A"), tok.convert_tokens_to_ids("B")
+    model = scripted_model(tok, {prompt_ids[0][-1]: a, a: end_of_turn, end_of_turn: b, b: b})
+    model.generation_config.eos_token_id = generation_eos
+    return model
+
+
+def test_generation_stops_at_the_generation_config_eos_not_only_the_tokenizer_eos(families, questions4):
+    """Llama-3: the tokenizer's eos is <|end_of_text|>, a turn ends with <|eot_id|> (in the generation config)."""
+    tok = families["llama3"]
+    ids = [encode_prompt(tok, mcq_prompt(tok, q, "en")) for q in questions4[:2]]
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert eot != tok.eos_token_id
+    model = chatty_model(tok, ids, eot, generation_eos_ids(tok, "llama3"))
+    assert generate_batch(model, tok, ids, max_new_tokens=6) == ["A", "A"]
+    assert stop_token_ids(model, tok) == sorted(generation_eos_ids(tok, "llama3"))
+
+
+def test_generation_stops_at_the_templates_end_of_turn_when_the_config_lacks_it(families, questions4):
+    """Gemma fine-tune whose generation config lists only <eos>: the template's <end_of_turn> still stops it."""
+    tok = families["gemma"]
+    ids = [encode_prompt(tok, mcq_prompt(tok, q, "en")) for q in questions4[:1]]
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    model = chatty_model(tok, ids, eot, tok.eos_token_id)  # an int, as many configs have it
+    assert generate_batch(model, tok, ids, max_new_tokens=6) == ["A"]
+    assert stop_token_ids(model, tok) == sorted({tok.eos_token_id, eot})
 
 
 # ----------------------------------------------------------------------------- defect 7: think blocks
