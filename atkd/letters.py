@@ -12,12 +12,15 @@ logits and training all use these ids, so KD and CE see the same tokens (the ref
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
 import weakref
 
 from .errors import InputError
 from .prompts import LABELS, encode_prompt, has_chat_template, render, reply_prefix, reply_token_ids
+
+log = logging.getLogger(__name__)
 
 # Per tokenizer object (weakly held: a freed tokenizer's id() can be reused by a new one).
 _CACHE: "weakref.WeakKeyDictionary[object, dict[str, dict[str, int]]]" = weakref.WeakKeyDictionary()
@@ -40,8 +43,17 @@ def letter_token_ids(tokenizer, letters: list[str] | str, lang: str = "en", sour
 
 
 def _template_letter_token(tokenizer, letter: str, lang: str, source: str) -> int:
-    """The first token the chat template puts after the generation prompt for the reply `letter`."""
-    ids = reply_token_ids(tokenizer, letter)
+    """The first token the chat template puts after the generation prompt for the reply `letter`.
+
+    A template that refuses to render an assistant turn falls back to the letter appended to the
+    generation prompt (right for every template whose reply starts flush after it).
+    """
+    try:
+        ids = reply_token_ids(tokenizer, letter)
+    except Exception as exc:  # jinja2's TemplateError, or raise_exception() inside the template
+        log.warning("chat template cannot render an assistant reply (%s); the letter token is the bare letter "
+                    "after the generation prompt", exc)
+        return _cue_letter_token(tokenizer, letter, lang, source)
     if not ids:
         raise InputError(source, f"the chat template renders no assistant reply {letter!r} after its generation "
                                  "prompt; cannot score letters with this template")

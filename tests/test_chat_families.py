@@ -50,6 +50,16 @@ def test_sentencepiece_chat_letter_carries_the_word_start_marker(families):
     assert tok.convert_ids_to_tokens(letter_token_ids(tok, list("ABCD"))) == ["▁A", "▁B", "▁C", "▁D"]
 
 
+def test_template_without_assistant_turns_falls_back_to_the_bare_letter(caplog):
+    tok = train_tokenizer(corpus(make_questions(10, seed=4)), vocab_size=300)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ raise_exception('no replies') }}"
+                         "{% endif %}<|user|>\n{{ m['content'] }}<|end|>\n{% endfor %}<|assistant|>\n")
+    with caplog.at_level(logging.WARNING, logger="atkd.letters"):
+        ids = letter_token_ids(tok, list("AB"))
+    assert ids == [encode_prompt(tok, render(tok, "?") + L)[-1] for L in "AB"]
+    assert "cannot render an assistant reply" in caplog.text
+
+
 def test_letter_mass_of_a_model_answering_in_the_llama2_format(families, questions4, caplog):
     """A model that answers "▁B" right after "[/INST]" holds (nearly) all its mass on the letters."""
     tok = families["llama2"]
