@@ -13,11 +13,23 @@ Two kinds of KD target:
   position, compared with the student's logits for its *own* letter tokens there, both
   renormalised over the options and softened by T (exact: softmax(z/T) restricted to the options);
 - token level: per response token, the teacher's top-k log-probabilities plus one *tail bucket*
-  holding the rest of the probability mass. The student's full-vocabulary distribution is folded
-  into the same k+1 buckets, then both (k+1)-bucket distributions are softened by T. At T = 1 this
-  is the exact KL between the bucketed distributions; at other T it softens the buckets, not the
-  vocabulary (the teacher's full distribution is not stored), identically on both sides, so the
-  divergence is zero when the student matches the teacher.
+  holding the rest of the probability mass q. The student's full-vocabulary distribution is folded
+  into the same k+1 buckets (its own log-probs at the teacher's top-k ids, and its own tail mass).
+  Temperature then softens only the relative shape among the k top-k buckets; the tail keeps its
+  untempered mass, on both sides (`temper_buckets`):
+
+      buckets_T = [(1 - q) * softmax(log p_topk / T), q]
+
+  Why not soften all k+1 buckets alike: the tail is not one token but the sum of V - k of them.
+  Tempered as if it were one, its mass is raised to the power 1/T (0.01 -> 0.1 at T = 2, before
+  renormalisation), and the student is pushed to keep ten times the teacher's mass outside the
+  teacher's top-k. With the tail untempered, forward KL splits exactly into
+  KL(Bernoulli(q_t) || Bernoulli(q_s)) + (1 - q_t) * KL(shape_t,T || shape_s,T): the tail's total is
+  matched at its true value, T softens only what it is meant to (the top-k shape), the divergence is
+  zero when the student equals the teacher, and the gradient reaches the student through both parts
+  (its top-k mass and its tail mass). At T = 1 this is the exact KL between the bucketed distributions.
+  Note that `combined_loss` multiplies KD by T^2 (the usual compensation for softened logits), which
+  also weights the untempered tail term by T^2.
 
 The logits come from `atkd.head.HeadAtPositions` (the output head applied at response positions
 only: N_response x V, never B x L x V for the prompt). `response_loss_sums` reads every term (CE,
@@ -135,12 +147,24 @@ def bucket_logp(logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     return gathered_logp(logits, topk_ids, topk_ids.shape[-1])
 
 
+def temper_buckets(buckets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log [(1 - q) * softmax(log p_topk / T), q] of k+1 log-buckets (the last is the tail q).
+
+    1 - q is the top-k buckets' own total (a logsumexp: exact for the student, whose buckets come
+    from one distribution, and accurate for the teacher's stored fp32 values); the result is
+    renormalised, so a teacher whose stored top-k and tail disagree by rounding still sums to one.
+    """
+    head, tail = buckets[..., :-1], buckets[..., -1:]
+    head_mass = torch.logsumexp(head, dim=-1, keepdim=True)
+    return torch.log_softmax(torch.cat([head_mass + soften(head, temperature), tail], dim=-1), dim=-1)
+
+
 def bucket_kd(student_buckets: torch.Tensor, teacher_topk_logp: torch.Tensor, teacher_tail_logp: torch.Tensor,
               temperature: float, kind: str) -> torch.Tensor:
-    """Per-token KD between (k+1)-bucket distributions, both softened by T after bucketing."""
-    s = soften(student_buckets, temperature)
+    """Per-token KD between (k+1)-bucket distributions, T softening the top-k shape only (see module doc)."""
+    s = temper_buckets(student_buckets, temperature)
     t_buckets = torch.cat([teacher_topk_logp, teacher_tail_logp.unsqueeze(-1)], dim=-1).to(s.dtype)
-    t = soften(t_buckets.clamp(min=_TEACHER_FLOOR), temperature)
+    t = temper_buckets(t_buckets.clamp(min=_TEACHER_FLOOR), temperature)
     return divergence(t, s, kind)
 
 

@@ -8,16 +8,50 @@
 With a chat template the prompt is rendered through it (generation prompt added) and the reply
 starts right after; without one the prompt is plain text that ends with the answer label
 ("Answer:"), and the reply starts with a space (see `reply_prefix`).
+
+Rendering is made to depend on nothing but the text and the tokenizer:
+- the date is pinned (`PINNED_DATE`): Llama-3.x templates print today's date in the system header
+  (`date_string`, or `strftime_now` when not given), which would change every prompt, the
+  teacher/student byte-for-byte match across days and every resume fingerprint at midnight. A
+  fixed `date_string` is passed, and `strftime_now("<fmt>")` calls are rewritten to the pinned
+  date (`pinned_clock_template`);
+- thinking is off: first-token letter scoring needs the letter to be the first token of the reply.
+  `enable_thinking=False` is passed (Qwen3 then renders a closed, empty think block); a template
+  whose generation prompt still ends inside an open think block (DeepSeek-R1 distills end with
+  "<think>\\n") gets a closed empty block appended (`CLOSE_THINK`), so the letter is scored after it.
+  Which of the two happened is logged once per tokenizer (`think_handling`).
+
+`prompts_version()` is a short hash of every text here; fingerprints include it so that changing
+a prompt reruns the stages that used it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import functools
+import hashlib
+import json
+import logging
 import re
+import weakref
 from dataclasses import dataclass
 
 from .records import LETTERS, Question
 
+log = logging.getLogger(__name__)
+
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+
+# The "today" of every rendered prompt. 26 Jul 2024 is the date Llama-3.1/3.2 templates fall back
+# to themselves when no date is available, so pinned prompts equal what those templates render
+# offline; changing it changes `prompts_version()` and so reruns every stage.
+PINNED_DATE = datetime.date(2024, 7, 26)
+DATE_STRING_FORMAT = "%d %b %Y"  # how Llama-3.x templates write date_string ("26 Jul 2024")
+
+# The think-block tags of the reasoning families that use them (DeepSeek-R1 and its distills, Qwen3, QwQ).
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CLOSE_THINK = THINK_CLOSE + "\n\n"  # what Qwen3 itself renders after an empty think block
 
 
 @dataclass(frozen=True)
@@ -114,15 +148,130 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def template_kwargs() -> dict:
+    """Extra variables every chat template is rendered with (see the module docstring)."""
+    return dict(enable_thinking=False, date_string=PINNED_DATE.strftime(DATE_STRING_FORMAT))
+
+
+# `strftime_now("<format>")` with a literal format: how templates that print a date call the clock.
+_STRFTIME_CALL = re.compile(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""")
+
+
+def pinned_clock_template(template: str) -> tuple[str, tuple[str, ...]]:
+    """`template` with each `strftime_now("<fmt>")` call replaced by the pinned date in that format.
+
+    transformers' `strftime_now` is a global of its Jinja environment that reads the real clock, and
+    transformers 5 replaces callables passed as template variables with inert placeholders, so the
+    clock cannot be swapped from outside: the calls are rewritten into `atkd_pinned_dates[i]`, a
+    plain list passed with the render. (A format held in a variable, which no known template uses,
+    would still read the clock.)
+    """
+    return _pinned_clock_template(template, PINNED_DATE)
+
+
+@functools.lru_cache(maxsize=64)
+def _pinned_clock_template(template: str, date: datetime.date) -> tuple[str, tuple[str, ...]]:
+    formats: list[str] = []
+
+    def pinned(m: re.Match) -> str:
+        if m.group(2) not in formats:
+            formats.append(m.group(2))
+        return f"atkd_pinned_dates[{formats.index(m.group(2))}]"
+
+    rewritten = _STRFTIME_CALL.sub(pinned, template)
+    return rewritten, tuple(date.strftime(f) for f in formats)
+
+
+def apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool, enable_thinking: bool = False) -> str:
+    """The chat template's text for `messages`, with the date pinned (and, by default, thinking off)."""
+    kwargs = dict(template_kwargs(), enable_thinking=enable_thinking)
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # several named templates: the one apply_chat_template would pick
+        template = tokenizer.get_chat_template()
+    if "strftime_now" in template:
+        template, dates = pinned_clock_template(template)
+        kwargs.update(chat_template=template, atkd_pinned_dates=list(dates))
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **kwargs)
+
+
 def render(tokenizer, user_text: str, plain_cue: str = "") -> str:
     """The full prompt text: through the chat template when there is one, else plain text + cue."""
     if has_chat_template(tokenizer):
-        messages = [{"role": "user", "content": user_text}]
-        # enable_thinking=False keeps reasoning templates (Qwen3) from opening a think block;
-        # templates that don't know the variable ignore it.
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             enable_thinking=False)
+        text = apply_template(tokenizer, [{"role": "user", "content": user_text}], add_generation_prompt=True)
+        _log_think_handling(tokenizer)
+        if ends_in_open_think(text, user_text):
+            text += CLOSE_THINK
+        return text
     return f"{user_text}\n\n{plain_cue}" if plain_cue else f"{user_text}\n\n"
+
+
+def ends_in_open_think(text: str, user_text: str = "") -> bool:
+    """Whether `text` ends inside a think block the template opened after the user's words.
+
+    Only the part after the user's text counts: a question that quotes "<think>" opens nothing.
+    """
+    at = text.rfind(user_text.strip()) if user_text.strip() else -1
+    tail = text[at + len(user_text.strip()):] if at >= 0 else text
+    opened = tail.rfind(THINK_OPEN)
+    return opened >= 0 and THINK_CLOSE not in tail[opened:]
+
+
+# Per tokenizer object (weakly held), how its template's think block is handled.
+_THINK: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
+
+
+def think_handling(tokenizer) -> str:
+    """How `render` keeps this tokenizer's reply from starting inside a think block.
+
+    "enable_thinking": the template honours enable_thinking=False (its generation prompt changes);
+    "closed": the generation prompt opens a think block anyway, `render` appends `CLOSE_THINK`;
+    "none": no think block at the generation prompt (or no chat template).
+    """
+    if not has_chat_template(tokenizer):
+        return "none"
+    if tokenizer not in _THINK:
+        user = [{"role": "user", "content": "?"}]
+        off = apply_template(tokenizer, user, add_generation_prompt=True)
+        on = apply_template(tokenizer, user, add_generation_prompt=True, enable_thinking=True)
+        _THINK[tokenizer] = ("closed" if ends_in_open_think(off, "?") else
+                             "enable_thinking" if on != off else "none")
+    return _THINK[tokenizer]
+
+
+_THINK_LOGGED: "weakref.WeakSet[object]" = weakref.WeakSet()
+
+
+def _log_think_handling(tokenizer) -> None:
+    """Say once per tokenizer which of the two ways turned thinking off, if either was needed."""
+    if tokenizer in _THINK_LOGGED:
+        return
+    _THINK_LOGGED.add(tokenizer)
+    how = think_handling(tokenizer)
+    if how == "enable_thinking":
+        log.info("chat template honours enable_thinking: thinking is turned off, the answer letter is the "
+                 "reply's first token")
+    elif how == "closed":
+        log.info("chat template opens a think block at the generation prompt and has no switch for it: a "
+                 "closed empty think block (%r) is appended, the answer letter is read after it", CLOSE_THINK)
+
+
+def reply_token_ids(tokenizer, reply: str, user_text: str = "?") -> list[int]:
+    """The token ids a chat template puts after the generation prompt when the assistant says `reply`:
+    the reply as the model would emit it, then whatever closes the turn.
+
+    Found by rendering [user, assistant=reply] and [user] + generation prompt and taking what
+    follows their shared token prefix, so the ids are those of the reply in context (e.g. "▁A"
+    after Llama-2's "[/INST] ", not "A"). Empty when the template renders no such turn.
+    """
+    prompt = encode_prompt(tokenizer, render(tokenizer, user_text))
+    turn = encode_prompt(tokenizer, apply_template(
+        tokenizer, [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}],
+        add_generation_prompt=False))
+    shared = 0
+    while shared < min(len(prompt), len(turn)) and prompt[shared] == turn[shared]:
+        shared += 1
+    return turn[shared:]
 
 
 def mcq_prompt(tokenizer, q: Question, lang: str, cot: bool = False) -> str:
@@ -171,3 +320,27 @@ def ability_question(q: Question, abilities: list[str], lang: str) -> Question:
 def tree_level_user_text(domain: str, ability_path: list[str] | tuple[str, ...], n: int, lang: str) -> str:
     """Ask for the children of one node of the ability tree."""
     return LABELS[lang].tree_task.format(n=n, domain=domain, ability=ABILITY_SEP.join(ability_path))
+
+
+def prompts_version() -> str:
+    """12 hex digits identifying every prompt text and format of this module and the pinned date.
+
+    Hashes what the functions produce for fixed sample inputs (in both languages), so an edit to a
+    label or to how a block is laid out changes it, and an edit to a comment does not.
+    """
+    sample = Question(id=0, question="Q?", options={"A": "a", "B": "b"}, answer_idx="B")
+    produced = {
+        "labels": {lang: dataclasses.asdict(lab) for lang, lab in LABELS.items()},
+        "ability_sep": ABILITY_SEP,
+        "date": PINNED_DATE.isoformat(),
+        "date_format": DATE_STRING_FORMAT,
+        "think": [THINK_OPEN, THINK_CLOSE, CLOSE_THINK],
+        "template_kwargs": sorted(template_kwargs()),
+    }
+    for lang in LABELS:
+        produced[lang] = [mcq_user_text(sample, lang), mcq_user_text(sample, lang, cot=True),
+                          question_block(sample, lang, with_answer=True), answer_line("C", lang),
+                          write_question_user_text(["D", "E"], [sample], 4, lang, "dom"),
+                          tree_level_user_text("dom", ["D"], 3, lang), render(None, "u", LABELS[lang].answer)]
+    blob = json.dumps(produced, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:12]

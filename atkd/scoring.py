@@ -4,14 +4,23 @@ One forward pass per left-padded batch; the model's head runs on the last positi
 (`logits_to_keep=1`), so a batch costs B x V logits, not B x L x V. The probabilities are over the
 item's own options; `letter_mass` is how much of the full-vocabulary probability the option
 letters hold (low mass means the model is not answering in the expected format).
+`letter_mass_summary` condenses a scoring run's masses and warns when they are low.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
+
+log = logging.getLogger(__name__)
+
+# Below this mean letter mass the model mostly wants to say something other than a letter, so
+# the option probabilities are read from the margin of its distribution.
+LOW_LETTER_MASS = 0.5
 
 from .batching import left_pad
 from .models import input_device, last_logits_kwarg
@@ -72,3 +81,22 @@ def score_questions(model, tokenizer, questions, lang: str, batch_size: int, on_
         on_batch(list(zip(qs, scores_from_logits(logits, letter_ids, letters))))
         if progress is not None:
             progress.update(len(batch))
+
+
+def letter_mass_summary(masses: Iterable[float], source: str = "the model") -> dict:
+    """Mean, min and share below `LOW_LETTER_MASS` of a scoring run's letter masses (probabilities).
+
+    Logs a warning when the mean is below `LOW_LETTER_MASS`: the model is not answering with a
+    letter at the answer position, so the prompt or the chat template is probably wrong for it
+    (e.g. a letter token without its word-start marker, or a reply that starts in a think block).
+    """
+    values = [float(m) for m in masses]
+    n = len(values)
+    summary = {"n": n, "mean_letter_mass": sum(values) / n if n else None, "min_letter_mass": min(values, default=None),
+               "share_below_threshold": sum(v < LOW_LETTER_MASS for v in values) / n if n else None,
+               "threshold": LOW_LETTER_MASS}
+    if n and summary["mean_letter_mass"] < LOW_LETTER_MASS:
+        log.warning("%s puts on average only %.3f of its probability on the option letters at the answer position "
+                    "(%d items; threshold %.2f): the prompt or chat template is probably wrong for this model",
+                    source, summary["mean_letter_mass"], n, LOW_LETTER_MASS)
+    return summary

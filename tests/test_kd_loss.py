@@ -41,6 +41,12 @@ def hand_log_softmax(xs):
     return [x - lse for x in xs]
 
 
+def hand_tempered(buckets, T):
+    """[(1 - q) * softmax(log p_topk / T), q] of probabilities [p_1..p_k, q]."""
+    head = sum(buckets[:-1])
+    return [head * x for x in hand_softmax([math.log(b) for b in buckets[:-1]], T)] + [buckets[-1]]
+
+
 KINDS = ["forward_kl", "reverse_kl", "jsd"]
 
 
@@ -86,9 +92,9 @@ def test_token_kd_tail_bucket_matches_hand_computation(kind, T):
         s_full = [math.exp(x) for x in hand_log_softmax(s_logits[r])]
         s_buckets = [s_full[i] for i in ids] + [1.0 - sum(s_full[i] for i in ids)]
         t_buckets = [math.exp(x) for x in top_logp[-1]] + [tail_mass]
-        # both (k+1)-bucket distributions softened by T
-        p = hand_softmax([math.log(x) for x in t_buckets], T)
-        q = hand_softmax([math.log(x) for x in s_buckets], T)
+        # T softens the top-k shape on both sides; each tail keeps its untempered mass
+        p = hand_tempered(t_buckets, T)
+        q = hand_tempered(s_buckets, T)
         hand.append(hand_div(p, q, kind))
     f64 = dict(dtype=torch.float64)
     got = token_kd(torch.tensor(s_logits, **f64), torch.tensor(top_ids), torch.tensor(top_logp, **f64),
@@ -129,8 +135,14 @@ def reference_sums(logits, batch, T, kind):
     s = torch.cat([rows.gather(-1, batch["tok_ids"]),
                    torch.logsumexp(rows.scatter(-1, batch["tok_ids"], float("-inf")), -1, keepdim=True)], -1)
     t = torch.cat([batch["tok_logp"], batch["tok_tail"][:, None]], -1).double()
-    kd = kd + (divergence(soften(t, T), soften(s, T), kind) * batch["tok_weight"]).sum()
+    kd = kd + (divergence(plain_tempered(t, T), plain_tempered(s, T), kind) * batch["tok_weight"]).sum()
     return ce, kd
+
+
+def plain_tempered(buckets, T):
+    """log [(1 - q) * softmax(log p_topk / T), q], renormalised (the teacher's rounding), written out."""
+    head = torch.log_softmax(buckets[:, :-1] / T, -1) + torch.logsumexp(buckets[:, :-1], -1, keepdim=True)
+    return torch.log_softmax(torch.cat([head, buckets[:, -1:]], -1), -1)
 
 
 @pytest.mark.parametrize("kind", KINDS)
