@@ -102,20 +102,14 @@ def signature(path: str | Path) -> str:
 
 # --------------------------------------------------------------------------- fingerprints
 
-def prompts_version() -> str:
-    """A short hash of every prompt the pipeline renders (their words decide every model's input)."""
-    from . import prompts
-
-    text = json.dumps({k: vars(v) for k, v in prompts.LABELS.items()}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
 def fingerprint(cfg: StageConfig, exclude: tuple[str, ...] = ()) -> dict:
     """What decides the stage's output: settings, input contents, code and prompt versions.
 
     `exclude` leaves out settings that do not concern a part of the work (one agent's answers do
     not depend on the other agent's model).
     """
+    from .prompts import prompts_version
+
     out: dict = {"stage": type(cfg).__name__, "version": cfg.version, "prompts": prompts_version()}
     for f in fields(cfg):
         meta = f.metadata

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from atkd.datasets import split_questions, split_sizes
+from atkd.errors import InputError
+from atkd.records import question_problem
 
-from atkd.datasets import split_questions, split_sizes  # noqa: E402
-from atkd.errors import InputError  # noqa: E402
-from atkd.records import question_problem  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def convert(*args) -> subprocess.CompletedProcess:
