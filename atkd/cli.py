@@ -115,6 +115,10 @@ class StageConfig:
             return out.parent / f"{out.name.split('.')[0]}.done.json"
         return out / f"{out.name}.done.json"
 
+    def locked_folders(self) -> list[Path]:
+        """The folders this run holds the lock of while it runs (`atkd.lock`): its record's folder."""
+        return [self.record_path().parent]
+
 
 # --------------------------------------------------------------------------- types
 
@@ -241,20 +245,23 @@ def setup_logging(main_process: bool = True) -> None:
 
 def stage_main(cls, run: Callable, argv=None, description: str | None = None, defaults: dict | None = None) -> int:
     """What every stage script does: parse its config, then `run(config)`; bad input exits 2."""
+    from .lock import holding
     from .models import set_quiet_env
 
     parser = build_parser(cls, description, defaults)
     args = parser.parse_args(argv)
     setup_logging(is_main_process())
     set_quiet_env()
-    if not is_main_process():  # one voice: rank 0 prints the error, the others only exit with its status
+    if not is_main_process():  # one voice: rank 0 prints the error (and holds the lock), the others only exit
         try:
             return _status(run(cls(**vars(args))))
         except InputError:
             return 2
     try:
         with exit_on_input_error():
-            return _status(run(cls(**vars(args))))
+            cfg = cls(**vars(args))
+            with holding(cfg.locked_folders()):  # one run per output folder; a second one exits 2 here
+                return _status(run(cfg))
     except StageFailed as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1

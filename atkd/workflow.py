@@ -109,6 +109,10 @@ class WorkflowConfig(StageConfig):
     def outputs(self) -> list[Path]:
         return [Path(self.workflow_output_dir) / paths.REPORT_JSON]
 
+    def locked_folders(self) -> list[Path]:
+        """Both output folders, for the whole run (a dry run writes nothing and locks nothing)."""
+        return [] if self.dry_run else [Path(self.workflow_output_dir), Path(self.models_output_dir)]
+
 
 def check_inputs(cfg: WorkflowConfig) -> list[int]:
     """Every file and folder the run will read, before any work; returns the usable GPU ids ([] = CPU)."""
