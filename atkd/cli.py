@@ -300,3 +300,14 @@ def trust_remote_code() -> bool:
 def api_key_env() -> str:
     return setting("OPENAI_API_KEY", affects_output=False,
                    help="environment variable holding the API key (never a flag: it would land in logs)")
+
+
+PLACEMENTS = ("auto", "per_gpu", "spread")
+
+
+def model_placement() -> str:
+    return setting("auto", choices=PLACEMENTS, affects_output=False,
+                   help="with several GPUs: per_gpu = one whole copy of the model per GPU, each worker "
+                        "taking a share of the work; spread = one copy split over all the listed GPUs "
+                        "(device_map auto, for a model larger than one GPU); auto = spread only when the "
+                        "weights (safetensors bytes x 1.25 for activations) exceed the emptiest GPU's free memory")

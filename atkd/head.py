@@ -32,8 +32,11 @@ class HeadAtPositions(nn.Module):
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                     position_ids=position_ids, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        picked = hidden[rows, cols]  # N x H: only where a loss is computed
+        # A model spread over GPUs (device_map) ends its body on the last GPU and may keep the head
+        # on another: index where the hidden states are, then multiply where the head is.
         head = self.model.get_output_embeddings()
+        picked = hidden[rows.to(hidden.device), cols.to(hidden.device)]  # N x H: only where a loss is computed
+        picked = picked.to(head.weight.device)
         bias = head.bias[: self.n_vocab] if getattr(head, "bias", None) is not None else None
         logits = F.linear(picked, head.weight[: self.n_vocab], bias)
         if self.logits_scaling:

@@ -3,6 +3,12 @@
 bf16 on GPU and fp32 on CPU unless told otherwise; safetensors only (never pickle);
 `trust_remote_code` off unless asked; tokenizers pad on the left (batched generation and
 last-position scoring need the real tokens flush right) and always have a pad token.
+
+Placement over several GPUs (`placement_plan`): a model that fits one GPU gets one worker per
+GPU, each with a whole copy and a share of the work; a model that does not (a 72B teacher on
+80 GB cards) is loaded once, spread over all the listed GPUs with `device_map="auto"` and a
+`max_memory` that names only those GPUs (never the CPU or disk: offloading would be silently
+slow). `--model_placement` forces either; `auto` decides from the weights' size on disk.
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ from .errors import InputError
 log = logging.getLogger(__name__)
 
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Memory needed on top of the weights, as a factor of their size: activations, the KV cache of a
+# generate batch, CUDA's workspace. A model whose safetensors bytes x this exceed a GPU's free
+# memory does not fit that GPU; a spread model may fill each GPU up to free / this.
+ACTIVATION_MARGIN = 1.25
+GIB = 1024 ** 3
 
 
 def usable_gpu_ids(gpu_ids: list[int]) -> list[int]:
@@ -115,6 +126,54 @@ def _dtype_kwarg() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
+def weights_bytes(path: str | Path) -> int:
+    """Bytes of the folder's safetensors weights (the files its index lists, when sharded)."""
+    return sum(f.stat().st_size for f in check_weight_files(Path(path)))
+
+
+def free_gpu_bytes(gpu_ids: list[int]) -> dict[int, int]:
+    """Free memory per GPU now, in bytes (what other processes hold is not ours to use)."""
+    return {g: torch.cuda.mem_get_info(g)[0] for g in gpu_ids}
+
+
+def choose_placement(placement: str, need_bytes: int, free: dict[int, int]) -> str:
+    """"per_gpu" (a whole copy per GPU) or "spread" (one copy over all of them) for a model of
+    `need_bytes` of weights, given each GPU's free bytes; one GPU (or none) is always per_gpu."""
+    if len(free) <= 1:
+        return "per_gpu"
+    if placement != "auto":
+        return placement
+    return "spread" if need_bytes * ACTIVATION_MARGIN > min(free.values()) else "per_gpu"
+
+
+def spread_max_memory(free: dict[int, int]) -> dict[int, int]:
+    """`max_memory` for `device_map="auto"`: only the listed GPUs, each up to its free memory
+    less the activation margin (no "cpu" or "disk" key: nothing is offloaded)."""
+    return {g: int(b / ACTIVATION_MARGIN) for g, b in free.items()}
+
+
+def placement_plan(path: str | Path, gpu_ids: list[int], placement: str = "auto") -> tuple[list[int], list[int]]:
+    """(GPUs that each run a worker with a whole copy, GPUs that one in-process copy is spread over):
+    (gpu_ids, []) or ([], gpu_ids); ([], []) on the CPU. `InputError` when even all of them cannot hold it."""
+    if len(gpu_ids) <= 1:
+        return list(gpu_ids), []
+    need, free = weights_bytes(path), free_gpu_bytes(gpu_ids)
+    choice = choose_placement(placement, need, free)
+    sizes = ", ".join(f"GPU {g} {b / GIB:.1f}" for g, b in free.items())
+    if choice == "per_gpu":
+        if need * ACTIVATION_MARGIN > min(free.values()):
+            log.warning("%s: %.1f GiB of weights may not fit one GPU (GiB free: %s); --model_placement spread "
+                        "would split it over them", path, need / GIB, sizes)
+        return list(gpu_ids), []
+    room = sum(spread_max_memory(free).values())
+    if need > room:
+        raise InputError(path, f"{need / GIB:.1f} GiB of weights do not fit GPUs {gpu_ids} even spread over all "
+                               f"of them (GiB free: {sizes}; {ACTIVATION_MARGIN}x the weights is kept for "
+                               "activations): list more GPUs, free them, or use a smaller model")
+    log.info("%s: %.1f GiB of weights, spread over GPUs %s (GiB free: %s)", path, need / GIB, gpu_ids, sizes)
+    return [], list(gpu_ids)
+
+
 def load_model(path: str | Path, device: torch.device | None = None, dtype: str = "auto",
                trust_remote_code: bool = False, device_map: dict | str | None = None,
                max_memory: dict | None = None):
@@ -123,6 +182,8 @@ def load_model(path: str | Path, device: torch.device | None = None, dtype: str 
 
     check_model_dir(path)
     device = device or torch.device("cpu")
+    if device_map is not None and max_memory and all(isinstance(k, int) for k in max_memory):
+        device = torch.device("cuda", next(iter(max_memory)))  # the dtype of GPUs (bf16), not of the CPU
     kwargs = {_dtype_kwarg(): resolve_dtype(dtype, device), "trust_remote_code": trust_remote_code,
               "use_safetensors": True}
     if device_map is not None:
@@ -136,9 +197,16 @@ def load_model(path: str | Path, device: torch.device | None = None, dtype: str 
     return model
 
 
-def load(path: str | Path, device: torch.device | None = None, dtype: str = "auto", trust_remote_code: bool = False):
-    """(model, tokenizer) of a local folder: the one way every stage loads a model."""
-    return load_model(path, device, dtype, trust_remote_code), load_tokenizer(path, trust_remote_code)
+def load(path: str | Path, device: torch.device | None = None, dtype: str = "auto", trust_remote_code: bool = False,
+         spread_over: list[int] | tuple[int, ...] = ()):
+    """(model, tokenizer) of a local folder: the one way every stage loads a model. With
+    `spread_over` (GPU ids, from `placement_plan`), one copy split over those GPUs instead of `device`."""
+    if spread_over:
+        model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, device_map="auto",
+                           max_memory=spread_max_memory(free_gpu_bytes(list(spread_over))))
+    else:
+        model = load_model(path, device, dtype, trust_remote_code)
+    return model, load_tokenizer(path, trust_remote_code)
 
 
 def input_device(model) -> torch.device:

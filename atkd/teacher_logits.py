@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .batching import left_pad, length_sorted_batches
-from .cli import INPUT, MODEL, OUTPUT, StageConfig, at_least, dtype, gpu_ids, lang, setting, trust_remote_code
+from .cli import (INPUT, MODEL, OUTPUT, StageConfig, at_least, dtype, gpu_ids, lang, model_placement, setting,
+                  trust_remote_code)
 from .errors import InputError
 from .fingerprint import DoneRecord
 from .head import HeadAtPositions
@@ -50,6 +51,7 @@ class LogitsConfig(StageConfig):
                                                     "for token-level KD; unset: option-level only")
     shard_size: int = setting(500, check=at_least(1), help="items per safetensors shard (the unit of resume)")
     gpu_ids: list[int] = gpu_ids()
+    model_placement: str = model_placement()
     dtype: str = dtype()
     trust_remote_code: bool = trust_remote_code()
 
@@ -120,6 +122,7 @@ class LogitsJob:
     parts_dir: str
     questions: list[dict]
     shards: list[list[int]]  # item indices of each shard
+    spread: list[int]  # GPUs one copy of the teacher is spread over (then a single worker); [] = a copy per worker
 
 
 def logits_worker(rank: int, gpu_id: int | None, shard_ids: list[int], writer, job: LogitsJob) -> None:
@@ -130,7 +133,7 @@ def logits_worker(rank: int, gpu_id: int | None, shard_ids: list[int], writer, j
     from .models import device_for, load
 
     cfg = job.cfg
-    model, tok = load(cfg.model_path, device_for(gpu_id), cfg.dtype, cfg.trust_remote_code)
+    model, tok = load(cfg.model_path, device_for(gpu_id), cfg.dtype, cfg.trust_remote_code, spread_over=job.spread)
     head = HeadAtPositions(model, len(tok))
     n_items = sum(len(job.shards[s]) for s in shard_ids)
     with tqdm(total=n_items, desc="teacher logits", unit="q", disable=rank != 0) as bar:
@@ -159,7 +162,7 @@ def validate_inputs(questions: list[Question], tokenizer, lang: str, top_k: int,
 
 def run(cfg: LogitsConfig) -> dict | None:
     """Compute (or finish) the store; returns its summary (the teacher's accuracy), None when done before."""
-    from .models import load_tokenizer, usable_gpu_ids
+    from .models import load_tokenizer, placement_plan, usable_gpu_ids
     from .prompts import language_of
     from .workers import run_workers
 
@@ -171,13 +174,14 @@ def run(cfg: LogitsConfig) -> dict | None:
     tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
     resolved = replace(cfg, lang=language_of(questions, cfg.lang))
     validate_inputs(questions, tokenizer, resolved.lang, cfg.top_k, cfg.response_field, cfg.dataset_path)
+    workers, spread = placement_plan(cfg.model_path, gpus, cfg.model_placement)
     record.start()
 
     output_dir = Path(cfg.output_dir)
     part_log = PartLog(output_dir, record.fingerprint, key_field="shard")
     part_log.open()
     job = LogitsJob(cfg=resolved, parts_dir=str(part_log.dir), questions=[q.to_dict() for q in questions],
-                    shards=plan_shards(len(questions), cfg.shard_size))
+                    shards=plan_shards(len(questions), cfg.shard_size), spread=spread)
 
     def done_shards() -> dict[int, dict]:
         """Shards whose file and part-log record both exist (a kill between the two redoes the shard)."""
@@ -186,7 +190,7 @@ def run(cfg: LogitsConfig) -> dict | None:
     todo = [s for s in range(len(job.shards)) if s not in done_shards()]
     if len(todo) < len(job.shards):
         log.info("resuming: %d of %d shards already done", len(job.shards) - len(todo), len(job.shards))
-    run_workers(logits_worker, todo, gpus, part_log, job)
+    run_workers(logits_worker, todo, workers, part_log, job)
     done = done_shards()
     missing = [s for s in range(len(job.shards)) if s not in done]
     if missing:
