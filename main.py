@@ -53,6 +53,22 @@ SAVE_STEPS = 1000  # optimizer steps between checkpoints
 SAVE_TOTAL_LIMIT = 2  # checkpoints kept per iteration (<= 0: all)
 ACCELERATE_CONFIG_FILE = ""  # optional `accelerate config` file (it then decides processes, precision, FSDP/DeepSpeed); empty: one process per GPU, bf16
 
+# ===================================================================== serving engines and GPUs (optional)
+# An OpenAI-compatible server (vLLM, SGLang, `transformers serve`, a hosted API) can stand in for the
+# local teacher when it writes the tree and the questions (its logits, step E, are still taken from
+# TEACHER_MODEL_PATH) and for either agent (which then answers in generate mode). README: "Serving engines".
+TEACHER_API_BASE = ""  # e.g. "http://127.0.0.1:8000/v1"; empty: the local TEACHER_MODEL_PATH writes
+TEACHER_API_MODEL = ""  # the model name the server serves (vllm serve --served-model-name)
+AGENT_1_API_BASE = ""  # empty: AGENT_MODEL_1_PATH answers locally, in score mode
+AGENT_1_API_MODEL = ""
+AGENT_2_API_BASE = ""
+AGENT_2_API_MODEL = ""
+API_KEY_ENV = "OPENAI_API_KEY"  # the environment variable holding the servers' key (never a constant: it would be logged)
+API_CONCURRENCY = 8  # requests in flight at once per server
+API_TIMEOUT_S = 300.0  # seconds per request before it is retried
+API_MAX_ATTEMPTS = 4  # tries per request (waits of 1, 2, 4 s between) before the step fails
+MODEL_PLACEMENT = "auto"  # local teacher/agents on several GPUs: per_gpu | spread (one copy over all) | auto
+
 # ===================================================================== outputs
 WORKFLOW_OUTPUT_DIR = "./output/workflow"
 MODELS_OUTPUT_DIR = "./output/models"

@@ -58,10 +58,20 @@ class Answerer:
     seed: int = 0
     dtype: str = "auto"
     trust_remote_code: bool = False
+    api_concurrency: int = 8  # endpoint: requests in flight at once
+    api_timeout_s: float = 300.0  # endpoint: seconds per try of one request
+    api_max_attempts: int = 4  # endpoint: tries per request
+    spread_over: tuple[int, ...] = ()  # local: GPUs one copy is spread over (`models.placement_plan`)
 
     @property
     def name(self) -> str:
         return f"{self.api_model} @ {self.api_base}" if self.api_base else self.model_path
+
+    def client(self):
+        """The endpoint's client (`atkd.api.ChatAPI`)."""
+        from .api import endpoint
+
+        return endpoint(self.api_base, self.api_model, self)
 
 
 def answer_record(key: str, pred_letter: str | None, option_probs: dict | None = None,
@@ -73,11 +83,9 @@ def answer_record(key: str, pred_letter: str | None, option_probs: dict | None =
 
 # --------------------------------------------------------------------------- batches
 
-def plan_batches(who: Answerer, questions: list[Question], batch_size: int, tokenizer=None) -> list[list[int]]:
-    """Question indices per batch, fixed for the whole run: length-sorted prompts for a local model,
-    input order for an endpoint (it batches on its own)."""
-    if who.api_base:
-        return [list(range(i, min(i + batch_size, len(questions)))) for i in range(0, len(questions), batch_size)]
+def plan_batches(who: Answerer, questions: list[Question], batch_size: int, tokenizer) -> list[list[int]]:
+    """Question indices per batch of a local model, length-sorted, fixed for the whole run (an endpoint
+    gets single questions: it batches on its own)."""
     cot = who.mode == "generate"
     lengths = [len(encode_prompt(tokenizer, mcq_prompt(tokenizer, q, who.lang, cot=cot))) for q in questions]
     return length_sorted_batches(lengths, batch_size)
@@ -99,44 +107,56 @@ def answer_local(model, tokenizer, questions: list[Question], who: Answerer) -> 
     return [answer_record(q.key, extract_letter(t, q.letters, q.options), raw_reply=t) for q, t in zip(questions, texts)]
 
 
-def answer_by_api(api, questions: list[Question], who: Answerer) -> list[dict]:
-    """Answers of one batch from an OpenAI-compatible endpoint (chain-of-thought prompt, letter extracted)."""
+def answer_by_api(who: Answerer, questions: list[Question], writer, desc: str) -> None:
+    """Every question to the endpoint (chain-of-thought prompt, letter extracted), each answer logged the
+    moment it arrives: a kill loses only the requests in flight. Greedy, so a rerun asks the same."""
+    from tqdm.auto import tqdm
+
     from .letters import extract_letter
 
-    texts = api.chat_many([mcq_user_text(q, who.lang, cot=True) for q in questions], who.max_new_tokens)
-    return [answer_record(q.key, extract_letter(t, q.letters, q.options), raw_reply=t) for q, t in zip(questions, texts)]
+    api = who.client()
+    requests = [(mcq_user_text(q, who.lang, cot=True), None) for q in questions]
+    with tqdm(total=len(questions), desc=desc, unit="q") as bar:
+        for i, text in api.chat_each(requests, who.max_new_tokens):
+            q = questions[i]
+            writer.write([answer_record(q.key, extract_letter(text, q.letters, q.options), raw_reply=text)])
+            bar.update(1)
 
 
 def answer_worker(rank: int, gpu_id: int | None, batches: list[list[int]], writer, payload) -> None:
-    """One worker (one GPU, the CPU, or an endpoint): answer its batches, one part-log write per batch."""
+    """One local worker (one GPU, GPUs it is spread over, or the CPU): answer its batches, one part-log
+    write per batch."""
     from tqdm.auto import tqdm
 
     who, questions, desc = payload
     torch.manual_seed(who.seed)
-    if who.api_base:
-        from .api import ChatAPI
-
-        api = ChatAPI(who.api_base, who.api_model, who.api_key_env)
-        answer = lambda qs: answer_by_api(api, qs, who)  # noqa: E731
-    else:
-        model, tokenizer = load(who.model_path, device_for(gpu_id), who.dtype, who.trust_remote_code)
-        answer = lambda qs: answer_local(model, tokenizer, qs, who)  # noqa: E731
+    model, tokenizer = load(who.model_path, device_for(gpu_id), who.dtype, who.trust_remote_code,
+                            spread_over=who.spread_over)
     with tqdm(total=sum(len(b) for b in batches), desc=desc, unit="q", disable=rank != 0) as bar:
         for batch in batches:
-            writer.write(answer([questions[i] for i in batch]))
+            writer.write(answer_local(model, tokenizer, [questions[i] for i in batch], who))
             bar.update(len(batch))
 
 
 def answer_all(who: Answerer, questions: list[Question], batches: list[list[int]], gpus: list[int],
                part_log: PartLog, desc: str) -> tuple[dict[str, dict], int]:
-    """(every question's answer by id, how many came from an earlier run): only the batches the
-    part log does not hold yet are computed."""
+    """(every question's answer by id, how many came from an earlier run): only what the part log
+    does not hold yet is computed (whole batches locally, single questions at an endpoint).
+    `gpus`: one local worker each (empty: one worker, on the CPU or spread over `who.spread_over`)."""
     done = part_log.open()
-    todo = [b for b in batches if not all(questions[i].key in done for i in b)]
-    resumed = len(questions) - sum(len(b) for b in todo)
+    if who.api_base:
+        todo = [q for q in questions if q.key not in done]
+        resumed = len(questions) - len(todo)
+    else:
+        todo = [b for b in batches if not all(questions[i].key in done for i in b)]
+        resumed = len(questions) - sum(len(b) for b in todo)
     if resumed:
         log.info("%s: %d of %d answers already written by an earlier run", desc, resumed, len(questions))
-    run_workers(answer_worker, todo, gpus, part_log, (who, questions, desc))
+    if who.api_base:
+        if todo:
+            answer_by_api(who, todo, part_log.writer(0), desc)
+    else:
+        run_workers(answer_worker, todo, gpus, part_log, (who, questions, desc))
     done = part_log.done()
     missing = [q.key for q in questions if q.key not in done]
     if missing:  # a worker died without raising: keep the parts so a rerun finishes the job

@@ -302,6 +302,21 @@ def api_key_env() -> str:
                    help="environment variable holding the API key (never a flag: it would land in logs)")
 
 
+def api_concurrency() -> int:
+    return setting(8, check=at_least(1), affects_output=False,
+                   help="requests in flight at once to the endpoint (each reply is logged as it completes)")
+
+
+def api_timeout_s() -> float:
+    return setting(300.0, check=above(0), affects_output=False,
+                   help="seconds one request may take before it counts as failed and is retried")
+
+
+def api_max_attempts() -> int:
+    return setting(4, check=at_least(1), affects_output=False,
+                   help="tries per request before the stage fails (waits of 1 s, 2 s, 4 s, ... between tries)")
+
+
 PLACEMENTS = ("auto", "per_gpu", "spread")
 
 

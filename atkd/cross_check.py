@@ -2,12 +2,15 @@
 
 Each agent answers every item on its own, through the pipeline's one answering path
 (`atkd.answering`): in score mode from its option-letter logits, in generate mode from a
-chain-of-thought reply (a local model or an OpenAI-compatible endpoint). Agents run one after
+chain-of-thought reply. The mode is per agent: a local agent answers in `--mode` (score by
+default), an agent behind an OpenAI-compatible endpoint always in generate mode (an endpoint gives
+no logits), so a served agent and a local scoring agent can check each other. Agents run one after
 the other, so one model is in memory at a time, and each keeps its own part log: a killed run
-resumes per agent, and an agent's answers depend on that agent and the input only.
+resumes per agent (an endpoint agent per answer), and an agent's answers depend on that agent and
+the input only.
 
-An item is kept when both agents pick its labelled answer and, with a minimum confidence, both
-give that answer at least that probability. The reference implementation loaded the teacher
+An item is kept when both agents pick its labelled answer and, with a minimum confidence, each
+scoring agent gives that answer at least that probability. The reference implementation loaded the teacher
 twice and called it two agents; here the two agents are whatever two models are given, and the
 same model twice is allowed but flagged (`same_model` in the report, and a warning).
 Outputs: validated.jsonl (kept items with both agents' answers), rejected.jsonl (with the reason),
@@ -24,12 +27,12 @@ from pathlib import Path
 
 from . import paths
 from .answering import MODES, Answerer, answer_all, plan_batches
-from .cli import (INPUT, MODEL, OUTPUT, StageConfig, api_key_env, at_least, between, dtype, gpu_ids, lang, setting,
-                  trust_remote_code)
+from .cli import (INPUT, MODEL, OUTPUT, StageConfig, api_concurrency, api_key_env, api_max_attempts, api_timeout_s,
+                  at_least, between, dtype, gpu_ids, lang, model_placement, setting, trust_remote_code)
 from .errors import InputError
 from .fingerprint import MISSING_PATH, DoneRecord, fingerprint, signature
 from .io import PartLog, write_json, write_jsonl
-from .models import check_model_dir, load_tokenizer, usable_gpu_ids
+from .models import check_model_dir, load_tokenizer, placement_plan, usable_gpu_ids
 from .prompts import language_of
 from .records import Question, load_questions
 
@@ -51,38 +54,51 @@ class CrossCheckConfig(StageConfig):
     output_file: str = setting(role=OUTPUT,
                                help="kept questions .jsonl (report.json and rejected.jsonl go beside it)")
     mode: str = setting("score", choices=MODES,
-                        help="score: option-letter logits (batched); generate: chain-of-thought reply, letter extracted")
+                        help="local agents: score = option-letter logits (batched); generate = chain-of-thought "
+                             "reply, letter extracted (an agent at an endpoint always answers in generate mode)")
     min_confidence: float = setting(0.0, check=between(0.0, 1.0),
-                                    help="score mode: both agents must give the labelled answer at least this "
-                                         "probability (0: off)")
+                                    help="score mode: each scoring agent must give the labelled answer at least "
+                                         "this probability (0: off)")
     batch_size: int = setting(16, check=at_least(1), affects_output=False,
                               help="questions per forward pass / generate call")
     max_new_tokens: int = setting(256, check=at_least(1), help="generate mode: reply length limit, in tokens")
     lang: str = lang()
     agent_1_api_base: str = setting("", affects_output=False,
-                                    help="generate mode: agent 1 at this OpenAI-compatible endpoint instead of a folder")
+                                    help="agent 1 at this OpenAI-compatible endpoint instead of a folder "
+                                         "(it answers in generate mode)")
     agent_1_api_model: str = setting("", help="model name of agent 1 at its endpoint")
     agent_2_api_base: str = setting("", affects_output=False,
-                                    help="generate mode: agent 2 at this OpenAI-compatible endpoint instead of a folder")
+                                    help="agent 2 at this OpenAI-compatible endpoint instead of a folder "
+                                         "(it answers in generate mode)")
     agent_2_api_model: str = setting("", help="model name of agent 2 at its endpoint")
     api_key_env: str = api_key_env()
+    api_concurrency: int = api_concurrency()
+    api_timeout_s: float = api_timeout_s()
+    api_max_attempts: int = api_max_attempts()
     gpu_ids: list[int] = gpu_ids()
+    model_placement: str = model_placement()
     dtype: str = dtype()
     trust_remote_code: bool = trust_remote_code()
 
     def problems(self) -> list[str]:
         out = []
+        served = [n for n in AGENTS if getattr(self, f"agent_{n}_api_base")]
         if self.min_confidence > 0 and self.mode != "score":
             out.append("--min_confidence needs --mode score (generated replies carry no probabilities)")
+        elif self.min_confidence > 0 and len(served) == len(AGENTS):
+            out.append("--min_confidence needs a local agent in score mode (agents at endpoints answer in "
+                       "generate mode, without probabilities)")
         for n in AGENTS:
             base, name = getattr(self, f"agent_{n}_api_base"), getattr(self, f"agent_{n}_api_model")
-            if base and self.mode != "generate":
-                out.append(f"--agent_{n}_api_base needs --mode generate (an endpoint gives no logits)")
-            elif base and not name:
+            if base and not name:
                 out.append(f"--agent_{n}_api_base needs --agent_{n}_api_model")
             elif not base and not getattr(self, f"agent_model_{n}_path"):
-                out.append(f"give --agent_model_{n}_path (or --agent_{n}_api_base with --mode generate)")
+                out.append(f"give --agent_model_{n}_path (or --agent_{n}_api_base and --agent_{n}_api_model)")
         return out
+
+    def agent_mode(self, n: int) -> str:
+        """How agent n answers: generate at an endpoint (no logits there), else --mode."""
+        return "generate" if getattr(self, f"agent_{n}_api_base") else self.mode
 
     def outputs(self) -> list[Path]:
         return [Path(self.output_file), paths.report_path(self.output_file), paths.rejected_path(self.output_file)]
@@ -95,9 +111,10 @@ def agent_fields(n: int) -> tuple[str, ...]:
 def answerer(cfg: CrossCheckConfig, n: int, lang: str) -> Answerer:
     base = getattr(cfg, f"agent_{n}_api_base")
     return Answerer(model_path="" if base else getattr(cfg, f"agent_model_{n}_path"), api_base=base,
-                    api_model=getattr(cfg, f"agent_{n}_api_model"), api_key_env=cfg.api_key_env, mode=cfg.mode,
-                    lang=lang, max_new_tokens=cfg.max_new_tokens, dtype=cfg.dtype,
-                    trust_remote_code=cfg.trust_remote_code)
+                    api_model=getattr(cfg, f"agent_{n}_api_model"), api_key_env=cfg.api_key_env,
+                    mode=cfg.agent_mode(n), lang=lang, max_new_tokens=cfg.max_new_tokens, dtype=cfg.dtype,
+                    trust_remote_code=cfg.trust_remote_code, api_concurrency=cfg.api_concurrency,
+                    api_timeout_s=cfg.api_timeout_s, api_max_attempts=cfg.api_max_attempts)
 
 
 def same_model(a: Answerer, b: Answerer) -> bool:
@@ -110,7 +127,8 @@ def same_model(a: Answerer, b: Answerer) -> bool:
 
 def verdict(label: str, pred_1: str | None, pred_2: str | None, prob_1: float | None = None,
             prob_2: float | None = None, min_confidence: float = 0.0) -> str | None:
-    """The rejection reason, or None when the item is kept."""
+    """The rejection reason, or None when the item is kept. A probability of None is an agent that
+    answered in generate mode: the minimum confidence applies to the scoring agents only."""
     if pred_1 is None or pred_2 is None:
         return "unparsed"
     wrong_1, wrong_2 = pred_1 != label, pred_2 != label
@@ -120,7 +138,7 @@ def verdict(label: str, pred_1: str | None, pred_2: str | None, prob_1: float | 
         return "agent_1_wrong"
     if wrong_2:
         return "agent_2_wrong"
-    if min_confidence > 0 and min(p if p is not None else 0.0 for p in (prob_1, prob_2)) < min_confidence:
+    if min_confidence > 0 and any(p is not None and p < min_confidence for p in (prob_1, prob_2)):
         return "low_confidence"
     return None
 
@@ -192,6 +210,7 @@ def build_report(items: list[Question], answers: Answers, kept: list[dict], reje
         probs = [label_prob(a, q.answer_idx) for a, q in zip(got, items)]
         agent_rows[f"agent_{n}"] = {
             "model": who.name,
+            "mode": who.mode,
             "accuracy": _rate(sum(a["pred_letter"] == q.answer_idx for a, q in zip(got, items)), len(items)),
             "unparsed": sum(a["pred_letter"] is None for a in got),
             "mean_label_prob": _mean([p for p in probs if p is not None]),
@@ -201,7 +220,7 @@ def build_report(items: list[Question], answers: Answers, kept: list[dict], reje
     reasons = Counter(r["reject_reason"] for r in rejected)
     return {
         "total": len(items), "kept": len(kept), "pass_rate": _rate(len(kept), len(items)),
-        "mode": agents[0].mode, "min_confidence": min_confidence,
+        "min_confidence": min_confidence,
         "same_model": is_same,
         "agents": agent_rows,
         "agents_agree": _rate(sum(a is not None and a == b for a, b in preds), len(items)),
@@ -226,10 +245,15 @@ def run(cfg: CrossCheckConfig) -> dict | None:
     items = load_questions(path)
     lang = language_of(items, cfg.lang)
     agents = [answerer(cfg, n, lang) for n in AGENTS]
-    for who in agents:
-        if not who.api_base:
-            check_model_dir(who.model_path)
     gpus = usable_gpu_ids(cfg.gpu_ids)
+    workers = {}  # agent -> GPUs with one local worker each
+    for n, who in zip(AGENTS, agents):
+        if who.api_base:
+            who.client().check_reachable()
+        else:
+            check_model_dir(who.model_path)
+            workers[n], spread = placement_plan(who.model_path, gpus, cfg.model_placement)
+            who.spread_over = tuple(spread)
     is_same = same_model(*agents)
     if is_same:
         log.warning("both agents are the same model (%s): validation is one model's opinion twice, "
@@ -238,11 +262,14 @@ def run(cfg: CrossCheckConfig) -> dict | None:
 
     answers, logs = {}, []
     for n, who in zip(AGENTS, agents):  # one after the other: one model in memory at a time
-        other = agent_fields(3 - n)
+        # An agent's answers depend on it and the input only: not on the other agent, and at an
+        # endpoint not on --mode (it always generates).
+        other = agent_fields(3 - n) + (("mode",) if who.api_base else ())
         part_log = PartLog(paths.agent_answers_path(cfg.output_file, n), fingerprint(cfg, exclude=other))
-        tokenizer = None if who.api_base else load_tokenizer(who.model_path, who.trust_remote_code)
-        batches = plan_batches(who, items, cfg.batch_size, tokenizer)
-        answers[n], _ = answer_all(who, items, batches, gpus, part_log, f"agent {n}")
+        batches = [] if who.api_base else plan_batches(who, items, cfg.batch_size,
+                                                        load_tokenizer(who.model_path, who.trust_remote_code))
+        log.info("agent %d: %s, %s mode", n, who.name, who.mode)
+        answers[n], _ = answer_all(who, items, batches, workers.get(n, []), part_log, f"agent {n}")
         _free_memory()
         logs.append(part_log)
 

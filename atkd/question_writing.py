@@ -30,8 +30,8 @@ from typing import Callable
 
 from . import paths
 from .allocation import allocate
-from .cli import (INPUT, MODEL, OUTPUT, Check, StageConfig, above, api_key_env, at_least, dtype, gpu_ids,
-                  lang, setting, trust_remote_code)
+from .cli import (INPUT, MODEL, OUTPUT, Check, StageConfig, above, api_concurrency, api_key_env, api_max_attempts,
+                  api_timeout_s, at_least, dtype, gpu_ids, lang, model_placement, setting, trust_remote_code)
 from .dedup import DEFAULT_THRESHOLD, NearDupIndex, features
 from .errors import InputError
 from .fingerprint import DoneRecord
@@ -115,7 +115,11 @@ class QuestionWritingConfig(StageConfig):
                             help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (instead of a folder)")
     api_model: str = setting("", help="model name at --api_base")
     api_key_env: str = api_key_env()
+    api_concurrency: int = api_concurrency()
+    api_timeout_s: float = api_timeout_s()
+    api_max_attempts: int = api_max_attempts()
     gpu_ids: list[int] = gpu_ids()
+    model_placement: str = model_placement()
     dtype: str = dtype()
     trust_remote_code: bool = trust_remote_code()
 
@@ -380,30 +384,26 @@ def plan_report(leaves: list[LeafSeeds], targets: list[int], acc: Acceptor | Non
 # --------------------------------------------------------------------------- the teacher
 
 class Teacher:
-    """Turns a batch's prompts into the teacher's replies: a local model (loaded on first use, once
-    per process) or an OpenAI-compatible endpoint. Sent to spawned GPU workers unloaded."""
+    """Turns a batch's prompts into a local teacher's replies (the model is loaded on first use,
+    once per process). Sent to spawned GPU workers unloaded."""
 
-    def __init__(self, cfg: QuestionWritingConfig):
+    def __init__(self, cfg: QuestionWritingConfig, spread: list[int] | None = None):
         self.cfg = cfg
+        self.spread = spread or []  # GPUs one copy is spread over (a single worker); [] = a copy per worker
         self._loaded = None  # (model, tokenizer) in the process that uses it
 
     def __getstate__(self) -> dict:
-        return {"cfg": self.cfg, "_loaded": None}
+        return {"cfg": self.cfg, "spread": self.spread, "_loaded": None}
 
     def texts(self, batch: Batch, gpu_id: int | None) -> list[str]:
-        cfg = self.cfg
-        if cfg.api_base:
-            from .api import ChatAPI
-
-            api = ChatAPI(cfg.api_base, cfg.api_model, cfg.api_key_env)
-            return api.chat_many([t.user_text for t in batch.tasks], cfg.max_new_tokens, cfg.temperature,
-                                 seeds=[batch.seed + i for i in range(len(batch.tasks))])
         from .generation import generate_batch
         from .models import device_for, load
         from .prompts import LABELS, encode_prompt, has_chat_template, render
 
+        cfg = self.cfg
         if self._loaded is None:
-            self._loaded = load(cfg.teacher_model_path, device_for(gpu_id), cfg.dtype, cfg.trust_remote_code)
+            self._loaded = load(cfg.teacher_model_path, device_for(gpu_id), cfg.dtype, cfg.trust_remote_code,
+                                spread_over=self.spread)
         model, tok = self._loaded
         # Without a chat template the prompt ends with the format's first label, so the model starts
         # writing the question itself; the label is put back in front of the reply before parsing.
@@ -425,21 +425,52 @@ def write_worker(rank: int, gpu_id: int | None, batches: list[Batch], writer, te
         writer.write([{"id": t.id, "text": x} for t, x in zip(batch.tasks, texts)])
 
 
-def part_log_producer(part_log: PartLog, gpu_ids: list[int], teacher: Teacher) -> Produce:
-    """A `produce` that skips batches already in the part log and runs the rest on the workers.
+def api_requests(batches: list[Batch], done: dict) -> list[tuple[Task, int]]:
+    """(task, sampler seed) of every task not in the part log yet. An endpoint samples each request on
+    its own, so a task's seed (its batch's seed + its place in the batch) alone fixes its text."""
+    return [(t, b.seed + i) for b in batches for i, t in enumerate(b.tasks) if t.id not in done]
 
-    A batch counts as done only when all its tasks are logged; a batch cut short by a kill is
-    regenerated whole, with its own seed, so its text is what the uninterrupted run wrote.
+
+def write_by_api(cfg: QuestionWritingConfig, todo: list[tuple[Task, int]], writer) -> None:
+    """Send every prompt to the endpoint and log each reply the moment it arrives: a kill loses only
+    the requests in flight, and the rerun asks exactly those again, with the same seeds."""
+    from tqdm import tqdm
+
+    from .api import endpoint
+
+    api = endpoint(cfg.api_base, cfg.api_model, cfg)
+    with tqdm(total=len(todo), desc="writing questions", unit="q") as bar:
+        for i, text in api.chat_each([(task.user_text, seed) for task, seed in todo], cfg.max_new_tokens,
+                                     cfg.temperature):
+            writer.write([{"id": todo[i][0].id, "text": text}])
+            bar.update(1)
+
+
+def part_log_producer(part_log: PartLog, gpu_ids: list[int], teacher: Teacher) -> Produce:
+    """A `produce` that skips the work already in the part log and does the rest.
+
+    Local model: a batch counts as done only when all its tasks are logged; a batch cut short by a
+    kill is regenerated whole, with its own seed, so its text is what the uninterrupted run wrote.
+    Endpoint: each task is its own request with its own seed, so each logged reply counts.
     """
     from .workers import run_workers
 
     def produce(round_: int, batches: list[Batch]) -> dict[str, str]:
         done = part_log.done()
-        todo = [b for b in batches if not all(t.id in done for t in b.tasks)]
-        if len(todo) < len(batches):
-            log.info("round %d: %d of %d batches already written by an earlier run", round_,
-                     len(batches) - len(todo), len(batches))
-        run_workers(write_worker, todo, gpu_ids, part_log, teacher)
+        n_tasks = sum(len(b.tasks) for b in batches)
+        if teacher.cfg.api_base:
+            todo = api_requests(batches, done)
+            if len(todo) < n_tasks:
+                log.info("round %d: %d of %d replies already written by an earlier run", round_,
+                         n_tasks - len(todo), n_tasks)
+            if todo:
+                write_by_api(teacher.cfg, todo, part_log.writer(0))
+        else:
+            todo = [b for b in batches if not all(t.id in done for t in b.tasks)]
+            if len(todo) < len(batches):
+                log.info("round %d: %d of %d batches already written by an earlier run", round_,
+                         len(batches) - len(todo), len(batches))
+            run_workers(write_worker, todo, gpu_ids, part_log, teacher)
         done = part_log.done()
         return {t.id: done[t.id]["text"] for b in batches for t in b.tasks}
 
@@ -450,13 +481,16 @@ def part_log_producer(part_log: PartLog, gpu_ids: list[int], teacher: Teacher) -
 
 def run(cfg: QuestionWritingConfig) -> dict | None:
     """Allocate, write, accept; write generated.jsonl and plan.json (returned)."""
-    from .models import check_model_dir, usable_gpu_ids
+    from .api import endpoint
+    from .models import check_model_dir, placement_plan, usable_gpu_ids
     from .prompts import language_of
 
     record = DoneRecord(cfg)
     if record.is_done():
         return None
-    if not cfg.api_base:
+    if cfg.api_base:
+        endpoint(cfg.api_base, cfg.api_model, cfg).check_reachable()
+    else:
         check_model_dir(cfg.teacher_model_path)
     gpus = usable_gpu_ids(cfg.gpu_ids)
     tree = load_tree(cfg.ability_tree_path, domain=cfg.domain)
@@ -467,6 +501,7 @@ def run(cfg: QuestionWritingConfig) -> dict | None:
         raise InputError(cfg.ability_class_path, "no question of the dataset is labelled with a leaf of "
                                                  "the ability tree: there is nothing to write from")
     resolved = replace(cfg, lang=language_of(dataset, cfg.lang), domain=tree.domain)
+    workers, spread = ([], []) if cfg.api_base else placement_plan(cfg.teacher_model_path, gpus, cfg.model_placement)
     record.start()
 
     alloc = allocate([leaf.weakness for leaf in leaves], [len(leaf.seeds) for leaf in leaves],
@@ -482,8 +517,8 @@ def run(cfg: QuestionWritingConfig) -> dict | None:
 
     part_log = PartLog(cfg.output_path, record.fingerprint)
     part_log.open()
-    teacher = Teacher(resolved)
-    acc, rounds = run_rounds(leaves, alloc.targets, resolved, dataset, part_log_producer(part_log, gpus, teacher))
+    teacher = Teacher(resolved, spread)
+    acc, rounds = run_rounds(leaves, alloc.targets, resolved, dataset, part_log_producer(part_log, workers, teacher))
     teacher.release()
 
     plan = plan_report(leaves, alloc.targets, acc, cfg.num_samples, rounds, allocation)

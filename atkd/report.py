@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import paths
-from .io import write_json, write_text
+from .io import read_json, write_json, write_text
 from .tree import AbilityTree, load_tree
 
 WEAKEST_SHOWN = 3  # abilities of each round's measurement listed as "weakest"
@@ -44,6 +44,16 @@ def weakest_leaves(tree: AbilityTree | None, k: int = WEAKEST_SHOWN) -> list[str
     return [" > ".join(n.path[1:]) for n in measured[:k]]
 
 
+def validation_agents(validated: Path) -> dict | None:
+    """Step D's agents: each one's model, how it answered (score or generate) and its accuracy on the
+    generated questions, from D's report.json; None before D has run."""
+    path = paths.report_path(validated)
+    if not path.is_file():
+        return None
+    return {name: {k: row.get(k) for k in ("model", "mode", "accuracy")}
+            for name, row in read_json(path).get("agents", {}).items()}
+
+
 def collect(workflow_dir: Path, models_dir: Path, num_iterations: int, with_eval: bool) -> dict:
     """Every number of the report, as a JSON-able dict."""
     report = {"iterations": []}
@@ -59,6 +69,7 @@ def collect(workflow_dir: Path, models_dir: Path, num_iterations: int, with_eval
             "weakest_abilities": weakest_leaves(measured),
             "generated": _count_lines(it.generated),
             "validated": _count_lines(it.validated),
+            "agents": validation_agents(it.validated),
             "final_model": str(it.final_model) if it.final_model.exists() else None,
         }
         if with_eval:
@@ -90,6 +101,10 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- weakest abilities: {', '.join(entry['weakest_abilities']) or '-'}")
         lines.append(f"- questions generated: {entry['generated'] if entry['generated'] is not None else '-'}, "
                      f"validated: {entry['validated'] if entry['validated'] is not None else '-'}")
+        if entry.get("agents"):
+            lines.append("- validating agents: " + "; ".join(
+                f"{name.replace('_', ' ')} {row['model']} ({row['mode']} mode), accuracy {_pct(row['accuracy'])}"
+                for name, row in entry["agents"].items()))
         if "eval_after" in entry:
             lines += [""] + _table(entry["eval_before"], entry["eval_after"], entry["weakest_abilities"], "weakest")
         lines.append("")

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .cli import MODEL, OUTPUT, Check, StageConfig, api_key_env, at_least, dtype, gpu_ids, setting, trust_remote_code
+from .cli import (MODEL, OUTPUT, Check, StageConfig, api_concurrency, api_key_env, api_max_attempts, api_timeout_s,
+                  at_least, dtype, gpu_ids, model_placement, setting, trust_remote_code)
 from .errors import StageFailed
 from .fingerprint import DoneRecord
 from .prompts import ABILITY_SEP, tree_level_user_text
@@ -253,6 +254,10 @@ class TreeConfig(StageConfig):
                             help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (instead of a folder)")
     api_model: str = setting("", help="model name the server knows (required with --api_base)")
     api_key_env: str = api_key_env()
+    api_concurrency: int = api_concurrency()
+    api_timeout_s: float = api_timeout_s()
+    api_max_attempts: int = api_max_attempts()
+    model_placement: str = model_placement()
 
     def __post_init__(self) -> None:
         if self.api_base:
@@ -274,9 +279,9 @@ def retry_temperature(temperature: float, attempt: int) -> float:
 
 def api_asker(cfg: TreeConfig) -> Ask:
     """ask(prompts, attempt) through an OpenAI-compatible server (the server applies the chat template)."""
-    from .api import ChatAPI
+    from .api import endpoint
 
-    api = ChatAPI(base_url=cfg.api_base, model=cfg.api_model, api_key_env=cfg.api_key_env)
+    api = endpoint(cfg.api_base, cfg.api_model, cfg)
     log.info("asking %s (model %s)", cfg.api_base, cfg.api_model)
 
     def ask(prompts: list[str], attempt: int) -> list[str]:
@@ -288,13 +293,13 @@ def api_asker(cfg: TreeConfig) -> Ask:
 def local_asker(cfg: TreeConfig) -> Ask:
     """ask(prompts, attempt) with a local model: one batched generate call per level, chat template."""
     from .generation import generate_batch
-    from .models import device_for, load, usable_gpu_ids
+    from .models import device_for, load, placement_plan, usable_gpu_ids
     from .prompts import encode_prompt, render
 
-    gpus = usable_gpu_ids(cfg.gpu_ids)
-    device = device_for(gpus[0] if gpus else None)
-    model, tok = load(cfg.model_path, device, cfg.dtype, cfg.trust_remote_code)
-    log.info("loaded %s on %s", cfg.model_path, device)
+    per_gpu, spread = placement_plan(cfg.model_path, usable_gpu_ids(cfg.gpu_ids), cfg.model_placement)
+    device = device_for(per_gpu[0] if per_gpu else None)  # one copy: the first GPU, or spread, or the CPU
+    model, tok = load(cfg.model_path, device, cfg.dtype, cfg.trust_remote_code, spread_over=spread)
+    log.info("loaded %s on %s", cfg.model_path, f"GPUs {spread}" if spread else device)
 
     def ask(prompts: list[str], attempt: int) -> list[str]:
         ids = [encode_prompt(tok, render(tok, p)) for p in prompts]
@@ -305,6 +310,7 @@ def local_asker(cfg: TreeConfig) -> Ask:
 
 def run(cfg: TreeConfig) -> AbilityTree | None:
     """Ask the model level by level and write the nested tree; None when it was already written."""
+    from .api import endpoint
     from .models import check_model_dir
     from .prompts import detect_language
 
@@ -312,7 +318,9 @@ def run(cfg: TreeConfig) -> AbilityTree | None:
     if record.is_done():
         return None
     lang = detect_language([cfg.domain]) if cfg.lang == "auto" else cfg.lang
-    if not cfg.api_base:
+    if cfg.api_base:
+        endpoint(cfg.api_base, cfg.api_model, cfg).check_reachable()
+    else:
         check_model_dir(cfg.model_path)
     record.start()
     ask = api_asker(cfg) if cfg.api_base else local_asker(cfg)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import paths
 from .answering import InferenceConfig
-from .cli import StageConfig, above, at_least, between, setting
+from .cli import PLACEMENTS, StageConfig, above, at_least, between, setting
 from .cross_check import CrossCheckConfig
 from .errors import InputError
 from .io import write_json
@@ -32,6 +32,8 @@ from .tree_building import TreeConfig
 from .weakness import AnalyzerConfig
 
 MODEL_SETTINGS = ("teacher_model_path", "student_model_path", "agent_model_1_path", "agent_model_2_path")
+ENDPOINTS = ("teacher", "agent_1", "agent_2")  # <who>_api_base / <who>_api_model
+SERVED_AGENTS = {"agent_model_1_path": "agent_1_api_base", "agent_model_2_path": "agent_2_api_base"}
 
 
 @dataclass(kw_only=True)
@@ -80,6 +82,28 @@ class WorkflowConfig(StageConfig):
     save_steps: int = setting(check=at_least(1), help="optimizer steps between checkpoints")
     save_total_limit: int = setting(help="checkpoints kept (oldest deleted; <= 0 keeps all)")
     accelerate_config_file: str = setting(help="accelerate config for training (empty: one process per GPU)")
+    # serving engines (OpenAI-compatible endpoints) and placement on GPUs
+    teacher_api_base: str = setting(affects_output=False,
+                                    help="endpoint of the served teacher, e.g. http://127.0.0.1:8000/v1: it builds "
+                                         "the tree and writes the questions; its logits (step E) still come from "
+                                         "TEACHER_MODEL_PATH; empty: the local folder does all")
+    teacher_api_model: str = setting(help="the teacher's model name at TEACHER_API_BASE")
+    agent_1_api_base: str = setting(affects_output=False,
+                                    help="endpoint of agent 1 (it then answers in generate mode); empty: "
+                                         "AGENT_MODEL_1_PATH, locally, in score mode")
+    agent_1_api_model: str = setting(help="agent 1's model name at AGENT_1_API_BASE")
+    agent_2_api_base: str = setting(affects_output=False, help="endpoint of agent 2, like AGENT_1_API_BASE")
+    agent_2_api_model: str = setting(help="agent 2's model name at AGENT_2_API_BASE")
+    api_key_env: str = setting(affects_output=False, help="environment variable holding the endpoints' API key")
+    api_concurrency: int = setting(check=at_least(1), affects_output=False,
+                                   help="requests in flight at once per endpoint")
+    api_timeout_s: float = setting(check=above(0), affects_output=False,
+                                   help="seconds one request may take before it is retried")
+    api_max_attempts: int = setting(check=at_least(1), affects_output=False,
+                                    help="tries per request (waits of 1 s, 2 s, 4 s, ... between) before the step fails")
+    model_placement: str = setting(choices=PLACEMENTS, affects_output=False,
+                                   help="local teacher and agents on several GPUs: per_gpu (a copy per GPU), spread "
+                                        "(one copy over all of them), auto (spread when it does not fit one GPU)")
     # outputs
     workflow_output_dir: str = setting(help="intermediate data, logs, the report")
     models_output_dir: str = setting(help="checkpoints and final models per iteration")
@@ -98,13 +122,24 @@ class WorkflowConfig(StageConfig):
                 out.append(f"{name.upper()} lists {len(files)} file(s) but NUM_ITERATIONS is {n}: "
                            "give one file per iteration")
         for name in MODEL_SETTINGS:
-            if not getattr(self, name):
+            if not getattr(self, name) and not self.served(name):
                 out.append(f"{name.upper()} is not set")
+        for who in ENDPOINTS:
+            if getattr(self, f"{who}_api_base") and not getattr(self, f"{who}_api_model"):
+                out.append(f"{who.upper()}_API_BASE needs {who.upper()}_API_MODEL (the model name the server serves)")
+        if self.min_confidence > 0 and self.agent_1_api_base and self.agent_2_api_base:
+            out.append("MIN_CONFIDENCE needs an agent that scores locally (agents at endpoints answer in generate "
+                       "mode, without probabilities): set it to 0 or clear one AGENT_N_API_BASE")
         if bool(self.eval_dataset_path) != bool(self.eval_ability_class_path):
             out.append("set both EVAL_DATASET_PATH and EVAL_ABILITY_CLASS_PATH, or neither")
         if not self.existing_ability_tree_path and not self.domain:
             out.append("set EXISTING_ABILITY_TREE_PATH, or DOMAIN so create_initial_tree.py can build one")
         return out
+
+    def served(self, model_setting: str) -> bool:
+        """Whether an endpoint stands in for that agent's folder (the teacher's folder is always used:
+        its logits, step E, are taken locally)."""
+        return model_setting in SERVED_AGENTS and bool(getattr(self, SERVED_AGENTS[model_setting]))
 
     def outputs(self) -> list[Path]:
         return [Path(self.workflow_output_dir) / paths.REPORT_JSON]
@@ -116,10 +151,15 @@ class WorkflowConfig(StageConfig):
 
 def check_inputs(cfg: WorkflowConfig) -> list[int]:
     """Every file and folder the run will read, before any work; returns the usable GPU ids ([] = CPU)."""
+    from .api import endpoint
     from .models import check_model_dir, usable_gpu_ids
 
     for name in MODEL_SETTINGS:
-        check_model_dir(getattr(cfg, name))
+        if not cfg.served(name):
+            check_model_dir(getattr(cfg, name))
+    for who in ENDPOINTS:
+        if getattr(cfg, f"{who}_api_base") and not cfg.dry_run:  # a dry run may come before the servers
+            endpoint(getattr(cfg, f"{who}_api_base"), getattr(cfg, f"{who}_api_model"), cfg).check_reachable()
     for data, ability in zip(cfg.dataset_files_per_iteration, cfg.ability_class_files_per_iteration):
         load_questions(data)
         load_ability_paths(ability)
@@ -135,11 +175,36 @@ def check_inputs(cfg: WorkflowConfig) -> list[int]:
 
 # ---------------------------------------------------------------------------------- the plan
 
+def api_settings(cfg: WorkflowConfig) -> dict:
+    """How the stages talk to endpoints: key variable, concurrency, timeout, tries."""
+    return dict(api_key_env=cfg.api_key_env, api_concurrency=cfg.api_concurrency, api_timeout_s=cfg.api_timeout_s,
+                api_max_attempts=cfg.api_max_attempts)
+
+
+def teacher_settings(cfg: WorkflowConfig) -> dict:
+    """Where the generating teacher is: its endpoint (then no folder: the endpoint's model name is its
+    identity in the fingerprint), else its folder, placed on the GPUs by MODEL_PLACEMENT."""
+    if cfg.teacher_api_base:
+        return dict(api_base=cfg.teacher_api_base, api_model=cfg.teacher_api_model, **api_settings(cfg))
+    return dict(model_placement=cfg.model_placement)
+
+
+def agent_settings(cfg: WorkflowConfig) -> dict:
+    """Each agent: its endpoint (generate mode) or its folder (score mode), and how to reach or place it."""
+    out = dict(model_placement=cfg.model_placement, **api_settings(cfg))
+    for n in (1, 2):
+        base = getattr(cfg, f"agent_{n}_api_base")
+        out[f"agent_model_{n}_path"] = "" if base else getattr(cfg, f"agent_model_{n}_path")
+        out[f"agent_{n}_api_base"] = base
+        out[f"agent_{n}_api_model"] = getattr(cfg, f"agent_{n}_api_model") if base else ""
+    return out
+
+
 def tree_step(cfg: WorkflowConfig, workflow: Path, gpus: list[int]) -> Step:
     """Build the initial tree with the teacher when no tree file is given."""
     out = workflow / "initial_tree"
     tree_cfg = TreeConfig(model_path=cfg.teacher_model_path, domain=cfg.domain, output_dir=str(out),
-                          output_filename=paths.INITIAL_TREE, seed=cfg.seed, gpu_ids=gpus[:1])
+                          output_filename=paths.INITIAL_TREE, seed=cfg.seed, gpu_ids=gpus, **teacher_settings(cfg))
     return Step("initial_tree", "create_initial_tree.py", tree_cfg, log_path=workflow / "initial_tree.log")
 
 
@@ -172,19 +237,20 @@ def iteration_steps(cfg: WorkflowConfig, it: paths.IterationPaths, student: str,
             output_stats_path=str(it.tree_stats), prior_strength=cfg.prior_strength),
             log_path=it.log_file("B_student_tree")),
         Step("C_distill_data", "generate_distill_data.py", QuestionWritingConfig(
-            teacher_model_path=cfg.teacher_model_path, ability_tree_path=str(it.scored_tree),
+            teacher_model_path="" if cfg.teacher_api_base else cfg.teacher_model_path,
+            ability_tree_path=str(it.scored_tree),
             full_dataset_path=data, ability_class_path=ability, output_path=str(it.generated),
             num_samples=cfg.num_distill_samples, max_retries=cfg.max_retries, batch_size=cfg.generation_batch_size,
-            temperature=cfg.gen_temperature, seed=seed, id_prefix=f"it{it.iteration}", gpu_ids=gpus),
-            log_path=it.log_file("C_distill_data")),
+            temperature=cfg.gen_temperature, seed=seed, id_prefix=f"it{it.iteration}", gpu_ids=gpus,
+            **teacher_settings(cfg)), log_path=it.log_file("C_distill_data")),
         Step("D_validated_data", "evaluate_distilled_data.py", CrossCheckConfig(
-            agent_model_1_path=cfg.agent_model_1_path, agent_model_2_path=cfg.agent_model_2_path,
             input_file=str(it.generated), output_file=str(it.validated), min_confidence=cfg.min_confidence,
-            batch_size=cfg.inference_batch_size, gpu_ids=gpus), log_path=it.log_file("D_validated_data")),
+            batch_size=cfg.inference_batch_size, gpu_ids=gpus, **agent_settings(cfg)),
+            log_path=it.log_file("D_validated_data")),
         Step("E_teacher_logits", "generate_logits.py", LogitsConfig(
             model_path=cfg.teacher_model_path, dataset_path=str(it.validated), output_dir=str(it.logits_dir),
-            top_k=cfg.top_k, batch_size=cfg.inference_batch_size, gpu_ids=gpus),
-            log_path=it.log_file("E_teacher_logits")),
+            top_k=cfg.top_k, batch_size=cfg.inference_batch_size, gpu_ids=gpus,
+            model_placement=cfg.model_placement), log_path=it.log_file("E_teacher_logits")),
         train_step(cfg, it, student, gpus),
     ]
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -89,6 +95,86 @@ def run_script(script: str, *args, env: dict | None = None, timeout: float = 600
 @pytest.fixture
 def run():
     return run_script
+
+
+# ------------------------------------------------------------------ a real `transformers serve`
+
+SERVE_STARTUP_TIMEOUT_S = 180  # loading a tiny model takes seconds; a loaded CI machine may take longer
+SERVING_MODULES = ("fastapi", "uvicorn", "pydantic", "openai")
+
+
+def serving_missing() -> str | None:
+    """Why `transformers serve` cannot run here, or None."""
+    try:
+        has_cli = importlib.util.find_spec("transformers.cli.serve") is not None
+    except ModuleNotFoundError:  # transformers 4.x: no transformers.cli package at all
+        has_cli = False
+    if not has_cli:
+        return "this transformers has no `transformers serve` CLI (transformers.cli.serve)"
+    missing = [m for m in SERVING_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        return (f"the transformers serving extra is not installed (missing {', '.join(missing)}); "
+                "pip install 'transformers[serving]'")
+    return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")[-chars:] if path.exists() else ""
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, err_log: Path) -> None:
+    """Poll /health until it answers 200; fail with the server's stderr tail if it dies or times out."""
+    deadline = time.monotonic() + SERVE_STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"transformers serve exited with {proc.returncode} during startup:\n{tail(err_log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"transformers serve did not answer {url} within {SERVE_STARTUP_TIMEOUT_S}s:\n{tail(err_log)}")
+
+
+@contextlib.contextmanager
+def transformers_serve(model_dir: Path, log_dir: Path):
+    """A real `transformers serve` on loopback, on the CPU, preloading `model_dir` (requests must name
+    the model exactly as that path). Yields {"base", "model", "out", "err"}; skips without the extra."""
+    reason = serving_missing()
+    if reason:
+        pytest.skip(reason)
+    port = free_port()
+    out_log, err_log = log_dir / "serve.out", log_dir / "serve.err"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir),
+           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    with open(out_log, "w") as out, open(err_log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+    try:
+        _wait_healthy(proc, f"http://127.0.0.1:{port}/health", err_log)
+        yield {"base": f"http://127.0.0.1:{port}/v1", "model": str(model_dir), "out": out_log, "err": err_log}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def served_requests(server: dict) -> int:
+    """Chat requests the server answered with 200, from its own access log."""
+    text = tail(server["out"], 10 ** 9) + tail(server["err"], 10 ** 9)
+    return text.count('"POST /v1/chat/completions HTTP/1.1" 200')
 
 
 def send_chat_reply(handler, text: str) -> None:

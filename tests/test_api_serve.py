@@ -7,87 +7,16 @@ name the model exactly as the folder path was given. It needs the serving extra
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-
 import pytest
 
 from atkd.tree import load_tree
-
-STARTUP_TIMEOUT_S = 180  # loading a tiny model takes seconds; a loaded CI machine may take longer
-SERVING_MODULES = ("fastapi", "uvicorn", "pydantic", "openai")
-
-
-def serving_missing() -> str | None:
-    """Why `transformers serve` cannot run here, or None."""
-    try:
-        has_cli = importlib.util.find_spec("transformers.cli.serve") is not None
-    except ModuleNotFoundError:  # transformers 4.x: no transformers.cli package at all
-        has_cli = False
-    if not has_cli:
-        return "this transformers has no `transformers serve` CLI (transformers.cli.serve)"
-    missing = [m for m in SERVING_MODULES if importlib.util.find_spec(m) is None]
-    if missing:
-        return (f"the transformers serving extra is not installed (missing {', '.join(missing)}); "
-                "pip install 'transformers[serving]'")
-    return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tail(path, chars: int = 3000) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")[-chars:] if path.exists() else ""
-
-
-def wait_healthy(proc: subprocess.Popen, url: str, err_log) -> None:
-    """Poll /health until it answers 200; fail with the server's stderr tail if it dies or times out."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"transformers serve exited with {proc.returncode} during startup:\n{tail(err_log)}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"transformers serve did not answer {url} within {STARTUP_TIMEOUT_S}s:\n{tail(err_log)}")
+from conftest import served_requests, tail, transformers_serve
 
 
 @pytest.fixture
 def served_model(tmp_path, llama_dir):
-    reason = serving_missing()
-    if reason:
-        pytest.skip(reason)
-    port = free_port()
-    out_log, err_log = tmp_path / "serve.out", tmp_path / "serve.err"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(llama_dir),
-           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    with open(out_log, "w") as out, open(err_log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-    try:
-        wait_healthy(proc, f"http://127.0.0.1:{port}/health", err_log)
-        yield {"base": f"http://127.0.0.1:{port}/v1", "model": str(llama_dir), "out": out_log, "err": err_log}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with transformers_serve(llama_dir, tmp_path) as server:
+        yield server
 
 
 def test_create_tree_through_transformers_serve(tmp_path, run, served_model):
@@ -102,7 +31,4 @@ def test_create_tree_through_transformers_serve(tmp_path, run, served_model):
     assert 1 <= len(tree.root.children) <= 2
     assert all(len(n.children) <= 2 for n in tree.root.children)
     # The server itself logged the requests: level 1 (at least one) plus one per level-1 node.
-    served = (served_model["out"].read_text(encoding="utf-8", errors="replace")
-              + served_model["err"].read_text(encoding="utf-8", errors="replace"))
-    answered = served.count('"POST /v1/chat/completions HTTP/1.1" 200')
-    assert answered >= 1 + len(tree.root.children), served[-3000:]
+    assert served_requests(served_model) >= 1 + len(tree.root.children), tail(served_model["err"])

@@ -225,7 +225,8 @@ def test_generate_mode_never_reads_a_capital_inside_a_word(tmp_path, run):
     assert rejected["t"]["agent_2_pred"] == "A"
     assert rejected["w"]["reject_reason"] == "agent_2_wrong" and rejected["w"]["agent_2_pred"] == "B"
     report = json.loads(report_path(out).read_text(encoding="utf-8"))
-    assert report["mode"] == "generate" and report["same_model"] is False
+    assert report["agents"]["agent_1"]["mode"] == report["agents"]["agent_2"]["mode"] == "generate"
+    assert report["same_model"] is False
     assert report["agents"]["agent_1"]["unparsed"] == 1 and report["by_leaf"]["Med"] == {
         "total": 3, "kept": 1, "pass_rate": 0.3333, "rejected": {"agent_2_wrong": 1, "unparsed": 1}}
 
@@ -247,7 +248,12 @@ def test_generate_mode_with_local_tiny_models(tmp_path, run, llama_dir, qwen_pla
 
 @pytest.mark.parametrize("extra,problem", [
     (["--mode", "generate", "--min_confidence", "0.5"], "--min_confidence needs --mode score"),
-    (["--agent_1_api_base", "http://127.0.0.1:9/v1", "--agent_1_api_model", "m"], "needs --mode generate"),
+    (["--agent_1_api_base", "http://127.0.0.1:9/v1"], "--agent_1_api_base needs --agent_1_api_model"),
+    (["--agent_1_api_base", "http://127.0.0.1:9/v1", "--agent_1_api_model", "m"],
+     "error: http://127.0.0.1:9/v1: no OpenAI-compatible server answers there"),
+    (["--agent_1_api_base", "http://127.0.0.1:9/v1", "--agent_1_api_model", "m", "--agent_2_api_base",
+      "http://127.0.0.1:9/v1", "--agent_2_api_model", "n", "--min_confidence", "0.5"],
+     "--min_confidence needs a local agent in score mode"),
     (["--min_confidence", "1.5"], "error: --min_confidence must be between 0.0 and 1.0 (got 1.5)"),
 ])
 def test_bad_settings_exit_2_without_output(tmp_path, run, llama_dir, extra, problem):

@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -288,8 +289,8 @@ def test_cli_missing_teacher_and_help(inputs, run):
 class FakeEndpoint(ThreadingHTTPServer):
     """An OpenAI-compatible /chat/completions whose reply depends only on the request's seed.
 
-    With `block_at`, the request of that number is held (never answered) and `blocked` is set,
-    so a test can kill the client at a known point: every earlier batch has been written.
+    With `block_at`, the request of that number and every later one are held (never answered) and
+    `blocked` is set, so a test can kill the client at a known point: every earlier reply is in.
     """
 
     daemon_threads = True
@@ -330,8 +331,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def api_cli(folder: Path, out: Path, url: str) -> list[str]:
+    # One batch of 12 prompts in round 0, three requests in flight at a time.
     args = cli_args(folder, out, "--api_base", url, "--api_model", "fake-teacher", "--num_samples", 12,
-                    "--batch_size", 4, "--max_retries", 2, "--id_prefix", "it3", "--seed", 11)
+                    "--batch_size", 12, "--api_concurrency", 3, "--max_retries", 2, "--id_prefix", "it3",
+                    "--seed", 11)
     return [sys.executable, str(ROOT / "generate_distill_data.py"), *map(str, args)]
 
 
@@ -350,25 +353,33 @@ def test_cli_http_teacher_resumes_after_kill_to_the_same_file(inputs):
     records = [json.loads(x) for x in whole.read_text(encoding="utf-8").splitlines()]
     assert 0 < len(records) <= 12 and all(r["teacher"] == "fake-teacher" for r in records)
 
-    # Kill the run while its third batch is in flight: two batches (8 replies) are in the part log.
+    # Kill the run (SIGKILL) with requests 9-11 in flight and 12 unsent: replies 1-8, two thirds of its
+    # one batch, are each in the part log already (per reply, not per batch).
     server = FakeEndpoint(block_at=9)
+
+    def logged() -> int:
+        return sum(len(p.read_text(encoding="utf-8").splitlines()) for p in parts_dir_for(cut).glob("part-*.jsonl"))
+
     with open(inputs / "cut.log", "w") as log:
         proc = subprocess.Popen(api_cli(inputs, cut, server.url), stdout=log, stderr=log, env=cli_env())
         try:
-            assert server.blocked.wait(240), "the run never reached its third batch"
+            assert server.blocked.wait(240), "the run never reached its ninth request"
+            deadline = time.monotonic() + 60
+            while logged() < 8 and time.monotonic() < deadline:
+                time.sleep(0.05)
             proc.kill()
             proc.wait(60)
         finally:
             server.close()
     assert not cut.exists()
-    logged = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in parts_dir_for(cut).glob("part-*.jsonl"))
-    assert logged == 8
+    assert logged() == 8 and server.count == 11  # 8 answered, 3 held in flight, the 12th never sent
 
     server = FakeEndpoint()
     res = subprocess.run(api_cli(inputs, cut, server.url), capture_output=True, text=True, env=cli_env(), timeout=300)
     server.close()
     assert res.returncode == 0, res.stderr
-    assert server.count == uninterrupted_requests - 8  # the logged batches were not asked again
+    assert server.count == uninterrupted_requests - 8  # the logged replies were not asked again
+    assert f"taking over the lock on {cut.parent}" in res.stderr  # the killed run's lock did not block this one
     assert cut.read_bytes() == whole.read_bytes()
     assert plan_path(cut).read_bytes() == plan_path(whole).read_bytes()
     assert not parts_dir_for(cut).exists()
