@@ -94,6 +94,43 @@ def test_main_with_the_teacher_and_agent_1_behind_transformers_serve(tmp_path):
     assert summary["n"] == entry["validated"]
 
 
+def main_args(base: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "main.py"), "--workflow_output_dir", str(base / "workflow"),
+            "--models_output_dir", str(base / "models"), "--gpus_to_use", "", *extra]
+
+
+def test_main_plans_the_endpoints_and_refuses_bad_endpoint_settings(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    plan = subprocess.run(main_args(tmp_path, "--dry_run", "--existing_ability_tree_path", "",
+                                    "--teacher_api_base", url, "--teacher_api_model", "big",
+                                    "--agent_2_api_base", url, "--agent_2_api_model", "other", "--agent_model_2_path", ""),
+                          capture_output=True, text=True, env=env(), cwd=ROOT, timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    lines = plan.stdout.splitlines()
+    command = {script: shlex.split(line.strip()) for line in lines for script in
+               ("create_initial_tree.py", "generate_distill_data.py", "evaluate_distilled_data.py",
+                "generate_logits.py") if f"/{script} " in line}
+    for script in ("create_initial_tree.py", "generate_distill_data.py"):
+        cmd = command[script]
+        assert cmd[cmd.index("--api_base") + 1] == url and cmd[cmd.index("--api_model") + 1] == "big"
+    d = command["evaluate_distilled_data.py"]
+    assert d[d.index("--agent_2_api_base") + 1] == url and "--agent_model_2_path" not in d
+    assert same_path(d[d.index("--agent_model_1_path") + 1], DEMO / "models" / "teacher")
+    assert same_path(command["generate_logits.py"][command["generate_logits.py"].index("--model_path") + 1],
+                     DEMO / "models" / "teacher")
+
+    for extra, problem in (
+            (["--teacher_api_base", url], "TEACHER_API_BASE needs TEACHER_API_MODEL"),
+            (["--teacher_api_base", url, "--teacher_api_model", "big"],
+             f"error: {url}: no OpenAI-compatible server answers there"),
+            (["--agent_1_api_base", url, "--agent_1_api_model", "a", "--agent_2_api_base", url,
+              "--agent_2_api_model", "b", "--min_confidence", "0.5"], "MIN_CONFIDENCE needs an agent that scores")):
+        res = subprocess.run(main_args(tmp_path, *extra), capture_output=True, text=True, env=env(), cwd=ROOT,
+                             timeout=120)
+        assert res.returncode == 2 and problem in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert not (tmp_path / "workflow").exists() and not (tmp_path / "models").exists()
+
+
 # ------------------------------------------------------------------ an endpoint agent, killed and resumed
 
 class ScriptedAgent(ThreadingHTTPServer):
