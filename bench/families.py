@@ -88,7 +88,7 @@ def previous_rule_letter_ids(tok, letters: str) -> list[int]:
 
 def mean_letter_mass(model, tok, prompts: list[list[int]], letter_ids: list[int], source: str) -> float:
     """Mean letter mass over `prompts` (letter_mass_summary logs a warning when it is below 0.5)."""
-    logits = last_position_logits(model, prompts, tok.pad_token_id)
+    logits = last_position_logits(model, prompts, tok.pad_token_id, [letter_ids] * len(prompts), len(tok))
     scores = scores_from_logits(logits, [letter_ids] * len(prompts), [list("ABCD")] * len(prompts))
     return letter_mass_summary([s.letter_mass for s in scores], source=source)["mean_letter_mass"]
 
