@@ -6,55 +6,24 @@ import shutil
 
 import pytest
 import torch
+import transformers
 from conftest import make_questions
 
 from atkd.batching import left_pad
 from atkd.errors import InputError
 from atkd.head import HeadAtPositions
 from atkd.io import write_jsonl
-
-SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False)
-
-# Families whose forward does something around the output-embedding module, with that something
-# set away from its neutral value (the ones the installed transformers lacks are skipped).
-FAMILIES = {
-    "llama": {},
-    "cohere": dict(logit_scale=0.0625),  # logits * logit_scale (Command-R)
-    "cohere2": dict(logit_scale=0.25),
-    "gemma2": dict(final_logit_softcapping=0.3),  # cap * tanh(logits / cap)
-    "gemma3_text": dict(final_logit_softcapping=0.3),
-    "granite": dict(logits_scaling=8.0),  # logits / logits_scaling
-    "granitemoe": dict(logits_scaling=4.0, num_local_experts=2, num_experts_per_tok=1),
-    "falcon_h1": dict(lm_head_multiplier=0.3, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
-                      mamba_n_groups=1, mamba_chunk_size=16),  # logits * lm_head_multiplier
-    "minicpm3": dict(num_key_value_heads=4, dim_model_base=8, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4,
-                     v_head_dim=8),  # head(hidden / (hidden_size / dim_model_base))
-    "hyperclovax": dict(logits_scaling=0.5),  # logits * logits_scaling (the opposite of Granite)
-    "nanochat": dict(final_logit_softcapping=0.3),
-    "vaultgemma": dict(final_logit_softcapping=0.3),
-    "recurrent_gemma": dict(logits_soft_cap=0.3, lru_width=32, attention_window_size=16,
-                            block_types=["recurrent", "attention"]),
-    "beam": dict(final_logit_softcapping=0.3),  # soft-cap in float32
-    "xlstm": dict(output_logit_soft_cap=0.3, embedding_dim=32, num_heads=4, num_blocks=2),
-}
+from atkd.tiny import HEAD_FAMILIES, head_family_model
 
 
-def tiny_family_model(name: str, seed: int = 0):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+def tiny_family_model(name: str):
     try:
-        config = AutoConfig.for_model(name, **{**SMALL, **FAMILIES[name]})
-    except (ValueError, KeyError):
-        pytest.skip(f"transformers has no {name!r} here")
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).float().eval()
-    with torch.no_grad():  # logits of a few units, so a missed soft-cap or scale shows
-        model.get_output_embeddings().weight.normal_(0, 0.5)
-    return model
+        return head_family_model(name)
+    except ValueError:
+        pytest.skip(f"transformers {transformers.__version__} has no {name!r}")
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", list(HEAD_FAMILIES))
 def test_head_at_positions_equals_the_models_own_logits(name):
     """A left-padded batch, scattered positions, a vocabulary smaller than the head: model(...).logits to 1e-5."""
     model = tiny_family_model(name)
