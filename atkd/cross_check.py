@@ -200,7 +200,8 @@ def build_report(items: list[Question], answers: Answers, kept: list[dict], reje
             "unparsed": sum(a["pred_letter"] is None for a in got),
             "mean_label_prob": _mean([p for p in probs if p is not None]),
             "mean_letter_mass": _mean([a["letter_mass"] for a in got if a.get("letter_mass") is not None]),
-            **(scoring_summary([a["letter_mass"] for a in got], [a.get("tied_top") for a in got], f"agent {n}")
+            **(scoring_summary([a["letter_mass"] for a in got], [a.get("tied_top") for a in got],
+                               f"agent {n} ({who.name})")
                if who.mode == "score" else {"letter_mass": None, "tied_top": None}),
         }
     preds = [(answers[1][q.key]["pred_letter"], answers[2][q.key]["pred_letter"]) for q in items]

@@ -140,8 +140,9 @@ class HeadAtPositions(nn.Module):
         """N x K float32 logits of the K `token_ids` only: hidden states and head rows upcast first.
 
         In bf16 the logits of two letters 0.1 apart at magnitude 20 round to the same value (the
-        spacing there is 0.125); K rows in float32 cost nothing next to the V-row head. A head
-        that is not a plain linear layer is applied as a module and its output upcast.
+        spacing there is 0.125); K rows in float32 cost nothing next to the V-row head. Reads the
+        head's weight rows directly: for scoring and E (whole models), not for a sharded head. A
+        head that is not a plain linear layer is applied as a module and its output upcast.
         """
         head = self.model.get_output_embeddings()
         weight = getattr(head, "weight", None)

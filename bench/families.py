@@ -9,6 +9,8 @@ the template renders for the answer letter (the letter, then whatever ends the t
 held-out questions:
 - the letter token the pipeline scores (`letters.letter_token_ids`), against the token the previous
   rule chose (the bare letter appended to the prompt), and the mean letter mass under each;
+- the token a trained response ends with (`sequence.response_end_id`), against the tokenizer's eos
+  (the previous rule);
 - whether greedy generation stops at the end of the turn with the pipeline's stop ids
   (`generation.stop_token_ids`), against stopping at the tokenizer's eos alone (the previous rule);
 - how the think block is handled (`prompts.think_handling`).
@@ -39,6 +41,7 @@ from atkd.letters import letter_token_ids
 from atkd.prompts import encode_prompt, mcq_prompt, question_block, render, reply_token_ids, think_handling
 from atkd.records import LETTERS, Question
 from atkd.scoring import last_position_logits, letter_mass_summary, scores_from_logits
+from atkd.sequence import response_end_id
 from atkd.head import HeadAtPositions, verify_head
 from atkd.tiny import CHAT_FORMATS, HEAD_FAMILIES, build_model, generation_eos_ids, head_family_model, train_chat_tokenizer
 
@@ -136,6 +139,7 @@ def bench_family(name: str, args) -> dict:
         "previous_rule_mean_letter_mass": mean_letter_mass(model, tok, prompts, old_ids, f"{name} (previous rule)"),
         "tokenizer_eos": tok.eos_token,
         "end_of_turn_token": tok.convert_ids_to_tokens(eot) if eot is not None else None,
+        "response_ends_with": tok.convert_ids_to_tokens(response_end_id(tok)),  # E's and F's sequences
         "stop_tokens": tok.convert_ids_to_tokens(stop_token_ids(model, tok)),
         "stops_at_end_of_turn": stops_new, "mean_generated_tokens": len_new,
         "previous_rule_stops": stops_old, "previous_rule_mean_generated_tokens": len_old,
@@ -146,10 +150,11 @@ def bench_family(name: str, args) -> dict:
 
 
 def print_table(rows: list[dict], max_new_tokens: int) -> None:
-    head = ["family", "letter token (was)", "letter mass (was)", "end of turn", "stops at end of turn (was)",
-            "think block"]
+    head = ["family", "letter token (was)", "letter mass (was)", "end of turn", "trained response ends with (was)",
+            "stops at end of turn (was)", "think block"]
     lines = [[r["family"], f"{r['letter_token']!r} ({r['previous_rule_letter_token']!r})",
               f"{r['mean_letter_mass']:.3f} ({r['previous_rule_mean_letter_mass']:.3f})", str(r["end_of_turn_token"]),
+              f"{r['response_ends_with']} ({r['tokenizer_eos']})",
               f"{r['stops_at_end_of_turn']:.0%} in {r['mean_generated_tokens']:.1f} tok "
               f"({r['previous_rule_stops']:.0%} in {r['previous_rule_mean_generated_tokens']:.1f})",
               r["think_handling"]] for r in rows]
