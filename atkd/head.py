@@ -29,7 +29,7 @@ PROBE_TOKENS = 8  # length of the sequence `verify_head` runs through both paths
 # Allowed difference between the head's logits and the model's, in units of the dtype's epsilon
 # times the largest logit: a few roundings (different matmul shapes accumulate in another order);
 # a missed scale or soft-cap is off by far more than that.
-TOLERANCE_EPS = 8
+TOLERANCE_EPS = 4
 MIN_TOLERANCE = 1e-4  # absolute floor (logits units), for models whose logits are all near 0
 
 

@@ -11,7 +11,7 @@ from conftest import make_questions
 
 from atkd.batching import left_pad
 from atkd.errors import InputError
-from atkd.head import HeadAtPositions
+from atkd.head import HeadAtPositions, verify_head
 from atkd.io import write_jsonl
 from atkd.tiny import HEAD_FAMILIES, head_family_model
 
@@ -37,6 +37,14 @@ def test_head_at_positions_equals_the_models_own_logits(name):
         want = model(**inputs, use_cache=False).logits[rows, cols, :n_vocab]
     assert got.shape == (5, n_vocab)
     assert torch.allclose(got.float(), want.float(), atol=1e-5, rtol=0), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("name", list(HEAD_FAMILIES))
+def test_every_family_in_bf16_passes_the_load_check(name):
+    """bf16 is how GPUs run them: the head's operations are the model's own, so the probe agrees to rounding."""
+    model = tiny_family_model(name).to(torch.bfloat16)
+    head = HeadAtPositions(model, 90, verify=False)
+    assert verify_head(head) <= 4 * torch.finfo(torch.bfloat16).eps * 10  # logits here are below 10
 
 
 @pytest.mark.parametrize("name", ["cohere", "gemma2", "granite", "falcon_h1", "minicpm3"])
