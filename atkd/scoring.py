@@ -3,9 +3,9 @@
 One forward pass per left-padded batch; the output head runs on the last position only
 (`atkd.head.HeadAtPositions`: the model's own head and its family's scaling, verified against the
 model's logits once per model), so a batch costs B x V logits, not B x L x V. The option letters'
-logits are computed in float32 from the upcast hidden state and head rows: in bf16, logits 15-25
-apart by less than the format's spacing there (0.125 between 16 and 32) round to the same value,
-and a tie goes to the earliest letter. Ties that remain are counted (`OptionScores.tied`).
+logits are computed in float32 from the upcast hidden state and head rows: in bf16, logits between
+16 and 32 are 0.125 apart, so two letters closer than that round to the same value, and a tie goes
+to the earliest letter. Ties that remain are counted (`OptionScores.tied`).
 The probabilities are over the item's own options; `letter_mass` is how much of the
 full-vocabulary probability the option letters hold (low mass means the model is not answering
 in the expected format). `letter_mass_summary` condenses a scoring run's masses and warns when
