@@ -14,8 +14,9 @@ batches go to a part log, a rerun skips them, and the final file equals an unint
 
 inference.py's output contract (other stages read it): one reply per input question, in input
 order; a reply is the question record plus `pred_letter`, `option_probs` (score mode),
-`letter_mass` (score mode), `raw_reply` (generate mode), `correct` and `mode`. Fields that do not
-apply to the mode are present and null, so every reply has the same keys.
+`letter_mass` and `tied_top` (score mode: whether another option shared the top logit), `raw_reply`
+(generate mode), `correct` and `mode`. Fields that do not apply to the mode are present and null, so
+every reply has the same keys.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -41,7 +43,7 @@ from .workers import run_workers
 log = logging.getLogger(__name__)
 
 MODES = ("score", "generate")
-ANSWER_FIELDS = ("pred_letter", "option_probs", "letter_mass", "raw_reply")
+ANSWER_FIELDS = ("pred_letter", "option_probs", "letter_mass", "tied_top", "raw_reply")
 
 
 @dataclass
@@ -75,10 +77,10 @@ class Answerer:
 
 
 def answer_record(key: str, pred_letter: str | None, option_probs: dict | None = None,
-                  letter_mass: float | None = None, raw_reply: str | None = None) -> dict:
+                  letter_mass: float | None = None, tied_top: bool | None = None, raw_reply: str | None = None) -> dict:
     """One answer as the part logs hold it (the same keys in every mode)."""
     return {"id": key, "pred_letter": pred_letter, "option_probs": option_probs, "letter_mass": letter_mass,
-            "raw_reply": raw_reply}
+            "tied_top": tied_top, "raw_reply": raw_reply}
 
 
 # --------------------------------------------------------------------------- batches
@@ -100,7 +102,7 @@ def answer_local(model, tokenizer, questions: list[Question], who: Answerer) -> 
     if who.mode == "score":
         out: list[dict] = []
         score_questions(model, tokenizer, questions, who.lang, len(questions), lambda pairs: out.extend(
-            answer_record(q.key, s.pred_letter, s.probs(), s.letter_mass) for q, s in pairs))
+            answer_record(q.key, s.pred_letter, s.probs(), s.letter_mass, s.tied) for q, s in pairs))
         return out
     ids = [encode_prompt(tokenizer, mcq_prompt(tokenizer, q, who.lang, cot=True)) for q in questions]
     texts = generate_batch(model, tokenizer, ids, who.max_new_tokens, seed=who.seed)
@@ -170,6 +172,7 @@ def answer_all(who: Answerer, questions: list[Question], batches: list[list[int]
 class InferenceConfig(StageConfig):
     """inference.py: answer a multiple-choice dataset with a local model."""
 
+    version: ClassVar[int] = 2  # 2: letter logits in float32 through the verified head; tied_top
     model_path: str = setting(help="local Hugging Face model folder", role=MODEL)
     dataset_path: str = setting(help="questions .jsonl (id, question, options, answer_idx)", role=INPUT)
     output_path: str = setting(help="replies .jsonl to write (summary.json goes beside it)", role=OUTPUT)
@@ -204,14 +207,19 @@ def reply_record(q: Question, mode: str, answer: dict) -> dict:
 
 def summarize(replies: list[dict], cfg: InferenceConfig, lang: str, items_per_s: float | None, seconds: float,
               n_resumed: int) -> dict:
-    """n, correct, accuracy, unparsed (generate mode; null in score mode) and throughput."""
+    """n, correct, accuracy, unparsed (generate mode), letter mass and ties (score mode) and throughput."""
+    from .scoring import scoring_summary
+
     n = len(replies)
     correct = sum(1 for r in replies if r["correct"])
+    scored = (scoring_summary([r["letter_mass"] for r in replies], [r["tied_top"] for r in replies], cfg.model_path)
+              if cfg.mode == "score" else {"letter_mass": None, "tied_top": None})
     return {
         "n": n,
         "correct": correct,
         "accuracy": correct / n if n else 0.0,
         "unparsed": sum(1 for r in replies if r["pred_letter"] is None) if cfg.mode == "generate" else None,
+        **scored,  # score mode: letter_mass (mean, min, share below 0.5) and tied_top (items); else null
         "items_per_s": items_per_s,  # items answered in this run / `seconds`
         "seconds": seconds,  # wall time of the answering phase, model loading included
         "resumed": n_resumed,  # items taken from an interrupted earlier run

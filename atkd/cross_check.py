@@ -24,6 +24,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from . import paths
 from .answering import MODES, Answerer, answer_all, plan_batches
@@ -48,6 +49,7 @@ AGENTS = (1, 2)
 class CrossCheckConfig(StageConfig):
     """evaluate_distilled_data.py: two agents validate generated questions."""
 
+    version: ClassVar[int] = 2  # 2: letter logits in float32 through the verified head; tied_top
     agent_model_1_path: str = setting("", role=MODEL, help="first agent's model folder")
     agent_model_2_path: str = setting("", role=MODEL, help="second agent's model folder (a different model)")
     input_file: str = setting(role=INPUT, help="generated questions .jsonl (step C)")
@@ -194,7 +196,9 @@ def _mean(values: list[float]) -> float | None:
 
 def build_report(items: list[Question], answers: Answers, kept: list[dict], rejected: list[dict],
                  agents: list[Answerer], is_same: bool, min_confidence: float) -> dict:
-    """report.json: pass rate overall, per leaf and per rejection reason; each agent's own numbers."""
+    """report.json: pass rate overall, per leaf and per rejection reason; each agent's own numbers
+    (in score mode with its letter mass and tied top letters, `atkd.scoring.scoring_summary`)."""
+    from .scoring import scoring_summary
     reason_of = {str(r["id"]): r["reject_reason"] for r in rejected}
     by_leaf: dict[str, dict] = {}
     for q in items:
@@ -215,6 +219,9 @@ def build_report(items: list[Question], answers: Answers, kept: list[dict], reje
             "unparsed": sum(a["pred_letter"] is None for a in got),
             "mean_label_prob": _mean([p for p in probs if p is not None]),
             "mean_letter_mass": _mean([a["letter_mass"] for a in got if a.get("letter_mass") is not None]),
+            **(scoring_summary([a["letter_mass"] for a in got], [a.get("tied_top") for a in got],
+                               f"agent {n} ({who.name})")
+               if who.mode == "score" else {"letter_mass": None, "tied_top": None}),
         }
     preds = [(answers[1][q.key]["pred_letter"], answers[2][q.key]["pred_letter"]) for q in items]
     reasons = Counter(r["reject_reason"] for r in rejected)

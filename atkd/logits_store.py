@@ -4,9 +4,10 @@ Layout of the output folder (step E):
 
     index.json                   format, teacher, tokenizer fingerprint, lang, top_k, response
                                  field, shard list, teacher accuracy, and per item id: shard,
-                                 row, letters, answer, the teacher's pick, prompt hashes,
-                                 token rows (tok_start, tok_len)
-    summary.json                 the teacher's accuracy on the data (n, correct, accuracy)
+                                 row, letters, answer, the teacher's pick, whether its top
+                                 letters tied, prompt hashes, token rows (tok_start, tok_len)
+    summary.json                 the teacher's accuracy on the data (n, correct, accuracy), its
+                                 letter mass and tied top letters (atkd.scoring.scoring_summary)
     shard-00000.safetensors      per shard (about --shard_size items):
         option_logprobs [items, 26] fp32  teacher log-probs over the item's options (-inf pads)
         target_ids      [rows] int32      the response token each token-level row predicts
@@ -35,6 +36,7 @@ import torch
 from .errors import InputError
 from .io import read_json, write_json, write_text
 from .paths import LOGITS_INDEX, logits_index, logits_summary
+from .scoring import scoring_summary
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +161,9 @@ def assemble(output_dir: Path, parts_dir: Path, records: list[dict], header: dic
     summary = {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
                "mean_letter_mass": sum(e["letter_mass"] for e in items.values()) / n if n else 0.0,
                "token_level_items": sum(1 for e in items.values() if e["tok_len"]),
-               "shards": len(names)}
+               "shards": len(names),
+               **scoring_summary([e["letter_mass"] for e in items.values()], [e.get("tied") for e in items.values()],
+                                 header.get("teacher_model") or "the teacher")}
     index = {"format": FORMAT, **header, "shards": names, "summary": summary, "items": items}
     write_json(logits_summary(output_dir), summary)
     # index.json last: its presence marks the store complete.

@@ -13,7 +13,6 @@ slow). `--model_placement` forces either; `auto` decides from the weights' size 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from pathlib import Path
@@ -212,16 +211,6 @@ def load(path: str | Path, device: torch.device | None = None, dtype: str = "aut
 def input_device(model) -> torch.device:
     """Where inputs go: the embedding's device (differs from model.device when spread over GPUs)."""
     return model.get_input_embeddings().weight.device
-
-
-def last_logits_kwarg(model) -> dict:
-    """Forward kwargs that make the model compute logits only at the last position."""
-    params = inspect.signature(model.forward).parameters
-    if "logits_to_keep" in params:
-        return {"logits_to_keep": 1}
-    if "num_logits_to_keep" in params:
-        return {"num_logits_to_keep": 1}
-    return {}
 
 
 def set_quiet_env() -> None:

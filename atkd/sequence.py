@@ -6,10 +6,14 @@ teacher saw (the reference re-tokenised a string holding a literal backslash-n):
 
     prompt ids  = encode_prompt(mcq_prompt(question))                 (atkd.prompts)
     response    = [letter token of the answer]                         (atkd.letters)
-                  + ids of "\\n" + the item's response text + [eos]    (only with a response field)
+                  + ids of "\\n" + the item's response text + [end]    (only with a response field)
     model input = prompt ids + response[:-1]
 
-The pieces are concatenated as ids, never re-tokenised as one string.
+The pieces are concatenated as ids, never re-tokenised as one string. [end] is the token the chat
+template closes an assistant turn with (`atkd.generation.end_of_turn_id`: <|eot_id|> for Llama-3,
+<end_of_turn> for Gemma, <|im_end|> for ChatML), else the tokenizer's eos: Llama-3's and Gemma's
+eos (<|end_of_text|>, <eos>) never follow a reply in their templates, and a student taught to
+end with it would not stop at the end of its turn.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 from dataclasses import dataclass
 
 from .errors import InputError
+from .generation import end_of_turn_id
 from .letters import letter_token_ids
 from .prompts import encode_prompt, mcq_prompt, mcq_user_text, reply_prefix
 from .records import Question
@@ -66,6 +71,14 @@ def continuation_ids(tokenizer, lead: str, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def response_end_id(tokenizer) -> int | None:
+    """The token that ends a response: the template's end of turn, else the tokenizer's eos."""
+    end = end_of_turn_id(tokenizer)
+    if end is None:
+        end = tokenizer.eos_token_id
+    return int(end) if end is not None else None
+
+
 @dataclass
 class TrainSequence:
     """The teacher-forced token sequence of one item, as the teacher and the student both see it."""
@@ -73,7 +86,7 @@ class TrainSequence:
     user_text: str  # the MCQ prompt's words (tokenizer independent)
     prompt_text: str  # rendered through this tokenizer's chat template (or plain text + "Answer:")
     prompt_ids: list[int]
-    response_ids: list[int]  # [answer letter token] (+ continuation + [eos])
+    response_ids: list[int]  # [answer letter token] (+ continuation + [end of turn])
     option_ids: list[int]  # this tokenizer's letter token of each option, A, B, ...
 
     @property
@@ -93,7 +106,8 @@ def training_sequence(tokenizer, q: Question, lang: str, response_field: str | N
     if text is not None:
         lead = reply_prefix(tokenizer, lang) + q.answer_idx
         response += continuation_ids(tokenizer, lead, RESPONSE_SEPARATOR + text.strip())
-        if tokenizer.eos_token_id is not None:
-            response.append(int(tokenizer.eos_token_id))
+        end = response_end_id(tokenizer)
+        if end is not None:
+            response.append(end)
     return TrainSequence(user_text=mcq_user_text(q, lang), prompt_text=prompt_text, prompt_ids=prompt_ids,
                          response_ids=response, option_ids=option_ids)

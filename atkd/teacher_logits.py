@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -31,7 +32,7 @@ from .io import PartLog, write_bytes
 from .logits_store import FORMAT, assemble, pack, shard_name
 from .paths import logits_index, logits_summary
 from .records import MAX_OPTIONS, Question, load_questions, question_from_dict
-from .scoring import scores_from_logits
+from .scoring import scores_from_logits, with_exact_letters
 from .sequence import sha256_ids, sha256_text, tokenizer_fingerprint, training_sequence
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 class LogitsConfig(StageConfig):
     """generate_logits.py: store the teacher's logits for distillation."""
 
+    # 2: letter logits in float32, ties recorded, head verified; responses end with the end-of-turn token
+    version: ClassVar[int] = 2
     model_path: str = setting(role=MODEL, help="the teacher: a local Hugging Face model folder")
     dataset_path: str = setting(role=INPUT, help="questions .jsonl (the data the student trains on)")
     output_dir: str = setting(role=OUTPUT, help="folder for index.json, summary.json and the shards")
@@ -87,16 +90,17 @@ def teacher_outputs(head: HeadAtPositions, tokenizer, questions: list[Question],
             for j in range(len(s.response_ids)):
                 rows.append(b)
                 cols.append(first + j)
-        logits = head(**{k: v.to(device) for k, v in inputs.items()},
-                      rows=torch.as_tensor(rows, device=device), cols=torch.as_tensor(cols, device=device)).float()
-        letter_rows = logits[[start for start, _ in spans]]
-        scores = scores_from_logits(letter_rows, [seqs[i].option_ids for i in batch],
-                                    [questions[i].letters for i in batch])
+        hidden = head.hidden_at(**{k: v.to(device) for k, v in inputs.items()},
+                                rows=torch.as_tensor(rows, device=device), cols=torch.as_tensor(cols, device=device))
+        logits = head.logits(hidden).float()
+        option_ids = [seqs[i].option_ids for i in batch]
+        letter_rows = with_exact_letters(head, hidden[[start for start, _ in spans]], option_ids)
+        scores = scores_from_logits(letter_rows, option_ids, [questions[i].letters for i in batch])
         for (start, n), i, sc in zip(spans, batch, scores):
             q = questions[i]
             option_rows[i, : len(q.letters)] = torch.tensor([sc.logprobs[L] for L in q.letters])
             items[i] = {"letters": "".join(q.letters), "answer": q.answer_idx, "pred": sc.pred_letter,
-                        "correct": sc.pred_letter == q.answer_idx, "letter_mass": sc.letter_mass,
+                        "correct": sc.pred_letter == q.answer_idx, "letter_mass": sc.letter_mass, "tied": sc.tied,
                         "user_sha256": sha256_text(seqs[i].user_text),
                         "prompt_sha256": sha256_text(seqs[i].prompt_text),
                         "prompt_ids_sha256": sha256_ids(seqs[i].prompt_ids)}

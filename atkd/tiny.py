@@ -8,7 +8,9 @@ sentencepiece-like Metaspace/Unigram (Llama-2/Mistral/T5).
 tokens, eos/bos/pad, a short hand-written Jinja template with the same turn structure as the real
 one, and the eos ids the real checkpoints' generation configs list (often more than the
 tokenizer's own eos). `scripted_model` is a Llama whose greedy next token is a fixed function of
-the current token, for tests that need a model to say exactly something.
+the current token, for tests that need a model to say exactly something. `head_family_model`
+builds a tiny model of each architecture family whose output head does more than a linear layer
+(`HEAD_FAMILIES`).
 """
 
 from __future__ import annotations
@@ -251,6 +253,50 @@ def scripted_model(tokenizer, next_token: dict[int, int], hidden: int = 64, seed
         head.zero_()
         for a, b in next_token.items():
             head[b] += 50.0 * emb[a] / emb[a].norm()
+    return model
+
+
+# Architecture families whose forward does something around the output-embedding module, with that
+# something set away from its neutral value (atkd.head.head_scaling), plus Llama as the plain case.
+HEAD_FAMILIES = {
+    "llama": {},
+    "cohere": dict(logit_scale=0.0625),  # logits * logit_scale (Command-R)
+    "cohere2": dict(logit_scale=0.25),
+    "gemma2": dict(final_logit_softcapping=0.3),  # cap * tanh(logits / cap)
+    "gemma3_text": dict(final_logit_softcapping=0.3),
+    "granite": dict(logits_scaling=8.0),  # logits / logits_scaling
+    "granitemoe": dict(logits_scaling=4.0, num_local_experts=2, num_experts_per_tok=1),
+    "falcon_h1": dict(lm_head_multiplier=0.3, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8,
+                      mamba_n_groups=1, mamba_chunk_size=16),  # logits * lm_head_multiplier
+    "minicpm3": dict(num_key_value_heads=4, dim_model_base=8, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=4,
+                     qk_rope_head_dim=4, v_head_dim=8),  # head(hidden / (hidden_size / dim_model_base))
+    "hyperclovax": dict(logits_scaling=0.5),  # logits * logits_scaling (the opposite of Granite)
+    "nanochat": dict(final_logit_softcapping=0.3),
+    "vaultgemma": dict(final_logit_softcapping=0.3),
+    "recurrent_gemma": dict(logits_soft_cap=0.3, lru_width=32, attention_window_size=16,
+                            block_types=["recurrent", "attention"]),
+    "beam": dict(final_logit_softcapping=0.3),  # soft-cap in float32
+    "xlstm": dict(output_logit_soft_cap=0.3, embedding_dim=32, num_heads=4, num_blocks=2),
+}
+HEAD_FAMILY_SIZES = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+
+
+def head_family_model(name: str, seed: int = 0):
+    """A tiny randomly initialised causal LM of `HEAD_FAMILIES[name]` (fp32, 96-token vocabulary) whose
+    logits are a few units wide, so a missed scale or soft-cap shows. ValueError when the installed
+    transformers does not know the family."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.for_model(name, **{**HEAD_FAMILY_SIZES, **HEAD_FAMILIES[name]})
+    except KeyError as exc:
+        raise ValueError(f"transformers has no {name!r} here") from exc
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 0.5)
     return model
 
 

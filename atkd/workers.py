@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Sequence
 
+from .errors import InputError
 from .io import PartLog
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,12 @@ def run_workers(fn: Callable, tasks: Sequence, gpu_ids: list[int], part_log: Par
     if not tasks:
         return
     if len(gpu_ids) <= 1:
-        fn(0, gpu_ids[0] if gpu_ids else None, list(tasks), part_log.writer(0), payload)
+        try:
+            fn(0, gpu_ids[0] if gpu_ids else None, list(tasks), part_log.writer(0), payload)
+        except InputError:  # found by the worker (a model refused at load): leave no empty partial work behind
+            if not part_log.done():
+                part_log.remove()
+            raise
         return
     import torch.multiprocessing as mp
 

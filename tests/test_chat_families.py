@@ -3,18 +3,24 @@ which token is the answer letter, where generation stops, think blocks, the pinn
 
 import dataclasses
 import datetime
+import json
 import logging
+import shutil
 
 import pytest
 import torch
 
-from atkd import prompts
+from atkd import answering, prompts
+from atkd.answering import InferenceConfig
+from atkd.fingerprint import DoneRecord
 from atkd.generation import end_of_turn_id, generate_batch, stop_token_ids
+from atkd.io import write_jsonl
 from atkd.letters import letter_token_ids
 from atkd.prompts import (CLOSE_THINK, encode_prompt, mcq_prompt, prompts_version, render, reply_token_ids,
                           think_handling)
 from atkd.records import question_from_dict
 from atkd.scoring import letter_mass_summary, score_questions
+from atkd.sequence import training_sequence
 from atkd.tiny import CHAT_FORMATS, generation_eos_ids, scripted_model, train_chat_tokenizer, train_tokenizer
 from conftest import corpus, make_questions
 
@@ -133,6 +139,27 @@ def test_generation_stops_at_the_templates_end_of_turn_when_the_config_lacks_it(
     assert stop_token_ids(model, tok) == sorted({tok.eos_token_id, eot})
 
 
+@pytest.mark.parametrize("name", list(CHAT_FORMATS))
+def test_a_trained_response_ends_with_the_templates_end_of_turn(families, name):
+    """E stores and F trains the response closed as the template closes a reply: <|eot_id|> for Llama-3 and
+    <end_of_turn> for Gemma, whose tokenizer eos (<|end_of_text|>, <eos>) never ends a turn."""
+    tok = families[name]
+    q = question_from_dict({**make_questions(1, seed=6)[0], "explanation": "Because it is."})
+    seq = training_sequence(tok, q, "en", response_field="explanation")
+    end = tok.convert_tokens_to_ids(END_OF_TURN[name])
+    assert seq.response_ids[-1] == end and seq.response_ids.count(end) == 1
+    assert end in reply_token_ids(tok, f"{q.answer_idx}\nBecause it is.")  # what the template writes after it
+
+
+def test_a_response_without_a_chat_template_ends_with_eos(qwen_plain_dir):
+    from atkd.models import load_tokenizer
+
+    tok = load_tokenizer(qwen_plain_dir)
+    assert not tok.chat_template
+    q = question_from_dict({**make_questions(1, seed=6)[0], "explanation": "Because it is."})
+    assert training_sequence(tok, q, "en", response_field="explanation").response_ids[-1] == tok.eos_token_id
+
+
 # ----------------------------------------------------------------------------- defect 7: think blocks
 
 def fresh(name):
@@ -209,3 +236,37 @@ def test_pinned_rendering_is_the_same_whatever_today_is(families, monkeypatch):
     monkeypatch.setattr(ctu, "datetime", Tomorrow, raising=False)
     assert render(tok, "Which?") == before
     assert torch.equal(torch.tensor(encode_prompt(tok, before)), torch.tensor(encode_prompt(tok, render(tok, "Which?"))))
+
+
+# ----------------------------------------------------------------------------- the rendered prompt in the fingerprint
+
+def edit_chat_template(model_dir, edit) -> None:
+    """Rewrite only the folder's chat template (chat_template.jinja in transformers 5, else tokenizer_config.json)."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        jinja.write_text(edit(jinja.read_text(encoding="utf-8")), encoding="utf-8")
+        return
+    config_file = model_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["chat_template"] = edit(config["chat_template"])
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+
+
+def test_editing_only_the_chat_template_reruns_a_finished_stage(llama_dir, tmp_path):
+    """The template renders every prompt: it is part of the model folder's content hash, so a finished
+    stage whose model's template changed is redone (by hand or by main.py: the same done-record)."""
+    model = tmp_path / "model"
+    shutil.copytree(llama_dir, model)
+    data = tmp_path / "q.jsonl"
+    write_jsonl(data, make_questions(4, seed=2))
+    out = tmp_path / "A" / "replies.jsonl"
+    cfg = InferenceConfig(model_path=str(model), dataset_path=str(data), output_path=str(out))
+    assert answering.run(cfg) is not None
+    before = out.read_text(encoding="utf-8")
+    assert answering.run(cfg) is None  # finished: nothing to do
+    edit_chat_template(model, lambda t: t.replace("<|assistant|>\n", "<|assistant|>\nSure.\n"))
+    state, why = DoneRecord(cfg).status()
+    assert state == "changed" and "model_path" in why
+    assert answering.run(cfg) is not None  # redone, with the new prompt
+    assert out.read_text(encoding="utf-8") != before
+    assert answering.run(cfg) is None

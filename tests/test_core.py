@@ -110,7 +110,7 @@ def test_batched_scoring_equals_per_item_full_forward(request, fixture, question
     ids = [encode_prompt(tok, mcq_prompt(tok, q, "en")) for q in qs]
     letters = [q.letters for q in qs]
     letter_ids = [letter_token_ids(tok, L) for L in letters]
-    batched = scores_from_logits(last_position_logits(model, ids, tok.pad_token_id), letter_ids, letters)
+    batched = scores_from_logits(last_position_logits(model, ids, tok.pad_token_id, letter_ids), letter_ids, letters)
     for q, seq, lids, got in zip(qs, ids, letter_ids, batched):
         with torch.no_grad():
             full = model(torch.tensor([seq])).logits[0, -1].double()

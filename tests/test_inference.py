@@ -23,7 +23,7 @@ from atkd.prompts import encode_prompt, mcq_prompt
 from atkd.records import question_from_dict
 from conftest import ROOT, make_questions, run_script
 
-REPLY_KEYS = ["pred_letter", "option_probs", "letter_mass", "raw_reply", "correct", "mode"]
+REPLY_KEYS = ["pred_letter", "option_probs", "letter_mass", "tied_top", "raw_reply", "correct", "mode"]
 # Tiny models run faster on one thread than on several fighting over CI's two cores.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -83,6 +83,9 @@ def test_score_mode_equals_per_item_full_forward(request, fixture, tmp_path, run
     assert res.returncode == 0, res.stderr
     replies, summary = check_replies(inputs, out, "score", model_dir)
     assert summary["unparsed"] is None
+    assert summary["tied_top"] == sum(r["tied_top"] for r in replies) == 0
+    assert summary["letter_mass"]["n"] == len(inputs)
+    assert summary["letter_mass"]["mean_letter_mass"] == pytest.approx(sum(r["letter_mass"] for r in replies) / len(inputs))
 
     # Slow reference: each prompt alone, unpadded, full-sequence logits; the letter token derived
     # from the prompt followed by the letter.
@@ -114,7 +117,8 @@ def test_generate_mode_writes_replies_and_counts_unparsed(request, fixture, tmp_
     assert res.returncode == 0, res.stderr
     replies, summary = check_replies(inputs, out, "generate", model_dir)
     assert summary["unparsed"] == sum(r["pred_letter"] is None for r in replies)
-    assert all(r["option_probs"] is None and r["letter_mass"] is None for r in replies)
+    assert all(r["option_probs"] is None and r["letter_mass"] is None and r["tied_top"] is None for r in replies)
+    assert summary["letter_mass"] is None and summary["tied_top"] is None
 
     # Batched, left-padded greedy generation says what each prompt alone would have said.
     tok, model = load_tokenizer(model_dir), load_model(model_dir)
