@@ -134,6 +134,23 @@ def fill_deepspeed_config(acc, batch_size: int, gradient_accumulation_steps: int
         ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
 
 
+def gather_head_in_root(acc, root, model) -> None:
+    """ZeRO-3: let DeepSpeed gather the output head's weights when `root` (the head-at-positions wrapper) runs.
+
+    The wrapper reads the head's weight inside its own forward, not through the head module's,
+    and ZeRO-3 only gathers a module's partitioned parameters around that module's own forward;
+    DeepSpeed's `register_external_parameter` is its API for exactly this. No-op elsewhere.
+    """
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.DEEPSPEED or acc.state.deepspeed_plugin.zero_stage != 3:
+        return
+    import deepspeed
+
+    for param in model.get_output_embeddings().parameters():
+        deepspeed.zero.register_external_parameter(root, param)
+
+
 def loss_scale(acc) -> float:
     """What each micro-batch's window-normalised loss is multiplied by before backward.
 

@@ -287,6 +287,7 @@ class _Loop:
                                        num_training_steps=self.total_steps)
         distributed.fill_deepspeed_config(accelerator, cfg.batch_size, cfg.gradient_accumulation_steps,
                                           cfg.max_grad_norm)
+        distributed.gather_head_in_root(accelerator, head, model)
         self.model, self.optimizer = accelerator.prepare(head, optimizer)
         self.scale = distributed.loss_scale(accelerator)
         self.pos = Position()
