@@ -24,7 +24,8 @@ ALL_LINEAR = "all-linear"  # peft: every Linear layer except the output head
 LORA_MARK = ".lora_"  # in the names of adapter weights (lora_A, lora_B)
 
 
-def _peft():
+def require_peft():
+    """The peft module, or InputError saying how to get it."""
     try:
         import peft
     except ImportError:
@@ -35,7 +36,7 @@ def _peft():
 
 def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str]):
     """peft's LoraConfig for these settings (`all-linear` alone means every Linear but the head)."""
-    peft = _peft()
+    peft = require_peft()
     targets = ALL_LINEAR if list(target_modules) == [ALL_LINEAR] else list(target_modules)
     return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                            task_type="CAUSAL_LM")
@@ -43,7 +44,7 @@ def lora_config(r: int, alpha: float, dropout: float, target_modules: list[str])
 
 def add_adapters(model, config):
     """Inject LoRA adapters into `model` in place (its other weights frozen); returns peft's wrapper."""
-    peft = _peft()
+    peft = require_peft()
     try:
         return peft.get_peft_model(model, config)
     except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"

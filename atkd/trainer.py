@@ -93,7 +93,7 @@ class TrainConfig(StageConfig):
     dtype: str = setting("auto", choices=TRAIN_DTYPES,
                          help="compute precision; weights and AdamW state are always fp32 (bf16 weights would round "
                               "updates of ~lr to nothing), so bf16 means fp32 master weights with bf16 autocast. auto: "
-                              "what accelerate launch was told (--mixed_precision or the config file), else bf16 "
+                              "what accelerate launch was told (its mixed_precision flag or config file), else bf16 "
                               "autocast on GPU and fp32 on the CPU; bf16/fp32 must agree with accelerate launch's")
     lora_r: int = setting(0, check=at_least(0),
                           help="LoRA rank (0: full fine-tuning); > 0 trains adapters only (needs peft) and writes "
