@@ -20,6 +20,7 @@ the two meet:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -134,6 +135,26 @@ def fill_deepspeed_config(acc, batch_size: int, gradient_accumulation_steps: int
         ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
 
 
+def _zero3(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
+
+
+def whole_params(acc, params):
+    """A context in which ZeRO-3-partitioned `params` hold their whole values (read-only); no-op elsewhere.
+
+    Under ZeRO-3 with `zero3_init_flag`, weights are partitioned while they load: a parameter
+    outside a forward pass is an empty tensor (its real shape is `ds_shape`). Code that reads a
+    shape at set-up (the head's vocabulary size) runs inside this. Every process must enter it.
+    """
+    if not _zero3(acc):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+
 def gather_head_in_root(acc, root, model) -> None:
     """ZeRO-3: let DeepSpeed gather the output head's weights when `root` (the head-at-positions wrapper) runs.
 
@@ -141,9 +162,7 @@ def gather_head_in_root(acc, root, model) -> None:
     and ZeRO-3 only gathers a module's partitioned parameters around that module's own forward;
     DeepSpeed's `register_external_parameter` is its API for exactly this. No-op elsewhere.
     """
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type != DistributedType.DEEPSPEED or acc.state.deepspeed_plugin.zero_stage != 3:
+    if not _zero3(acc):
         return
     import deepspeed
 

@@ -277,7 +277,8 @@ class _Loop:
 
                 lora.load_adapter_weights(model, load_file(str(resume / ADAPTER_FILE)), resume)
         model.train()
-        head = HeadAtPositions(model, len(prep.tokenizer))
+        with distributed.whole_params(accelerator, model.get_output_embeddings().parameters()):
+            head = HeadAtPositions(model, len(prep.tokenizer))  # reads the head's shape
         # FSDP2's auto-wrap shards each of these layer classes separately; it looks for them on the root.
         head._no_split_modules = getattr(model, "_no_split_modules", None)
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)

@@ -16,7 +16,8 @@ import pytest
 import torch
 from conftest import ROOT
 from safetensors.torch import load_file
-from test_train import data_file, finish, max_diff, store_dir, train_args, weights  # noqa: F401,F811 (fixtures)
+import test_train
+from test_train import finish, max_diff, train_args, weights
 
 from atkd.head import HeadAtPositions
 from atkd.logits_store import LogitsStore
@@ -26,16 +27,19 @@ from atkd.train_data import build_examples, collate, token_counts
 from atkd.trainer import TrainConfig, micro_batch_loss
 from atkd.workflow import free_port
 
-FSDP2 = ROOT / "configs" / "accelerate" / "fsdp2.yaml"
-ENV = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+data_file, store_dir = test_train.data_file, test_train.store_dir  # test_train.py's data and teacher logits
+CONFIGS = ROOT / "configs" / "accelerate"
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+           HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
 
-def launch(args, *, fsdp=False, shim=True, **popen):
-    """train.py through `accelerate launch`: one CPU process, or (fsdp) two gloo processes under FSDP2."""
+def launch(args, *, config=None, shim=True, **popen):
+    """train.py through `accelerate launch`: one CPU process, or two gloo processes under `config`
+    (an accelerate config file: FSDP2 or DeepSpeed, run on the CPU through tests/sharded_on_cpu.py)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]
-    if fsdp:
-        cmd += ["--config_file", str(FSDP2), "--num_processes", "2", "--mixed_precision", "no"]
-        cmd += [str(ROOT / "tests" / "fsdp_on_cpu.py")] if shim else []
+    if config:
+        cmd += ["--config_file", str(config), "--num_processes", "2", "--mixed_precision", "no"]
+        cmd += [str(ROOT / "tests" / "sharded_on_cpu.py")] if shim else []
     else:
         cmd += ["--num_processes", "1", "--cpu", "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no"]
@@ -203,7 +207,7 @@ def fsdp_run(tmp_path_factory, llama_dir, data_file, store_dir):
     out = tmp_path_factory.mktemp("fsdp") / "student"
     args = train_args(llama_dir, data_file, store_dir, out)
     args[args.index("--batch_size") + 1] = "1"
-    return out, args, finish(launch(args, fsdp=True))
+    return out, args, finish(launch(args, config=CONFIGS / "fsdp2.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -234,8 +238,8 @@ def test_fsdp2_resume_after_sigkill_equals_an_uninterrupted_fsdp2_run(tmp_path, 
     out_ref, args_ref, _ = fsdp_run
     out = tmp_path / "killed"
     args = [str(out) if a == str(out_ref) else a for a in args_ref] + ["--save_steps", "1", "--save_total_limit", "0"]
-    kill_after_first_checkpoint(args, out, fsdp=True)
-    log = finish(launch(args, fsdp=True))
+    kill_after_first_checkpoint(args, out, config=CONFIGS / "fsdp2.yaml")
+    log = finish(launch(args, config=CONFIGS / "fsdp2.yaml"))
     assert "resumed from" in log
     assert max_diff(weights(out / "final_model"), weights(out_ref / "final_model")) < 1e-6
     assert not list(out.glob(".tmp-*"))
@@ -244,7 +248,55 @@ def test_fsdp2_resume_after_sigkill_equals_an_uninterrupted_fsdp2_run(tmp_path, 
 def test_fsdp_config_that_accelerate_would_run_unsharded_is_refused(tmp_path, llama_dir, data_file, store_dir):
     """Without GPUs accelerate turns an FSDP launch into plain gloo data parallelism: train.py says so and stops."""
     out = tmp_path / "out"
-    log = launch(train_args(llama_dir, data_file, store_dir, out), fsdp=True, shim=False).communicate(timeout=300)[0]
+    log = launch(train_args(llama_dir, data_file, store_dir, out), config=CONFIGS / "fsdp2.yaml",
+                 shim=False).communicate(timeout=300)[0]
     errors = [ln for ln in log.splitlines() if ln.startswith("error:")]
     assert errors and "asks for FSDP" in errors[0] and "MULTI_CPU" in errors[0], log[-2000:]
     assert not (out / "final_model").exists()
+
+
+# --------------------------------------------------------------------------- DeepSpeed ZeRO (when installed)
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, llama_dir, data_file, store_dir):
+    """configs/accelerate/zero3.yaml on two gloo processes (DeepSpeed's CPU accelerator), batch 1 each."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+    out = tmp_path_factory.mktemp("zero3") / "student"
+    args = train_args(llama_dir, data_file, store_dir, out)
+    args[args.index("--batch_size") + 1] = "1"
+    return out, args, finish(launch(args, config=CONFIGS / "zero3.yaml"))
+
+
+def test_zero3_partitions_checkpoints_and_gathers_a_plain_final_model(zero3_run, single_run):
+    out, _, log = zero3_run
+    assert "training (deepspeed-zero3" in log
+    ckpt = out / "checkpoint-4"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["backend"] == "deepspeed-zero3" and state["sharded"] and state["world_size"] == 2
+    assert sorted(p.name for p in (ckpt / "pytorch_model").glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert max_diff(weights(out / "final_model"), weights(single_run / "final_model")) < 1e-5
+
+
+def test_zero3_resume_after_sigkill_equals_an_uninterrupted_zero3_run(tmp_path, zero3_run):
+    out_ref, args_ref, _ = zero3_run
+    out = tmp_path / "killed"
+    args = [str(out) if a == str(out_ref) else a for a in args_ref] + ["--save_steps", "1", "--save_total_limit", "0"]
+    kill_after_first_checkpoint(args, out, config=CONFIGS / "zero3.yaml")
+    log = finish(launch(args, config=CONFIGS / "zero3.yaml"))
+    assert "resumed from" in log
+    assert max_diff(weights(out / "final_model"), weights(out_ref / "final_model")) < 1e-6
+
+
+def test_zero2_with_accumulation_equals_one_process(tmp_path, single_run, llama_dir, data_file, store_dir):
+    """ZeRO-2, and a DeepSpeed config whose own accumulation steps (1, as `accelerate config` writes) train.py overrides."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+    config = tmp_path / "zero2.yaml"
+    config.write_text((CONFIGS / "zero3.yaml").read_text().replace("zero_stage: 3", "zero_stage: 2")
+                      .replace("deepspeed_config:\n", "deepspeed_config:\n  gradient_accumulation_steps: 1\n"))
+    out = tmp_path / "zero2"
+    args = train_args(llama_dir, data_file, store_dir, out)
+    args[args.index("--batch_size") + 1] = "1"
+    log = finish(launch(args, config=config))
+    assert "training (deepspeed-zero2" in log and "gradient_accumulation_steps 1 -> 2" in log
+    assert max_diff(weights(out / "final_model"), weights(single_run / "final_model")) < 1e-5
