@@ -155,6 +155,29 @@ def whole_params(acc, params):
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
 
 
+@contextlib.contextmanager
+def loading_whole():
+    """Inside, transformers builds models whole on this process, even while DeepSpeed runs.
+
+    accelerate registers DeepSpeed's config with transformers, which then partitions every model
+    it builds under ZeRO-3 (a collective step). The LoRA merge builds a CPU copy of the student on
+    the main process alone, and the settings check builds an empty one: both must stay plain.
+    """
+    from accelerate.state import AcceleratorState, is_initialized
+    from accelerate.utils import DistributedType
+
+    if not is_initialized() or AcceleratorState().distributed_type != DistributedType.DEEPSPEED:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        AcceleratorState().deepspeed_plugin.set_deepspeed_weakref()
+
+
 def gather_head_in_root(acc, root, model) -> None:
     """ZeRO-3: let DeepSpeed gather the output head's weights when `root` (the head-at-positions wrapper) runs.
 

@@ -55,8 +55,10 @@ def check_targets(model_dir: str | Path, config, trust_remote_code: bool = False
     """InputError unless the LoRA settings apply to this model (checked on an empty copy: no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .distributed import loading_whole
+
     model_config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
+    with loading_whole(), torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
     add_adapters(skeleton, config)
 
@@ -79,9 +81,11 @@ def write_merged(model_dir: Path, adapter_dir: Path, student_path: str, config, 
                  tokenizer, trust_remote_code: bool = False) -> None:
     """The adapters in `weights` (a full state dict of the adapted model) written to `adapter_dir`, and
     merged into a fresh copy of the student written to `model_dir` (a plain Hugging Face folder)."""
+    from .distributed import loading_whole
     from .models import load_model
 
-    student = load_model(student_path, torch.device("cpu"), "fp32", trust_remote_code)
+    with loading_whole():  # this process alone, whatever the training backend
+        student = load_model(student_path, torch.device("cpu"), "fp32", trust_remote_code)
     wrapped = add_adapters(student, config)
     load_adapter_weights(student, adapter_weights(weights), student_path)
     wrapped.save_pretrained(str(adapter_dir), safe_serialization=True)

@@ -300,3 +300,25 @@ def test_zero2_with_accumulation_equals_one_process(tmp_path, single_run, llama_
     log = finish(launch(args, config=config))
     assert "training (deepspeed-zero2" in log and "gradient_accumulation_steps 1 -> 2" in log
     assert max_diff(weights(out / "final_model"), weights(single_run / "final_model")) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def lora_single(tmp_path_factory, llama_dir, data_file, store_dir):
+    out = tmp_path_factory.mktemp("lora_single") / "student"
+    finish(launch(train_args(llama_dir, data_file, store_dir, out, "--lora_r", "4", "--lora_alpha", "8",
+                             "--lora_dropout", "0")))
+    return out
+
+
+@pytest.mark.parametrize("config", ["fsdp2.yaml", "zero3.yaml"])
+def test_lora_sharded_equals_lora_in_one_process(tmp_path, config, lora_single, llama_dir, data_file, store_dir):
+    """LoRA through FSDP2 / ZeRO-3: adapters trained on shards, gathered, merged on the main process."""
+    if config.startswith("zero"):
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+    out = tmp_path / "student"
+    args = train_args(llama_dir, data_file, store_dir, out, "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0")
+    args[args.index("--batch_size") + 1] = "1"
+    finish(launch(args, config=CONFIGS / config))
+    assert max_diff(weights(out / "final_model"), weights(lora_single / "final_model")) < 1e-6
+    assert max_diff(load_file(str(out / "final_adapter" / "adapter_model.safetensors")),
+                    load_file(str(lora_single / "final_adapter" / "adapter_model.safetensors"))) < 1e-6
