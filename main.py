@@ -51,7 +51,11 @@ ALPHA_CE = 0.5  # weight of the CE loss; 1 - ALPHA_CE weighs the KD loss
 KD_LOSS = "forward_kl"  # forward_kl | reverse_kl | jsd
 SAVE_STEPS = 1000  # optimizer steps between checkpoints
 SAVE_TOTAL_LIMIT = 2  # checkpoints kept per iteration (<= 0: all)
-ACCELERATE_CONFIG_FILE = ""  # optional `accelerate config` file (it then decides processes, precision, FSDP/DeepSpeed); empty: one process per GPU, bf16
+ACCELERATE_CONFIG_FILE = ""  # optional `accelerate config` file (it then decides processes, precision, FSDP/DeepSpeed); empty: one process per GPU, bf16; examples in configs/accelerate/ (fsdp2.yaml, zero3.yaml for 7B+ students)
+LORA_R = 0  # LoRA rank; 0 = full fine-tuning; e.g. 16 trains adapters only (needs `pip install peft`), final_model is merged
+LORA_ALPHA = 16.0  # LoRA alpha: adapter updates are scaled by LORA_ALPHA / LORA_R
+LORA_DROPOUT = 0.05  # dropout on the adapters' input
+LORA_TARGET_MODULES = ["all-linear"]  # modules that get adapters, e.g. ["q_proj", "v_proj"]; all-linear: every linear layer but the head
 
 # ===================================================================== serving engines and GPUs (optional)
 # An OpenAI-compatible server (vLLM, SGLang, `transformers serve`, a hosted API) can stand in for the

@@ -1,14 +1,23 @@
 """Checkpoints of train.py (step F): written whole or not at all, read back without pickle.
 
-A checkpoint (`checkpoint-<step>/`) holds the model (safetensors) and tokenizer, the optimizer
-(safetensors tensors + JSON scalars), the scheduler (JSON), each process's RNG state and the
-trainer state (position in the data, fingerprint, loss history). It is written into a hidden
-temp folder and renamed when complete; `trainer_state.json` is written last, so a folder with one
-is complete. `final_model/` is written the same way, without optimizer and RNG.
+A checkpoint (`checkpoint-<step>/`) holds the trainable weights, the optimizer, the scheduler
+(JSON), each process's RNG state, the tokenizer and the trainer state (position in the data,
+fingerprint, loss history). Two layouts, by how the run is spread (`atkd.distributed`):
+- unsharded (one process, DDP): the model as a Hugging Face folder (LoRA: `adapter.safetensors`,
+  the adapters alone), the optimizer as safetensors tensors + JSON scalars, RNG as safetensors;
+  nothing is read back with pickle;
+- sharded (FSDP2, DeepSpeed ZeRO): accelerate's `save_state`, each process writing its own shards
+  of model and optimizer (torch.distributed.checkpoint or DeepSpeed's files) and its RNG state.
+  These are read back by accelerate's `load_state` (torch.load / DCP metadata): they are files
+  this stage wrote itself, found by its own fingerprint, never a user's input.
+Either way the folder is written under a hidden temp name and renamed when complete, and
+`trainer_state.json` is written last, so a folder with one is complete. `final_model/` is written
+the same way: a plain Hugging Face folder gathered from the shards, plus the trainer state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -23,6 +32,7 @@ from .paths import CHECKPOINT_PREFIX
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"  # written last into a checkpoint / final_model
+SCHEDULER_FILE = "scheduler.json"
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -42,31 +52,21 @@ def trainer_state(folder: Path) -> dict:
     return read_json(folder / STATE_FILE)
 
 
-def write_checkpoint(acc, folder: Path, model, tokenizer, state: dict, optimizer=None, scheduler=None) -> None:
-    """Write `folder` completely under a temp name, then rename it (every process calls this).
-
-    With an optimizer it is a resumable checkpoint (optimizer, scheduler, per-process RNG);
-    without, a plain Hugging Face model folder plus the trainer state (final_model).
-    """
+@contextlib.contextmanager
+def staged_folder(acc, folder: Path, state: dict | None = None):
+    """Yield a temp folder every process writes its part into; then `state` goes in last and the
+    folder is renamed to `folder` (every process enters this; the main process renames)."""
     folder = Path(folder)
     tmp = folder.with_name(f".tmp-{folder.name}")
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    if optimizer is not None:
-        write_bytes(tmp / f"rng-{acc.process_index}.safetensors", _st_bytes(_rng_state()))
-    if acc.is_main_process:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        if optimizer is not None:
-            tensors, meta = _optimizer_parts(optimizer.state_dict())
-            write_bytes(tmp / "optimizer.safetensors", _st_bytes(tensors))
-            write_json(tmp / "optimizer.json", meta)
-            write_json(tmp / "scheduler.json", scheduler.state_dict())
-        write_json(tmp / STATE_FILE, state)  # last: marks the folder complete
+    yield tmp
     acc.wait_for_everyone()
     if acc.is_main_process:
+        if state is not None:
+            write_json(tmp / STATE_FILE, state)  # last: marks the folder complete
         if folder.exists():
             shutil.rmtree(folder)
         os.rename(tmp, folder)
@@ -74,17 +74,40 @@ def write_checkpoint(acc, folder: Path, model, tokenizer, state: dict, optimizer
     acc.wait_for_everyone()
 
 
-def read_checkpoint(folder: Path, optimizer, scheduler, rank: int) -> dict:
-    """Restore the optimizer, the scheduler and this process's RNG from `folder`; returns its trainer state."""
+def write_training_state(acc, folder: Path, optimizer, scheduler) -> None:
+    """Unsharded runs: the optimizer (safetensors + JSON), the scheduler (JSON) and each process's RNG."""
+    write_bytes(folder / f"rng-{acc.process_index}.safetensors", _st_bytes(_rng_state()))
+    if acc.is_main_process:
+        tensors, meta = _optimizer_parts(optimizer.state_dict())
+        write_bytes(folder / "optimizer.safetensors", _st_bytes(tensors))
+        write_json(folder / "optimizer.json", meta)
+        write_json(folder / SCHEDULER_FILE, scheduler.state_dict())
+
+
+def read_training_state(folder: Path, optimizer, scheduler, rank: int) -> None:
+    """Restore what `write_training_state` wrote: the optimizer, the scheduler and this process's RNG."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / "optimizer.safetensors"))
     optimizer.load_state_dict(_optimizer_state(tensors, read_json(folder / "optimizer.json")))
-    scheduler.load_state_dict(read_json(folder / "scheduler.json"))
+    scheduler.load_state_dict(read_json(folder / SCHEDULER_FILE))
     rng = folder / f"rng-{rank}.safetensors"
     if rng.is_file():
         _set_rng_state(load_file(str(rng)))
-    return trainer_state(folder)
+
+
+def write_sharded_state(acc, folder: Path, scheduler) -> None:
+    """FSDP2 / DeepSpeed: model and optimizer shards and RNG through accelerate's `save_state`
+    (each process writes its own shards), the scheduler as JSON."""
+    acc.save_state(str(folder))
+    if acc.is_main_process:
+        write_json(folder / SCHEDULER_FILE, scheduler.state_dict())
+
+
+def read_sharded_state(acc, folder: Path, scheduler) -> None:
+    """Restore what `write_sharded_state` wrote into the prepared model and optimizer."""
+    acc.load_state(str(folder))
+    scheduler.load_state_dict(read_json(folder / SCHEDULER_FILE))
 
 
 def prune(output_dir: str | Path, limit: int) -> None:

@@ -100,6 +100,10 @@ class StageConfig:
         """Rules that involve several settings (one message each); none by default."""
         return []
 
+    def unused_settings(self) -> tuple[str, ...]:
+        """Settings that these values make irrelevant (LoRA's alpha with LoRA off): left out of the fingerprint."""
+        return ()
+
     @classmethod
     def flag(cls, name: str) -> str:
         return f"--{name}"

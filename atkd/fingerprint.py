@@ -111,6 +111,7 @@ def fingerprint(cfg: StageConfig, exclude: tuple[str, ...] = ()) -> dict:
     from .prompts import prompts_version
 
     out: dict = {"stage": type(cfg).__name__, "version": cfg.version, "prompts": prompts_version()}
+    exclude = (*exclude, *cfg.unused_settings())
     for f in fields(cfg):
         meta = f.metadata
         if f.name in exclude or not meta.get("affects_output", True) or meta.get("role") == OUTPUT:

@@ -161,6 +161,7 @@ def args_path(output_path: str | Path) -> Path:
 LOGITS_INDEX = "index.json"
 LOGITS_SUMMARY = "summary.json"
 FINAL_MODEL = "final_model"
+FINAL_ADAPTER = "final_adapter"  # LoRA runs: the adapters alone (peft format), beside the merged final_model
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
@@ -176,6 +177,10 @@ def logits_summary(store_dir: str | Path) -> Path:
 
 def final_model_dir(train_output_dir: str | Path) -> Path:
     return Path(train_output_dir) / FINAL_MODEL
+
+
+def final_adapter_dir(train_output_dir: str | Path) -> Path:
+    return Path(train_output_dir) / FINAL_ADAPTER
 
 
 def checkpoint_dir(train_output_dir: str | Path, step: int) -> Path:

@@ -1,18 +1,22 @@
 """Step F, train.py: distillation training, its loop and its resume.
 
-Runs under `accelerate launch` (one process per GPU, or several CPU processes) or as a plain
-single process. Weights are fp32 with bf16 autocast on GPU (`--dtype auto`), fp32 on the CPU.
+Runs under `accelerate launch` (one process per GPU, or several CPU processes; DDP, FSDP2 or
+DeepSpeed ZeRO as the user's accelerate config says) or as a plain single process. Master weights
+and AdamW state are fp32; compute is bf16 autocast on GPU (`atkd.distributed` has the rules).
+With `--lora_r > 0` only LoRA adapters train (`atkd.lora`) and final_model is the merged model.
 
 Each optimizer step is one gradient-accumulation window: `gradient_accumulation_steps`
 micro-batches of `batch_size` items per process. The window's CE tokens and KD positions are
 counted over all its micro-batches and all processes *before* the first backward, and every
 micro-batch's loss sum is divided by those totals (`atkd.kd_loss`), so the gradient equals that
-of one big batch; data-parallel averaging is undone by multiplying by the number of processes.
+of one big batch; the backends' own averaging (over processes, over accumulation steps) is undone
+(`atkd.distributed.loss_scale`). Gradients are synchronised on the window's last micro-batch only
+(`no_sync` before it; DeepSpeed's engine steps there).
 
 The data order of an epoch depends only on (seed, epoch). Checkpoints (`atkd.checkpoint`) carry
 the stage's fingerprint; a rerun resumes from the newest one made with the same fingerprint and
 ends with the same weights as an uninterrupted run. Checkpoints of other settings or inputs are
-stale: they are removed, not resumed. Nothing here is read with pickle.
+stale: they are removed, not resumed. Unsharded checkpoints are read without pickle.
 """
 
 from __future__ import annotations
@@ -20,21 +24,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from .checkpoint import STATE_FILE, complete_checkpoints, prune, read_checkpoint, trainer_state, write_checkpoint
+from . import distributed, lora
+from .checkpoint import (STATE_FILE, complete_checkpoints, prune, read_sharded_state, read_training_state,
+                         staged_folder, trainer_state, write_sharded_state, write_training_state)
 from .cli import INPUT, MODEL, OUTPUT, Check, StageConfig, above, at_least, between, setting, trust_remote_code
 from .errors import InputError
 from .fingerprint import DoneRecord
 from .kd_loss import KD_KINDS, combined_loss, response_loss_sums
 from .logits_store import LogitsStore
 from .models import check_model_dir, load_tokenizer
-from .paths import checkpoint_dir, final_model_dir
+from .paths import checkpoint_dir, final_adapter_dir, final_model_dir
 from .records import load_questions
 from .train_data import (ExampleStats, TrainExample, build_examples, collate, epoch_micro_batches, local_slice,
                          token_counts)
@@ -43,11 +49,16 @@ log = logging.getLogger(__name__)
 
 SCHEDULERS = ("cosine", "linear", "constant")
 TRAIN_DTYPES = ("auto", "fp32", "bf16")
+LORA_SETTINGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+ADAPTER_FILE = "adapter.safetensors"  # a LoRA run's adapters in an unsharded checkpoint
 
 
 @dataclass(kw_only=True)
 class TrainConfig(StageConfig):
     """train.py: distil the teacher's logits into the student."""
+
+    # 2: fp32 master weights under --dtype bf16 (was bf16 weights), backend-neutral loss scaling.
+    version: ClassVar[int] = 2
 
     student_model_path: str = setting(role=MODEL, help="the student: a local Hugging Face model folder")
     train_file_path: str = setting(role=INPUT, help="questions .jsonl the teacher's logits were taken on")
@@ -80,13 +91,36 @@ class TrainConfig(StageConfig):
     logging_steps: int = setting(10, check=at_least(1), affects_output=False,
                                  help="log the loss every this many steps")
     dtype: str = setting("auto", choices=TRAIN_DTYPES,
-                         help="auto: fp32 weights with bf16 autocast on GPU, fp32 on CPU; bf16: bf16 weights; fp32")
+                         help="compute precision; weights and AdamW state are always fp32 (bf16 weights would round "
+                              "updates of ~lr to nothing), so bf16 means fp32 master weights with bf16 autocast. auto: "
+                              "what accelerate launch was told (its mixed_precision flag or config file), else bf16 "
+                              "autocast on GPU and fp32 on the CPU; bf16/fp32 must agree with accelerate launch's")
+    lora_r: int = setting(0, check=at_least(0),
+                          help="LoRA rank (0: full fine-tuning); > 0 trains adapters only (needs peft) and writes "
+                               "final_model merged plus final_adapter/")
+    lora_alpha: float = setting(16.0, check=above(0), help="LoRA alpha: the adapters' update is scaled by alpha / r")
+    lora_dropout: float = setting(0.05, check=Check(lambda v: 0 <= v < 1, "in [0, 1)"),
+                                  help="dropout probability on the adapters' input")
+    lora_target_modules: list[str] = setting(["all-linear"],
+                                             help="module names that get adapters (e.g. q_proj,v_proj); all-linear: "
+                                                  "every linear layer but the output head")
     trust_remote_code: bool = trust_remote_code()
     check_only: bool = setting(False, affects_output=False,
                                help="validate the inputs and exit (0: fine, 2: bad input) without training")
 
     def outputs(self) -> list[Path]:
-        return [final_model_dir(self.output_dir) / "config.json", final_model_dir(self.output_dir) / STATE_FILE]
+        final = final_model_dir(self.output_dir)
+        adapter = [final_adapter_dir(self.output_dir) / "adapter_config.json"] if self.lora_r else []
+        return [final / "config.json", final / STATE_FILE, *adapter]
+
+    def unused_settings(self) -> tuple[str, ...]:
+        return LORA_SETTINGS if self.lora_r == 0 else ()
+
+    def lora(self):
+        """peft's LoraConfig of these settings (None for full fine-tuning)."""
+        if not self.lora_r:
+            return None
+        return lora.lora_config(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target_modules)
 
     def record_path(self) -> Path:
         return Path(self.output_dir) / "train.done.json"
@@ -115,6 +149,8 @@ def prepare(cfg: TrainConfig, fingerprint: dict) -> Prepared:
         raise InputError(cfg.teacher_logits_dir, f"the teacher's logits were taken on {store.lang!r} prompts; "
                                                  f"--lang {lang} would train on other prompts")
     tokenizer = load_tokenizer(cfg.student_model_path, cfg.trust_remote_code)
+    if cfg.lora_r:
+        lora.check_targets(cfg.student_model_path, cfg.lora(), cfg.trust_remote_code)
     examples, stats = build_examples(questions, store, tokenizer, lang, cfg.max_length, cfg.train_file_path)
     if not examples:
         raise InputError(cfg.train_file_path, f"no item fits in --max_length {cfg.max_length} tokens")
@@ -130,13 +166,16 @@ def prepare(cfg: TrainConfig, fingerprint: dict) -> Prepared:
 # --------------------------------------------------------------------------- loss
 
 def micro_batch_loss(model, batch: dict[str, torch.Tensor], n_ce: float, n_kd: float, cfg: TrainConfig,
-                     world: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss to backward, CE sum, KD sum) of one micro-batch; n_ce/n_kd are the window's totals."""
+                     scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss to backward, CE sum, KD sum) of one micro-batch; n_ce/n_kd are the window's totals.
+
+    `scale` undoes the backend's own averaging (`atkd.distributed.loss_scale`): the window's
+    normaliser already counts every micro-batch on every process.
+    """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"], rows=batch["rows"], cols=batch["cols"])
     ce, kd = response_loss_sums(logits, batch, cfg.temperature, cfg.kd_loss)
-    # DDP averages gradients over processes; the window's normaliser already counts all of them.
-    loss = combined_loss(ce, kd, n_ce, n_kd, cfg.alpha_ce, cfg.temperature) * world
+    loss = combined_loss(ce, kd, n_ce, n_kd, cfg.alpha_ce, cfg.temperature) * scale
     return loss, ce.detach(), kd.detach()
 
 
@@ -160,7 +199,10 @@ def run(cfg: TrainConfig) -> Path | None:
     if cfg.check_only:
         return None
     record.start()
-    accelerator = _accelerator(cfg)
+    from accelerate.utils import set_seed
+
+    accelerator = distributed.make_accelerator(cfg.dtype, cfg.gradient_accumulation_steps)
+    set_seed(cfg.seed)
     _log_examples(prep.stats, accelerator.is_main_process)
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -175,23 +217,11 @@ def run(cfg: TrainConfig) -> Path | None:
     loop = _Loop(cfg, prep, accelerator)
     loop.run()
     final = final_model_dir(out)
-    loop.save(final, final=True)
+    loop.save_final(final)
     if accelerator.is_main_process:
         record.write()
     accelerator.wait_for_everyone()
     return final
-
-
-def _accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    use_cpu = (os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-               or not torch.cuda.is_available())
-    mixed = "bf16" if cfg.dtype == "auto" and not use_cpu else "no"
-    accelerator = Accelerator(mixed_precision=mixed, cpu=use_cpu)
-    set_seed(cfg.seed)
-    return accelerator
 
 
 def _log_examples(stats: ExampleStats, main: bool) -> None:
@@ -219,6 +249,8 @@ class _Loop:
 
         self.cfg, self.prep, self.acc = cfg, prep, accelerator
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.sharded = distributed.is_sharded(accelerator)
+        self.backend = distributed.backend_name(accelerator)
         self.examples = prep.examples
         # Placeholder items (which fill the last micro-batch) reuse the shortest example at weight 0.
         self.placeholder = min(range(len(self.examples)), key=lambda i: len(self.examples[i].input_ids))
@@ -226,24 +258,49 @@ class _Loop:
         self.windows_per_epoch = math.ceil(n_micro / cfg.gradient_accumulation_steps)
         self.total_steps = self.windows_per_epoch * cfg.num_epochs
 
-        source = prep.resume_from or cfg.student_model_path
-        weights_dtype = "bf16" if cfg.dtype == "bf16" else "fp32"
-        model = load_model(source, torch.device("cpu"), weights_dtype, cfg.trust_remote_code)
+        resume = prep.resume_from
+        if resume is not None:
+            self._check_resumable(resume)
+        # An unsharded full fine-tuning checkpoint is itself a model folder; everything else starts from
+        # the student and gets its trained weights back below (adapters) or from load_state (shards).
+        from_checkpoint = resume is not None and not self.sharded and not cfg.lora_r
+        # fp32 master weights whatever the compute precision (see atkd.distributed).
+        model = load_model(resume if from_checkpoint else cfg.student_model_path, torch.device("cpu"), "fp32",
+                           cfg.trust_remote_code)
         model.config.use_cache = False
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora_r:
+            lora.add_adapters(model, cfg.lora())  # in place: `model` now runs through its adapters
+            if resume is not None and not self.sharded:
+                from safetensors.torch import load_file
+
+                lora.load_adapter_weights(model, load_file(str(resume / ADAPTER_FILE)), resume)
         model.train()
-        self.model = HeadAtPositions(model, len(prep.tokenizer))
+        # The head is checked against the model's own logits, except under ZeRO-3: there the weights are
+        # partitioned from load on and no whole forward exists before DeepSpeed wraps the model.
+        zero3 = distributed.is_zero3(accelerator)
+        if zero3 and accelerator.is_main_process:
+            log.warning("ZeRO-3: the student's output head is not verified against model(...).logits here "
+                        "(inference.py on the same folder, main.py's step A, verifies it)")
+        with distributed.whole_params(accelerator, model.get_output_embeddings().parameters()):
+            head = HeadAtPositions(model, len(prep.tokenizer), verify=not zero3)  # reads the head's shape
+        # FSDP2's auto-wrap shards each of these layer classes separately; it looks for them on the root.
+        head._no_split_modules = getattr(model, "_no_split_modules", None)
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
         name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
         # Not prepared by accelerate: it would step the schedule once per process.
         self.scheduler = get_scheduler(name, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * self.total_steps),
                                        num_training_steps=self.total_steps)
-        self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
+        distributed.fill_deepspeed_config(accelerator, cfg.batch_size, cfg.gradient_accumulation_steps,
+                                          cfg.max_grad_norm)
+        distributed.gather_head_in_root(accelerator, head, model)
+        self.model, self.optimizer = accelerator.prepare(head, optimizer)
+        self.scale = distributed.loss_scale(accelerator)
         self.pos = Position()
         self.log_history: list[dict] = []
-        if prep.resume_from is not None:
-            self._restore(prep.resume_from)
+        if resume is not None:
+            self._restore(resume)
 
     # ---- the loop
 
@@ -252,9 +309,10 @@ class _Loop:
 
         cfg, acc = self.cfg, self.acc
         if acc.is_main_process:
-            log.info("training: %d processes x %d items x %d micro-batches per step; %d steps (%d per epoch)",
-                     self.world, cfg.batch_size, cfg.gradient_accumulation_steps, self.total_steps,
-                     self.windows_per_epoch)
+            log.info("training (%s, mixed precision %s%s): %d processes x %d items x %d micro-batches per step; "
+                     "%d steps (%d per epoch)", self.backend, acc.mixed_precision,
+                     f", LoRA r={cfg.lora_r}" if cfg.lora_r else "", self.world, cfg.batch_size,
+                     cfg.gradient_accumulation_steps, self.total_steps, self.windows_per_epoch)
         bar = tqdm(total=self.total_steps, initial=self.pos.step, desc="train", unit="step",
                    disable=not acc.is_main_process)
         running = torch.zeros(4, dtype=torch.float64)  # CE sum, KD sum, CE tokens, KD positions since last log
@@ -273,7 +331,7 @@ class _Loop:
                     self._log(running, bar)
                     running.zero_()
                 if self.pos.step % cfg.save_steps == 0 and self.pos.step < self.total_steps:
-                    self.save(checkpoint_dir(cfg.output_dir, self.pos.step))
+                    self.save_checkpoint(checkpoint_dir(cfg.output_dir, self.pos.step))
         bar.close()
 
     def _step(self, window: list[list[int]]) -> torch.Tensor:
@@ -286,13 +344,16 @@ class _Loop:
         sums = torch.zeros(2, dtype=torch.float64)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
+            # The window decides where gradients are synchronised (a short last window included):
+            # no_sync before its last micro-batch (DDP, FSDP2), and DeepSpeed's engine steps at it.
+            acc.sync_gradients = last
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                loss, ce, kd = micro_batch_loss(self.model, batch, n_ce, n_kd, cfg, self.world)
+                loss, ce, kd = micro_batch_loss(self.model, batch, n_ce, n_kd, cfg, self.scale)
                 acc.backward(loss)
             sums += torch.stack([ce.double().cpu(), kd.double().cpu()])
         if cfg.max_grad_norm > 0:
-            acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        self.optimizer.step()
+            acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)  # DeepSpeed: clipped in its step
+        self.optimizer.step()  # under DeepSpeed a no-op: its engine stepped in the last backward
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         # Counts are already global: each process reports its share so the log's sum over processes is exact.
@@ -319,23 +380,73 @@ class _Loop:
 
     # ---- checkpoints
 
-    def save(self, folder: Path, final: bool = False) -> None:
-        """A resumable checkpoint, or (final) the trained model as a plain Hugging Face folder."""
-        state = {"global_step": self.pos.step, "epoch": self.pos.epoch, "window": self.pos.window,
-                 "world_size": self.world, "total_steps": self.total_steps,
-                 "fingerprint": self.prep.fingerprint, "log_history": self.log_history,
-                 "examples": asdict(self.prep.stats)}
-        model = self.acc.unwrap_model(self.model).model
-        if final:
-            write_checkpoint(self.acc, folder, model, self.prep.tokenizer, state)
-            return
-        write_checkpoint(self.acc, folder, model, self.prep.tokenizer, state, self.optimizer, self.scheduler)
+    def _state(self) -> dict:
+        return {"global_step": self.pos.step, "epoch": self.pos.epoch, "window": self.pos.window,
+                "world_size": self.world, "backend": self.backend, "sharded": self.sharded,
+                "mixed_precision": self.acc.mixed_precision, "total_steps": self.total_steps,
+                "fingerprint": self.prep.fingerprint, "log_history": self.log_history,
+                "examples": asdict(self.prep.stats)}
+
+    def save_checkpoint(self, folder: Path) -> None:
+        """A resumable checkpoint (every process calls this); older ones beyond save_total_limit are removed."""
+        with staged_folder(self.acc, folder, self._state()) as tmp:
+            if self.sharded:
+                write_sharded_state(self.acc, tmp, self.scheduler)
+            else:
+                write_training_state(self.acc, tmp, self.optimizer, self.scheduler)
+                if self.acc.is_main_process:
+                    model = self.acc.unwrap_model(self.model).model
+                    if self.cfg.lora_r:
+                        from safetensors.torch import save_file
+
+                        save_file(lora.adapter_weights(model.state_dict()), str(tmp / ADAPTER_FILE))
+                    else:
+                        model.save_pretrained(str(tmp), safe_serialization=True)
+            if self.acc.is_main_process:
+                self.prep.tokenizer.save_pretrained(str(tmp))
         if self.acc.is_main_process:
             prune(self.cfg.output_dir, self.cfg.save_total_limit)
         self.acc.wait_for_everyone()
 
+    def save_final(self, folder: Path) -> None:
+        """The trained student as a plain Hugging Face folder (LoRA: merged, the adapters beside it).
+
+        The weights are gathered from every process's shards onto the main process, which writes them.
+        """
+        weights = distributed.full_state_dict(self.acc, self.model)
+        main = self.acc.is_main_process
+        if self.cfg.lora_r:
+            adapter = final_adapter_dir(self.cfg.output_dir)
+            with staged_folder(self.acc, adapter) as adapter_tmp, staged_folder(self.acc, folder, self._state()) as tmp:
+                if main:
+                    lora.write_merged(tmp, adapter_tmp, self.cfg.student_model_path, self.cfg.lora(), weights,
+                                      self.prep.tokenizer, self.cfg.trust_remote_code)
+            return
+        with staged_folder(self.acc, folder, self._state()) as tmp:
+            if main:
+                model = self.acc.unwrap_model(self.model).model
+                model.save_pretrained(str(tmp), state_dict=weights, safe_serialization=True)
+                self.prep.tokenizer.save_pretrained(str(tmp))
+
+    def _check_resumable(self, folder: Path) -> None:
+        """InputError when `folder` was written in a layout this run cannot read (another backend)."""
+        state = trainer_state(folder)
+        was = state.get("backend", "single" if state.get("world_size", 1) == 1 else "ddp")
+        sharded_then = bool(state.get("sharded", False))
+        if sharded_then != self.sharded or (self.sharded and was != self.backend):
+            raise InputError(folder, f"this checkpoint was written under {was}, this run is {self.backend}: its "
+                                     "files cannot be read here. Rerun with the accelerate config that wrote it, or "
+                                     "delete the checkpoint-* folders to start over")
+        if was.startswith("deepspeed") and state.get("world_size") != self.world:
+            raise InputError(folder, f"DeepSpeed checkpoints are per process: written by {state.get('world_size')} "
+                                     f"processes, this run has {self.world}")
+
     def _restore(self, folder: Path) -> None:
-        state = read_checkpoint(folder, self.optimizer, self.scheduler, self.rank)
+        if self.sharded:
+            read_sharded_state(self.acc, folder, self.scheduler)
+        else:
+            read_training_state(folder, self.optimizer, self.scheduler, self.rank)
+        state = trainer_state(folder)
         if state.get("world_size") != self.world:
             log.warning("%s was written by %s processes, this run has %d: the data order after it differs "
                         "from an uninterrupted run", folder, state.get("world_size"), self.world)

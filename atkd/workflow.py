@@ -104,6 +104,10 @@ class WorkflowConfig(StageConfig):
     model_placement: str = setting(choices=PLACEMENTS, affects_output=False,
                                    help="local teacher and agents on several GPUs: per_gpu (a copy per GPU), spread "
                                         "(one copy over all of them), auto (spread when it does not fit one GPU)")
+    lora_r: int = setting(check=at_least(0), help="LoRA rank of training (0: full fine-tuning; > 0 needs peft)")
+    lora_alpha: float = setting(check=above(0), help="LoRA alpha: adapter updates are scaled by alpha / r")
+    lora_dropout: float = setting(check=between(0.0, 0.99), help="dropout probability on the LoRA adapters' input")
+    lora_target_modules: list[str] = setting(help="modules that get LoRA adapters, or all-linear")
     # outputs
     workflow_output_dir: str = setting(help="intermediate data, logs, the report")
     models_output_dir: str = setting(help="checkpoints and final models per iteration")
@@ -170,6 +174,10 @@ def check_inputs(cfg: WorkflowConfig) -> list[int]:
         load_tree(cfg.existing_ability_tree_path, domain=cfg.domain or None)
     if cfg.accelerate_config_file and not Path(cfg.accelerate_config_file).is_file():
         raise InputError(cfg.accelerate_config_file, "accelerate config file not found")
+    if cfg.lora_r:
+        from .lora import require_peft
+
+        require_peft()  # before any work, not hours later at training
     return usable_gpu_ids(cfg.gpus_to_use)
 
 
@@ -282,7 +290,8 @@ def train_step(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, gpus
         output_dir=str(it.student_dir), temperature=cfg.temperature, alpha_ce=cfg.alpha_ce, kd_loss=cfg.kd_loss,
         num_epochs=cfg.train_epochs, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, seed=cfg.seed + it.iteration - 1)
+        save_total_limit=cfg.save_total_limit, seed=cfg.seed + it.iteration - 1, lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules)
     return Step("F_train", "train.py", train_cfg, log_path=it.log_file("F_train"), launcher=launcher, env=env,
                 precheck_flags=["--check_only"])
 

@@ -12,6 +12,12 @@ The prompts are real: synthetic questions rendered through the MCQ prompt and a 
 by a byte-level BPE trained here on a synthetic corpus, each about --prompt_tokens tokens long. The
 `0.5b` size has Qwen2.5-0.5B's shape (its 151,936-row vocabulary included; the prompts use the
 tokenizer's first rows, which costs the same). Prints a table and writes bench/results/scoring.json.
+
+Also: score mode's achieved TFLOP/s (the forward's useful FLOPs: 2 x the decoder's linear weights
+x the real prompt tokens, causal attention 2 x T^2 x width per layer, the head at the last position
+only; padding not counted) as a share of the FLOP limit: the throughput of a large matrix product
+in the compute dtype, measured in the same run (`--limit_matmul`; bf16 8192^3 on a GPU), and of the
+device's datasheet dense peak where it is known (`--peak_tflops` overrides it).
 """
 
 from __future__ import annotations
@@ -50,6 +56,37 @@ SIZES = {
                  num_key_value_heads=2, intermediate_size=4864, tie_word_embeddings=True),
 }
 TOKENIZER_VOCAB = 16384
+DATASHEET_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}  # dense bf16
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+def forward_flops(model, lengths: list[int]) -> float:
+    """Useful FLOPs of score mode's forward passes over prompts of `lengths` real tokens."""
+    cfg = model.config
+    linear = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and p.ndim == 2)
+    width = cfg.num_attention_heads * getattr(cfg, "head_dim", None) if getattr(cfg, "head_dim", None) \
+        else cfg.hidden_size
+    per_item = [2 * linear * t + 2 * cfg.num_hidden_layers * t * t * width + 2 * cfg.hidden_size * cfg.vocab_size
+                for t in lengths]
+    return float(sum(per_item))
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
+    """Throughput of an n x n x n matrix product in `dtype` (the practical FLOP limit of this device)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    seconds = timed(lambda: [a @ b for _ in range(repeats)], device)
+    return 2 * n ** 3 * repeats / seconds / 1e12
+
+
+def datasheet_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in DATASHEET_TFLOPS.items() if k in name), None)
 
 
 # --------------------------------------------------------------------------- synthetic text
@@ -161,6 +198,10 @@ def load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def timed(fn, device: torch.device) -> float:
     sync(device)
     start = time.perf_counter()
@@ -181,6 +222,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto = bf16 on cuda, fp32 on cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--limit_matmul", type=int, default=0,
+                   help="size n of the n^3 matrix product that measures the FLOP limit (0: 8192 on cuda, 1024 on cpu)")
+    p.add_argument("--peak_tflops", type=float, default=0.0,
+                   help="the device's datasheet dense peak in TFLOP/s (0: from a table of known GPUs, else none)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -214,6 +259,9 @@ def main(argv=None) -> int:
         ref_s += timed(lambda: run_reference(model, tokenizer, chunk), device)
     ours_ips, ref_ips = len(questions) / ours_s, len(questions) / ref_s
     ratio = ours_ips / ref_ips
+    achieved = forward_flops(model, lengths) / ours_s / 1e12
+    limit = matmul_tflops(device, dtype, args.limit_matmul or (8192 if device.type == "cuda" else 1024))
+    sheet = args.peak_tflops or datasheet_tflops(device)
 
     rows = [(f"inference.py score mode (batch {args.batch_size})", ours_s, ours_ips),
             (f"reference: per-item generate ({REFERENCE_NEW_TOKENS} new tokens)", ref_s, ref_ips)]
@@ -224,6 +272,9 @@ def main(argv=None) -> int:
     for name, s, ips in rows:
         print(f"{name:<48} {s:>9.2f} {ips:>9.2f}")
     print(f"ratio (ours / reference): {ratio:.2f}x")
+    print(f"score mode: {achieved:.2f} TFLOP/s = {achieved / limit:.1%} of the measured {dtype_name(dtype)} "
+          f"matrix-product limit ({limit:.2f} TFLOP/s)"
+          + (f", {achieved / sheet:.1%} of the datasheet peak ({sheet:.0f} TFLOP/s)" if sheet else ""))
 
     import transformers
     result = {
@@ -237,6 +288,8 @@ def main(argv=None) -> int:
         "ours": {"seconds": ours_s, "items_per_s": ours_ips},
         "reference": {"seconds": ref_s, "items_per_s": ref_ips},
         "ratio": ratio,
+        "achieved_tflops": achieved, "limit_matmul_tflops": limit, "share_of_limit": achieved / limit,
+        "datasheet_tflops": sheet, "share_of_datasheet": achieved / sheet if sheet else None,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -98,7 +98,9 @@ def _model(args, device):
     return model
 
 
-def _batch(args, device):
+def synthetic_batch(args, device):
+    """A collated micro-batch of random sequences with teacher targets (args: vocab, prompt_len, response_len,
+    batch_size, top_k), as train.py builds them."""
     import torch
 
     from atkd.train_data import TrainExample, collate
@@ -147,11 +149,13 @@ def _labels(batch):
 def _step(variant: str, model, batch):
     import torch
 
-    from atkd.kd_loss import HeadAtPositions, ce_sum, option_kd, token_kd
+    from atkd.head import HeadAtPositions
+    from atkd.kd_loss import ce_sum, option_kd, token_kd
     from atkd.train_data import token_counts
     from atkd.trainer import TrainConfig, micro_batch_loss
 
-    cfg = TrainConfig("s", "t", "l", "o", temperature=2.0, alpha_ce=0.5, kd_loss="forward_kl")
+    cfg = TrainConfig(student_model_path="s", train_file_path="t", teacher_logits_dir="l", output_dir="o",
+                      temperature=2.0, alpha_ce=0.5, kd_loss="forward_kl")
     n_ce, n_kd = token_counts(batch)
     if variant == "kd":
         loss, _, _ = micro_batch_loss(HeadAtPositions(model, model.config.vocab_size), batch, n_ce, n_kd, cfg)
@@ -184,7 +188,7 @@ def measure(args) -> dict:
 
     device = torch.device(args.device)
     model = _model(args, device)
-    batch = _batch(args, device)
+    batch = synthetic_batch(args, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -268,7 +268,8 @@ def test_window_normalisation_micro_batches_and_processes_equal_one_big_batch(ti
     for part in halves:
         model.zero_grad()
         b = collate(part, [1.0, 1.0, 1.0, 0.0], pad)
-        loss, _, _ = micro_batch_loss(head, b, n_ce, n_kd, cfg, world=2)
+        # 2 processes x 1 micro-batch per window: the backends divide by 2 (atkd.distributed.loss_scale)
+        loss, _, _ = micro_batch_loss(head, b, n_ce, n_kd, cfg, scale=2)
         loss.backward()
         per_process.append(grads_of(model))
     assert torch.allclose((per_process[0] + per_process[1]) / 2, g_big, atol=1e-6)

@@ -26,6 +26,7 @@ from atkd.sequence import sha256_text
 from atkd.teacher_logits import LogitsConfig
 from atkd.teacher_logits import run as run_teacher_logits
 from atkd.train_data import build_examples, collate
+from atkd.workflow import free_port
 
 N_ITEMS = 24
 
@@ -129,7 +130,8 @@ def launch(args, n_proc=None, **popen):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu"]
     else:
         # Really n CPU processes: torch.distributed.run (gloo); accelerate's --cpu mode would start one.
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n_proc)]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n_proc),
+               "--main_process_port", str(free_port())]  # not 29500: other runs on the machine may hold it
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train.py"), *args]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             **popen)

@@ -134,3 +134,24 @@ def test_training_launch_follows_the_gpus_or_the_users_accelerate_config(tmp_pat
         assert flag not in own.command  # the user's file decides
     assert own.env == {"CUDA_VISIBLE_DEVICES": "0,1"}
     assert own.argv == four.argv  # the launcher never changes what train.py is asked to do
+
+
+def test_lora_constants_reach_train_py_and_matter_only_with_lora_on(tmp_path):
+    import main
+
+    from atkd.fingerprint import fingerprint
+
+    it = paths.IterationPaths(tmp_path / "wf", tmp_path / "models", 1)
+    cfg = parse_config(WorkflowConfig, ["--lora_r", "8", "--lora_alpha", "32", "--lora_dropout", "0.1",
+                                        "--lora_target_modules", "q_proj,v_proj"], defaults=main.defaults())
+    step = train_step(cfg, it, "s", [])
+    for flag, value in (("--lora_r", "8"), ("--lora_alpha", "32.0"), ("--lora_dropout", "0.1"),
+                        ("--lora_target_modules", "q_proj,v_proj")):
+        assert _launch(step, flag) == value
+    assert step.cfg.outputs()[-1].parent.name == "final_adapter"
+    full = train_step(parse_config(WorkflowConfig, [], defaults=main.defaults()), it, "s", []).cfg
+    assert full.lora_r == 0
+    assert all(p.parent.name == "final_model" for p in full.outputs())
+    # with LoRA off, its other settings cannot change the result: they do not enter the fingerprint
+    assert fingerprint(replace(full, lora_alpha=64.0, lora_target_modules=["x"])) == fingerprint(full)
+    assert fingerprint(replace(step.cfg, lora_alpha=64.0)) != fingerprint(step.cfg)
