@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from atkd.datasets import split_questions, split_sizes
 from atkd.errors import InputError
 from atkd.records import question_problem
+from atkd.splitting import split_questions, split_sizes
 
 ROOT = Path(__file__).resolve().parent.parent
 
