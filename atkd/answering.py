@@ -107,11 +107,33 @@ def answer_by_api(api, questions: list[Question], who: Answerer) -> list[dict]:
     return [answer_record(q.key, extract_letter(t, q.letters, q.options), raw_reply=t) for q, t in zip(questions, texts)]
 
 
+class LoadedModel:
+    """A local model loaded on first use and kept for the next `answer_all` call of this process (a
+    stage that asks round after round, like labelling, loads its model once); spawned GPU workers
+    receive it empty and load their own. Without one, each `answer_all` call loads and frees."""
+
+    def __init__(self):
+        self._loaded = None  # ((model_path, gpu_id, dtype, trust_remote_code), (model, tokenizer))
+
+    def __getstate__(self) -> dict:
+        return {"_loaded": None}
+
+    def get(self, who: Answerer, gpu_id: int | None):
+        key = (who.model_path, gpu_id, who.dtype, who.trust_remote_code)
+        if self._loaded is None or self._loaded[0] != key:
+            self._loaded = None  # free the old one before loading the next
+            self._loaded = (key, load(who.model_path, device_for(gpu_id), who.dtype, who.trust_remote_code))
+        return self._loaded[1]
+
+    def release(self) -> None:
+        self._loaded = None
+
+
 def answer_worker(rank: int, gpu_id: int | None, batches: list[list[int]], writer, payload) -> None:
     """One worker (one GPU, the CPU, or an endpoint): answer its batches, one part-log write per batch."""
     from tqdm.auto import tqdm
 
-    who, questions, desc = payload
+    who, questions, desc, loaded = payload
     torch.manual_seed(who.seed)
     if who.api_base:
         from .api import ChatAPI
@@ -119,7 +141,7 @@ def answer_worker(rank: int, gpu_id: int | None, batches: list[list[int]], write
         api = ChatAPI(who.api_base, who.api_model, who.api_key_env)
         answer = lambda qs: answer_by_api(api, qs, who)  # noqa: E731
     else:
-        model, tokenizer = load(who.model_path, device_for(gpu_id), who.dtype, who.trust_remote_code)
+        model, tokenizer = loaded.get(who, gpu_id)
         answer = lambda qs: answer_local(model, tokenizer, qs, who)  # noqa: E731
     with tqdm(total=sum(len(b) for b in batches), desc=desc, unit="q", disable=rank != 0) as bar:
         for batch in batches:
@@ -128,15 +150,15 @@ def answer_worker(rank: int, gpu_id: int | None, batches: list[list[int]], write
 
 
 def answer_all(who: Answerer, questions: list[Question], batches: list[list[int]], gpus: list[int],
-               part_log: PartLog, desc: str) -> tuple[dict[str, dict], int]:
+               part_log: PartLog, desc: str, loaded: LoadedModel | None = None) -> tuple[dict[str, dict], int]:
     """(every question's answer by id, how many came from an earlier run): only the batches the
-    part log does not hold yet are computed."""
+    part log does not hold yet are computed. `loaded` keeps the model for the caller's next call."""
     done = part_log.open()
     todo = [b for b in batches if not all(questions[i].key in done for i in b)]
     resumed = len(questions) - sum(len(b) for b in todo)
     if resumed:
         log.info("%s: %d of %d answers already written by an earlier run", desc, resumed, len(questions))
-    run_workers(answer_worker, todo, gpus, part_log, (who, questions, desc))
+    run_workers(answer_worker, todo, gpus, part_log, (who, questions, desc, loaded or LoadedModel()))
     done = part_log.done()
     missing = [q.key for q in questions if q.key not in done]
     if missing:  # a worker died without raising: keep the parts so a rerun finishes the job
