@@ -3,7 +3,9 @@
 The readers are `atkd.datasets` (one per layout), the split is `atkd.splitting`; this module puts
 them together the way the script does, so the script holds only its command line. Output files
 (`planned_files`): questions.jsonl and ability_paths.jsonl, and with a split eval.jsonl,
-iteration_K.jsonl and their *_ability_paths.jsonl; files that would be empty are left out.
+iteration_K.jsonl and their *_ability_paths.jsonl; files that would be empty are left out. When
+the source has categories, ability_tree.json (`tree_of`) is the tree they make, ready for main.py's
+EXISTING_ABILITY_TREE_PATH.
 `convert_report.json` (`report_of`) and the printed lines (`summary_lines`) give the rows kept and
 dropped by reason, per file.
 """
@@ -18,6 +20,7 @@ from .splitting import Split
 
 FORMATS = ("medqa", "medmcqa", "cmexam", "mmlu", "cmmlu", "jsonl", "csv")
 REPORT_FILE = "convert_report.json"
+TREE_FILE = "ability_tree.json"
 
 
 def read_format(fmt: str, inputs: Sequence[str], cop_base: int | None = None,
@@ -59,16 +62,31 @@ def planned_files(conv: datasets.Converted, split: Split | None) -> dict[str, li
     return {name: lines for name, lines in files.items() if lines}
 
 
+def tree_of(records: list[dict], paths: dict[str, list[str]]) -> dict:
+    """The ability tree the source's categories make: nested objects of names in order of first use,
+    leaves `{}`, the level-1 categories at the top (main.py roots such a file at DOMAIN)."""
+    tree: dict = {}
+    for r in records:
+        node = tree
+        for name in paths.get(r["id"], ()):
+            node = node.setdefault(name, {})
+    return tree
+
+
+def count_leaves(tree: dict) -> int:
+    return sum(count_leaves(sub) if sub else 1 for sub in tree.values())
+
+
 def by_count(counts: Counter) -> dict[str, int]:
     """Most frequent first, then by name."""
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def report_of(fmt: str, inputs: Sequence[str], conv: datasets.Converted, files: dict[str, list[dict]],
-              split: dict | None, args: dict) -> dict:
+              split: dict | None, tree: dict | None, args: dict) -> dict:
     """convert_report.json: rows kept and dropped by reason, overall and per file; the split's
     settings (`split`: iterations, eval_fraction, seed; None without a split); the files written
-    with their line counts; the command-line arguments."""
+    with their line counts and the categories' tree (None without categories); the arguments."""
     return {
         "format": fmt,
         "inputs": [str(p) for p in inputs],
@@ -82,6 +100,7 @@ def report_of(fmt: str, inputs: Sequence[str], conv: datasets.Converted, files: 
         "notes": conv.notes,
         "split": split,
         "files": {name: len(lines) for name, lines in files.items()},
+        "ability_tree": None if tree is None else {"file": TREE_FILE, "level_1": len(tree), "leaves": count_leaves(tree)},
         "args": args,
     }
 
@@ -94,4 +113,7 @@ def summary_lines(report: dict, out_dir) -> list[str]:
         lines.append(f"with ability path: {report['with_ability_path']}")
     lines += [f"note: {note}" for note in report["notes"]]
     lines += [f"wrote {out_dir / name} ({n})" for name, n in report["files"].items()]
+    if report["ability_tree"]:
+        t = report["ability_tree"]
+        lines.append(f"wrote {out_dir / t['file']} ({t['level_1']} level-1 abilities, {t['leaves']} leaves)")
     return lines

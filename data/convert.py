@@ -7,8 +7,9 @@ Formats: medqa, medmcqa, cmexam, mmlu, cmmlu (their published layouts, see atkd/
 jsonl / csv (any layout, fields named by flags, e.g. `--format csv --question_field stem
 --option_fields A,B,C,D --answer_field key --answer_format letter --path_fields chapter,section`).
 
-Writes DIR/questions.jsonl, DIR/ability_paths.jsonl (when the source has categories) and
-DIR/convert_report.json (rows kept, rows dropped by reason, per file); prints the same counts.
+Writes DIR/questions.jsonl, DIR/ability_paths.jsonl and DIR/ability_tree.json (the tree of the
+categories, when the source has them) and DIR/convert_report.json (rows kept, rows dropped by
+reason, per file); prints the same counts.
 With --iterations N it also writes DIR/iteration_1.jsonl ... iteration_N.jsonl and DIR/eval.jsonl
 (with their *_ability_paths.jsonl): a seeded, disjoint split stratified by ability path, ready for
 main.py's --dataset_files_per_iteration and --eval_dataset_path.
@@ -132,9 +133,15 @@ def main(argv=None) -> int:
     files = conversion.planned_files(conv, split)
     split_settings = None if args.iterations is None else {"iterations": args.iterations,
                                                            "eval_fraction": args.eval_fraction, "seed": args.seed}
-    report = conversion.report_of(args.format, args.input, conv, files, split_settings, vars(args))
+    tree = conversion.tree_of(conv.records, conv.paths) if conv.paths else None
+    report = conversion.report_of(args.format, args.input, conv, files, split_settings, tree, vars(args))
     for name, lines in files.items():
         write_jsonl(out_dir / name, lines)
+    if tree is not None:
+        write_json(out_dir / conversion.TREE_FILE, tree)
+        if len(tree) == 1:  # one top key reads as the domain: main.py asks for DOMAIN = that name
+            log.warning("every question is under %r: %s has one top key, which main.py reads as the domain",
+                        next(iter(tree)), conversion.TREE_FILE)
     write_json(out_dir / conversion.REPORT_FILE, report)
     stale = sorted(p.name for p in out_dir.glob("*.jsonl") if p.name not in files)
     if stale:  # from an earlier run with other settings; left alone, but they would mislead
