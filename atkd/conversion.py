@@ -100,7 +100,8 @@ def report_of(fmt: str, inputs: Sequence[str], conv: datasets.Converted, files: 
         "notes": conv.notes,
         "split": split,
         "files": {name: len(lines) for name, lines in files.items()},
-        "ability_tree": None if tree is None else {"file": TREE_FILE, "level_1": len(tree), "leaves": count_leaves(tree)},
+        "ability_tree": None if tree is None else {"file": TREE_FILE, "level_1": len(tree),
+                                                   "leaves": count_leaves(tree)},
         "args": args,
     }
 

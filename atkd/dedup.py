@@ -55,10 +55,15 @@ class Features(NamedTuple):
 def features(question: str, options: dict[str, str] | list[str]) -> Features:
     """The feature sets of a question's stem and of its options (option order does not matter)."""
     texts = options.values() if isinstance(options, dict) else options
+    return features_of_words(words(question), [words(opt) for opt in texts])
+
+
+def features_of_words(stem: list[str], options: list[list[str]]) -> Features:
+    """`features` from the `words` of the stem and of each option (for callers that need the words too)."""
     opts: set[str] = set()
-    for opt in texts:
-        opts |= _ngrams(words(opt), "o")
-    return Features(frozenset(_ngrams(words(question), "q")), frozenset(opts))
+    for opt in options:
+        opts |= _ngrams(opt, "o")
+    return Features(frozenset(_ngrams(stem, "q")), frozenset(opts))
 
 
 def jaccard(a: frozenset, b: frozenset) -> float:
@@ -122,9 +127,15 @@ class NearDupIndex:
 
     def similar(self, feats: Features) -> list[tuple[str, float]]:
         """(label, similarity) of every indexed question at or above the threshold, most similar first."""
-        candidates = {i for f in self._prefix(feats) for i in self._postings.get(f, ())}
-        found = [(i, similarity(feats, self._sets[i])) for i in sorted(candidates)]
-        return [(self._labels[i], sim) for i, sim in sorted(found, key=lambda x: -x[1]) if sim >= self.threshold]
+        found = []
+        for i in sorted({i for f in self._prefix(feats) for i in self._postings.get(f, ())}):
+            stem = jaccard(feats.stem, self._sets[i].stem)
+            if stem < self.threshold:
+                continue  # most candidates fail here: their options need no comparing
+            sim = min(stem, jaccard(feats.options, self._sets[i].options))
+            if sim >= self.threshold:
+                found.append((i, sim))
+        return [(self._labels[i], sim) for i, sim in sorted(found, key=lambda x: -x[1])]
 
     def add(self, feats: Features, label: str) -> None:
         idx = len(self._sets)

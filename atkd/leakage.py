@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .dedup import DEFAULT_THRESHOLD, NearDupIndex, features, rarest_first, words
+from .dedup import DEFAULT_THRESHOLD, Features, NearDupIndex, features_of_words, rarest_first, words
 from .errors import InputError
 from .io import iter_jsonl
 from .qparse import normalize_text
@@ -39,37 +39,47 @@ class Repeat:
     exact: bool
 
     def describe(self) -> str:
-        return "the same question" if self.exact else f"a near-duplicate (similarity {self.similarity:.2f}, same answer)"
+        if self.exact:
+            return "the same question"
+        return f"a near-duplicate (similarity {self.similarity:.2f}, same answer)"
 
 
 def exact_key(question: str, options: dict[str, str]) -> tuple:
     """What two copies of one question share: the words of the stem and the set of the options' words
     (`atkd.dedup.words`: case, width, spacing and punctuation aside)."""
-    return tuple(words(question)), tuple(sorted(tuple(words(o)) for o in options.values()))
+    return key_and_features(question, options)[0]
+
+
+def key_and_features(question: str, options: dict[str, str]) -> tuple[tuple, Features]:
+    """`exact_key` and `atkd.dedup.features` of a question, its text split into words once."""
+    stem, opts = words(question), [words(o) for o in options.values()]
+    return (tuple(stem), tuple(sorted(map(tuple, opts)))), features_of_words(stem, opts)
 
 
 class EvalIndex:
     """The evaluation questions, for asking whether a question repeats one of them."""
 
     def __init__(self, eval_questions: list[Question], threshold: float = DEFAULT_THRESHOLD, rarest: bool = True):
-        feats = [features(q.question, q.options) for q in eval_questions]
+        keyed = [key_and_features(q.question, q.options) for q in eval_questions]
+        feats = [f for _, f in keyed]
         # The evaluation set is known up front: rare words first keeps each probe's candidates few
         # (rarest=False, the index's default hash order, is bench/leakage.py's baseline; same result).
         self.index = NearDupIndex(threshold, rarest_first(feats)) if rarest else NearDupIndex(threshold)
         self.answers: dict[str, str] = {}
         self.exact: dict[tuple, str] = {}
-        for q, f in zip(eval_questions, feats):
+        for q, (key, f) in zip(eval_questions, keyed):
             self.index.add(f, q.key)
             self.answers[q.key] = normalize_text(q.options[q.answer_idx])
-            self.exact.setdefault(exact_key(q.question, q.options), q.key)
+            self.exact.setdefault(key, q.key)
 
     def repeat_of(self, key: str, question: str, options: dict[str, str], answer_idx: str) -> Repeat | None:
         """The evaluation question this one repeats (the most similar), or None."""
-        same = self.exact.get(exact_key(question, options))
+        exact, feats = key_and_features(question, options)
+        same = self.exact.get(exact)
         if same is not None:
             return Repeat(key, same, 1.0, exact=True)
         answer = normalize_text(options[answer_idx])
-        for eval_key, sim in self.index.similar(features(question, options)):
+        for eval_key, sim in self.index.similar(feats):
             if self.answers[eval_key] == answer:
                 return Repeat(key, eval_key, sim, exact=False)
         return None

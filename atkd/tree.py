@@ -106,10 +106,12 @@ class AbilityTree:
                 domain = [self.root.name] if depth == 0 and parts[0] != self.root.name else []
                 close = difflib.get_close_matches(name, names + domain, n=3, cutoff=0.5)
                 close = [f"{c} (the domain)" if c in domain else c for c in close]
-                where = "among the level-1 abilities" if node is self.root else f"under {ABILITY_PATH_SEP.join(node.path)}"
+                where = ("among the level-1 abilities" if node is self.root
+                         else f"under {ABILITY_PATH_SEP.join(node.path)}")
                 if close:
                     return f"{name!r} is not {where}; closest: {', '.join(close)}"
-                return f"{name!r} is not {where}, which are: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}"
+                more = ", ..." if len(names) > 10 else ""
+                return f"{name!r} is not {where}, which are: {', '.join(names[:10])}{more}"
             node = found
         return "the path is empty"
 

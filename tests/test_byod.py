@@ -201,3 +201,17 @@ def test_the_labelling_steps_are_skipped_when_done(byod_run):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "[skip] L_eval_ability_labels" in again.stdout and "[skip] L_ability_labels" in again.stdout
     assert "[run]" not in again.stdout and "[rerun]" not in again.stdout
+
+
+def test_why_a_path_names_no_node():
+    from atkd.tree import load_tree
+
+    tree = load_tree(ROOT / "ability_trees" / "demo_tree.json")
+    assert tree.mismatch(["Pharmacology", "Antibiotics"]) is None
+    assert tree.mismatch(["Clinical Medicine", "Pharmacology"]) == (
+        "'Clinical Medicine' is not among the level-1 abilities; closest: Clinical medicine (the domain), "
+        "Internal medicine")
+    assert tree.mismatch(["Surgery"]) == ("'Surgery' is not among the level-1 abilities, which are: Pharmacology, "
+                                          "Microbiology, Anatomy, Internal medicine")
+    assert tree.mismatch(["Anatomy", "Bones", "Femur"]) == ("Clinical medicine > Anatomy > Bones is a leaf: there is "
+                                                            "no 'Femur' below it")
