@@ -106,35 +106,44 @@ def question_key(q: Question, level: int, round_: int, chunk: int) -> str:
     return f"{q.key}#{level}.{round_}.{chunk}"
 
 
+# A chunk of the children still in the running, each with the probability it has won with so far,
+# and the question that picks within it (None for a chunk of one: nothing to ask).
+Chunk = tuple[list[tuple[Node, float]], Question | None]
+
+
+def round_chunks(p: Placement, running: list[tuple[Node, float]], level: int, round_: int, lang: str) -> list[Chunk]:
+    """One placement's chunks for this round, each with its labelling question."""
+    out = []
+    for c, chunk in enumerate(chunks(running)):
+        mcq = None
+        if len(chunk) > 1:
+            mcq = replace(ability_question(p.question, [child.name for child, _ in chunk], lang),
+                          id=question_key(p.question, level, round_, c))
+        out.append((chunk, mcq))
+    return out
+
+
+def chunk_winner(chunk: Chunk, answers: dict[str, dict]) -> tuple[Node, float]:
+    """The child the model picked in a chunk, with its probability so far times this round's."""
+    candidates, mcq = chunk
+    if mcq is None:
+        return candidates[0]
+    answer = answers[mcq.key]
+    child, won = candidates[LETTERS.index(answer["pred_letter"])]
+    return child, won * answer["option_probs"][answer["pred_letter"]]
+
+
 def choose_children(level_placements: list[Placement], level: int, lang: str, ask: Ask) -> None:
-    """Move every placement to one of its node's children (in place), asking round by round."""
-    # Per placement, the children still in the running with the probability they have won with so far.
+    """Move every placement to one of its node's children (in place), asking round by round: each
+    round picks within chunks of at most 26, until one child is left per placement."""
     running = [[(child, 1.0) for child in p.node.children] for p in level_placements]
     round_ = 0
     while any(len(r) > 1 for r in running):
-        asked: list[Question] = []
-        plans = []  # per placement: its chunks and each chunk's question (None: a chunk of one)
-        for p, cands in zip(level_placements, running):
-            plan = []
-            for c, chunk in enumerate(chunks(cands) if len(cands) > 1 else [cands]):
-                mcq = None
-                if len(chunk) > 1:
-                    mcq = replace(ability_question(p.question, [child.name for child, _ in chunk], lang),
-                                  id=question_key(p.question, level, round_, c))
-                    asked.append(mcq)
-                plan.append((chunk, mcq))
-            plans.append(plan)
+        plans = [round_chunks(p, r, level, round_, lang) if len(r) > 1 else [(r, None)]
+                 for p, r in zip(level_placements, running)]
+        asked = [mcq for plan in plans for _, mcq in plan if mcq is not None]
         answers = ask(asked, f"labelling level {level}" + (f", round {round_ + 1}" if round_ else ""))
-        for i, plan in enumerate(plans):
-            winners = []
-            for chunk, mcq in plan:
-                if mcq is None:
-                    winners.append(chunk[0])
-                    continue
-                answer = answers[mcq.key]
-                child, won = chunk[LETTERS.index(answer["pred_letter"])]
-                winners.append((child, won * answer["option_probs"][answer["pred_letter"]]))
-            running[i] = winners
+        running = [[chunk_winner(chunk, answers) for chunk in plan] for plan in plans]
         round_ += 1
     for p, ((child, prob),) in zip(level_placements, running):
         p.node = child
