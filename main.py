@@ -22,9 +22,11 @@ AGENT_MODEL_2_PATH = "data/demo/models/agent"
 DOMAIN = "Clinical medicine"  # the ability tree's root (e.g. "临床医学")
 EXISTING_ABILITY_TREE_PATH = "ability_trees/demo_tree.json"  # empty: create_initial_tree.py builds one from DOMAIN
 DATASET_FILES_PER_ITERATION = ["data/demo/iteration_1.jsonl", "data/demo/iteration_2.jsonl"]  # one per iteration
+# An empty entry ("", or [] for every iteration): the teacher labels those questions (label_abilities.py).
 ABILITY_CLASS_FILES_PER_ITERATION = ["data/demo/iteration_1_ability_paths.jsonl", "data/demo/iteration_2_ability_paths.jsonl"]
 EVAL_DATASET_PATH = "data/demo/eval.jsonl"  # held-out set scored before/after each round; "" for none
-EVAL_ABILITY_CLASS_PATH = "data/demo/eval_ability_paths.jsonl"
+EVAL_ABILITY_CLASS_PATH = "data/demo/eval_ability_paths.jsonl"  # "": the teacher labels the evaluation set
+DROP_EVAL_OVERLAP = False  # iteration questions repeating evaluation ones: False stops the run, True drops them
 
 # ===================================================================== the loop
 NUM_ITERATIONS = 2

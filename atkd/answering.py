@@ -125,15 +125,37 @@ def answer_by_api(who: Answerer, questions: list[Question], writer, desc: str) -
             bar.update(1)
 
 
+class LoadedModel:
+    """A local model loaded on first use and kept for the next `answer_all` call of this process (a
+    stage that asks round after round, like labelling, loads its model once); spawned GPU workers
+    receive it empty and load their own. Without one, each `answer_all` call loads and frees."""
+
+    def __init__(self):
+        self._loaded = None  # ((model_path, gpu_id, dtype, trust_remote_code), (model, tokenizer))
+
+    def __getstate__(self) -> dict:
+        return {"_loaded": None}
+
+    def get(self, who: Answerer, gpu_id: int | None):
+        key = (who.model_path, gpu_id, who.dtype, who.trust_remote_code, tuple(who.spread_over))
+        if self._loaded is None or self._loaded[0] != key:
+            self._loaded = None  # free the old one before loading the next
+            self._loaded = (key, load(who.model_path, device_for(gpu_id), who.dtype, who.trust_remote_code,
+                                      spread_over=who.spread_over))
+        return self._loaded[1]
+
+    def release(self) -> None:
+        self._loaded = None
+
+
 def answer_worker(rank: int, gpu_id: int | None, batches: list[list[int]], writer, payload) -> None:
     """One local worker (one GPU, GPUs it is spread over, or the CPU): answer its batches, one part-log
     write per batch."""
     from tqdm.auto import tqdm
 
-    who, questions, desc = payload
+    who, questions, desc, loaded = payload
     torch.manual_seed(who.seed)
-    model, tokenizer = load(who.model_path, device_for(gpu_id), who.dtype, who.trust_remote_code,
-                            spread_over=who.spread_over)
+    model, tokenizer = loaded.get(who, gpu_id)
     with tqdm(total=sum(len(b) for b in batches), desc=desc, unit="q", disable=rank != 0) as bar:
         for batch in batches:
             writer.write(answer_local(model, tokenizer, [questions[i] for i in batch], who))
@@ -141,10 +163,11 @@ def answer_worker(rank: int, gpu_id: int | None, batches: list[list[int]], write
 
 
 def answer_all(who: Answerer, questions: list[Question], batches: list[list[int]], gpus: list[int],
-               part_log: PartLog, desc: str) -> tuple[dict[str, dict], int]:
+               part_log: PartLog, desc: str, loaded: LoadedModel | None = None) -> tuple[dict[str, dict], int]:
     """(every question's answer by id, how many came from an earlier run): only what the part log
     does not hold yet is computed (whole batches locally, single questions at an endpoint).
-    `gpus`: one local worker each (empty: one worker, on the CPU or spread over `who.spread_over`)."""
+    `gpus`: one local worker each (empty: one worker, on the CPU or spread over `who.spread_over`).
+    `loaded` keeps the local model for the caller's next call."""
     done = part_log.open()
     if who.api_base:
         todo = [q for q in questions if q.key not in done]
@@ -158,7 +181,7 @@ def answer_all(who: Answerer, questions: list[Question], batches: list[list[int]
         if todo:
             answer_by_api(who, todo, part_log.writer(0), desc)
     else:
-        run_workers(answer_worker, todo, gpus, part_log, (who, questions, desc))
+        run_workers(answer_worker, todo, gpus, part_log, (who, questions, desc, loaded or LoadedModel()))
     done = part_log.done()
     missing = [q.key for q in questions if q.key not in done]
     if missing:  # a worker died without raising: keep the parts so a rerun finishes the job

@@ -13,7 +13,10 @@ rejected every templated question of the embedded demo as a copy of its seed.
 
 The index is exact (no hashing approximations) and fast through prefix filtering on the stems:
 with every feature set sorted in one fixed global order, two sets with Jaccard >= t must share a
-feature among the first `n - ceil(t * n) + 1` of each, so only those are indexed and probed.
+feature among the first `n - ceil(t * n) + 1` of each, so only those are indexed and probed. Any
+fixed order is exact; the default (a hash) suits an index that grows as it goes, and when the
+indexed questions are known up front `rarest_first` puts each stem's rarest words in its prefix,
+so common words ("which", "of the") never make every indexed question a candidate.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from collections import defaultdict
-from typing import NamedTuple
+from collections import Counter, defaultdict
+from typing import Callable, Iterable, NamedTuple
 
 from .qparse import normalize_text
 
@@ -52,10 +55,15 @@ class Features(NamedTuple):
 def features(question: str, options: dict[str, str] | list[str]) -> Features:
     """The feature sets of a question's stem and of its options (option order does not matter)."""
     texts = options.values() if isinstance(options, dict) else options
+    return features_of_words(words(question), [words(opt) for opt in texts])
+
+
+def features_of_words(stem: list[str], options: list[list[str]]) -> Features:
+    """`features` from the `words` of the stem and of each option (for callers that need the words too)."""
     opts: set[str] = set()
-    for opt in texts:
-        opts |= _ngrams(words(opt), "o")
-    return Features(frozenset(_ngrams(words(question), "q")), frozenset(opts))
+    for opt in options:
+        opts |= _ngrams(opt, "o")
+    return Features(frozenset(_ngrams(stem, "q")), frozenset(opts))
 
 
 def jaccard(a: frozenset, b: frozenset) -> float:
@@ -70,6 +78,13 @@ def _order_key(feature: str) -> tuple[int, str]:
     return zlib.crc32(feature.encode("utf-8")), feature
 
 
+def rarest_first(indexed: Iterable[Features]) -> Callable[[str], tuple]:
+    """A global feature order for `NearDupIndex`: features in fewer of the `indexed` stems first
+    (features they never use first of all: no indexed question shares them anyway)."""
+    counts = Counter(f for feats in indexed for f in feats.stem)
+    return lambda feature: (counts.get(feature, 0), *_order_key(feature))
+
+
 def similarity(a: Features, b: Features) -> float:
     """The lower of the stem and the option-set Jaccard similarities."""
     return min(jaccard(a.stem, b.stem), jaccard(a.options, b.options))
@@ -78,10 +93,11 @@ def similarity(a: Features, b: Features) -> float:
 class NearDupIndex:
     """Questions seen so far; `most_similar` finds any whose `similarity` reaches the threshold."""
 
-    def __init__(self, threshold: float = DEFAULT_THRESHOLD):
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD, order: Callable[[str], tuple] = _order_key):
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"dedup threshold must be in (0, 1] (got {threshold})")
         self.threshold = threshold
+        self._order = order  # the global feature order of the prefixes (fixed for the index's life)
         self._sets: list[Features] = []
         self._labels: list[str] = []
         self._postings: dict[str, list[int]] = defaultdict(list)
@@ -92,7 +108,7 @@ class NearDupIndex:
     def _prefix(self, feats: Features) -> list[str]:
         if not feats.stem:
             return [""]  # stems without a word: all such questions are candidates of each other
-        ordered = sorted(feats.stem, key=_order_key)
+        ordered = sorted(feats.stem, key=self._order)
         # 1e-9 keeps float error (0.7 * 10 = 7.000000000000001) from shortening the prefix.
         keep = len(ordered) - math.ceil(self.threshold * len(ordered) - 1e-9) + 1
         return ordered[:keep]
@@ -108,6 +124,18 @@ class NearDupIndex:
         if best >= self.threshold:
             return best_label, best
         return None, best
+
+    def similar(self, feats: Features) -> list[tuple[str, float]]:
+        """(label, similarity) of every indexed question at or above the threshold, most similar first."""
+        found = []
+        for i in sorted({i for f in self._prefix(feats) for i in self._postings.get(f, ())}):
+            stem = jaccard(feats.stem, self._sets[i].stem)
+            if stem < self.threshold:
+                continue  # most candidates fail here: their options need no comparing
+            sim = min(stem, jaccard(feats.options, self._sets[i].options))
+            if sim >= self.threshold:
+                found.append((i, sim))
+        return [(self._labels[i], sim) for i, sim in sorted(found, key=lambda x: -x[1])]
 
     def add(self, feats: Features, label: str) -> None:
         idx = len(self._sets)

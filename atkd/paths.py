@@ -82,6 +82,32 @@ class IterationPaths:
     def final_model(self) -> Path:
         return final_model_dir(self.student_dir)
 
+    # before A, when the iteration's questions come without ability paths: the teacher's labels
+    @property
+    def labels_dir(self) -> Path:
+        return self.dir / "L_ability_labels"
+
+    @property
+    def labels(self) -> Path:
+        return self.labels_dir / "ability_paths.jsonl"
+
+    # with DROP_EVAL_OVERLAP: the iteration's files without the questions that repeat evaluation questions
+    @property
+    def data_dir(self) -> Path:
+        return self.dir / "data"
+
+    @property
+    def kept_questions(self) -> Path:
+        return self.data_dir / "questions.jsonl"
+
+    @property
+    def kept_ability_paths(self) -> Path:
+        return self.data_dir / "ability_paths.jsonl"
+
+    @property
+    def dropped_overlap(self) -> Path:
+        return self.data_dir / "dropped_eval_overlap.jsonl"
+
     # after F: the trained student on the evaluation set
     @property
     def eval(self) -> "EvalPaths":
@@ -123,6 +149,11 @@ def baseline_eval(workflow_dir: Path) -> EvalPaths:
     return EvalPaths(Path(workflow_dir) / "baseline_eval")
 
 
+def eval_labels(workflow_dir: Path) -> Path:
+    """The teacher's ability paths of the evaluation set, when it comes without them."""
+    return Path(workflow_dir) / "L_eval_ability_labels" / "ability_paths.jsonl"
+
+
 def sibling(path: str | Path, name: str) -> Path:
     """A side file next to a stage's main output (same folder)."""
     return Path(path).parent / name
@@ -130,6 +161,11 @@ def sibling(path: str | Path, name: str) -> Path:
 
 def summary_path(replies_path: str | Path) -> Path:
     return sibling(replies_path, "summary.json")
+
+
+def labels_summary_path(labels_path: str | Path) -> Path:
+    """label_abilities.py's summary: `<output stem>.summary.json` beside its ability paths."""
+    return sibling(labels_path, f"{Path(labels_path).name.split('.')[0]}.summary.json")
 
 
 def plan_path(generated_path: str | Path) -> Path:

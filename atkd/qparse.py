@@ -36,10 +36,13 @@ REASONS = ("no_question", "empty_question", "too_few_options", "bad_option_lette
 
 def normalize_text(text: str) -> str:
     """Case-, width- and space-insensitive form used to compare options and questions."""
-    # Format characters (zero-width spaces, joiners, BOMs: category Cf) are invisible: they make
-    # no text non-empty and no two options different.
-    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
-    text = unicodedata.normalize("NFKC", text).casefold()
+    if text.isascii():  # the common case, and a hot path: ASCII holds no Cf character and NFKC keeps it
+        text = text.lower()
+    else:
+        # Format characters (zero-width spaces, joiners, BOMs: category Cf) are invisible: they make
+        # no text non-empty and no two options different.
+        text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+        text = unicodedata.normalize("NFKC", text).casefold()
     text = re.sub(r"[\s\u3000]+", " ", text).strip()
     return text.rstrip(".。;；")
 

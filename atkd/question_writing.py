@@ -9,8 +9,11 @@ The work is split so that everything random is decided once, in the main process
 3. `make_batches` fixes each round's batches and a sampling seed per batch, so a batch that is
    regenerated after a kill gives exactly the text an uninterrupted run got;
 4. workers (`write_worker`, one per GPU, or an HTTP endpoint) only turn batches into text;
-5. `Acceptor` reads the texts in task order: strict parse, near-duplicate check against the
-   dataset and earlier accepted items, the correct option moved to a seeded random position.
+5. `Acceptor` reads the texts in task order: strict parse, repeats of evaluation questions
+   dropped (`atkd.leakage`, with --eval_dataset_path), near-duplicate check against the dataset
+   and earlier accepted items, the options shuffled with a seeded RNG (`shuffle_options`:
+   options that name other options by letter or place keep the item's order, all/none of the
+   above stays last).
 
 `run_rounds` repeats 2-5 for leaves still short of their target, at most `max_retries` times;
 `run` is the whole stage: allocation (`atkd.allocation`), rounds, generated.jsonl and plan.json
@@ -23,6 +26,7 @@ import hashlib
 import logging
 import math
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,10 +36,11 @@ from . import paths
 from .allocation import allocate
 from .cli import (INPUT, MODEL, OUTPUT, Check, StageConfig, above, api_concurrency, api_key_env, api_max_attempts,
                   api_timeout_s, at_least, dtype, gpu_ids, lang, model_placement, setting, trust_remote_code)
-from .dedup import DEFAULT_THRESHOLD, NearDupIndex, features
+from .dedup import DEFAULT_THRESHOLD, NearDupIndex, features, rarest_first
 from .errors import InputError
 from .fingerprint import DoneRecord
 from .io import PartLog, iter_jsonl, write_json, write_jsonl
+from .leakage import EvalIndex
 from .qparse import parse_question
 from .records import LETTERS, Question, load_ability_paths, load_questions
 from .tree import AbilityTree, Node, load_tree
@@ -85,11 +90,15 @@ class Batch:
 class QuestionWritingConfig(StageConfig):
     """generate_distill_data.py: the teacher writes questions for the weak abilities."""
 
+    version = 2  # 2: position-bound options keep their place; repeats of evaluation questions are dropped
+
     teacher_model_path: str = setting("", role=MODEL, help="teacher model folder (unless --api_base)")
     ability_tree_path: str = setting(role=INPUT, help="scored tree (B's tree.json) or a nested initial tree")
     full_dataset_path: str = setting(role=INPUT, help="question .jsonl the seeds come from")
     ability_class_path: str = setting(role=INPUT, help="ability paths .jsonl of those questions")
     output_path: str = setting(role=OUTPUT, help="generated questions .jsonl (plan.json goes beside it)")
+    eval_dataset_path: str = setting("", role=INPUT, help="evaluation questions .jsonl: generated questions that "
+                                                          "repeat one (atkd/leakage.py) are dropped; empty: none")
     num_samples: int = setting(100, check=at_least(1), help="questions to generate in total")
     max_retries: int = setting(3, check=at_least(0), help="extra rounds for leaves short of their target")
     seed: int = setting(0, help="seed of seed-drawing, sampling and option shuffling")
@@ -233,11 +242,72 @@ def make_batches(tasks: list[Task], batch_size: int, seed: int, round_: int) -> 
 
 # --------------------------------------------------------------------------- acceptance
 
+_TOKEN = re.compile(r"[A-Za-z]+|\d+|[\u3400-\u9fff]|\S")
+_ABOVE_EN = re.compile(r"(?:(?:all|none|any|neither) (?:of )?(?:the )?(?:above|these|those|them|preceding)"
+                       r"(?: (?:options|answers|choices|statements))?(?: (?:is|are) (?:correct|true|right))?"
+                       r"|(?:all|none) (?:is|are) (?:correct|true|right))")
+_ABOVE_ZH = re.compile(r"(?:以上|上述)(?:各项|选项|答案|说法|各选项|几项)?(?:都|均|皆|全|全部|全都)?"
+                       r"(?:是|对|正确|不是|不对|不正确|非|错误|错)的?")
+_FILLER_EN = {"both", "and", "or", "nor", "neither", "either", "only", "all", "except", "but", "not", "option",
+              "options", "choice", "choices", "answer", "answers", "are", "is", "correct", "true", "right", "the",
+              "of"}
+_PLACE_EN = {"above", "below", "preceding", "former", "latter", "first", "second", "third", "fourth", "last",
+             "two", "three"}
+_FILLER_ZH = set("和与及或都均皆对是正确项选答案除外以之的者全部")
+_PLACE_ZH = set("上述前后两三")
+
+
+def option_position_kind(text: str, letters: str) -> str | None:
+    """Whether an option's meaning depends on where the options stand (`letters`: the item's letters).
+
+    "refers": it names other options by letter or by place, and so only means something in the
+    order it was written in. It is made of option letters, place words and connectives alone,
+    with two letters, or one letter and a word:
+      English: "Both A and B", "A and C", "A, B and C only", "A,B", "A & B", "(A) and (C)",
+               "Only A", "All except C", "Neither A nor B", "Option C", "Both of the above",
+               "The first two";
+      Chinese: "A和C", "A和C都对", "A、B", "A与B", "A及B", "A+B", "AB", "ACD", "除C外", "以上两项".
+    A letter inside other words is not a reference: "Vitamin A and C", "Hepatitis B", "维生素A和C".
+    "above": an all-of or none-of-the-above option, which stays last:
+      English: "All of the above", "None of the above", "All the above", "None of these",
+               "Neither of the above", "All are correct", "None is correct";
+      Chinese: 以上都是, 以上均是, 以上皆是, 以上都对, 以上全是, 以上均非, 以上皆非, 以上都不是,
+               以上都不对, 以上均不正确, 上述选项都不正确, ...
+    None for every other option.
+    """
+    flat = re.sub(r"\s+", " ", text.strip().rstrip(".。!！")).strip()
+    if _ABOVE_EN.fullmatch(flat.lower()) or _ABOVE_ZH.fullmatch(flat.replace(" ", "")):
+        return "above"
+    n_letters, words, places = 0, 0, 0
+    for tok in _TOKEN.findall(flat):
+        if tok.isupper() and len(set(tok)) == len(tok) and all(c in letters for c in tok) and list(tok) == sorted(tok):
+            n_letters += len(tok)  # "A", or a run of letters in order: "AB", "ACD"
+        elif tok.lower() in _FILLER_EN or tok in _FILLER_ZH:
+            words += 1
+        elif tok.lower() in _PLACE_EN or tok in _PLACE_ZH:
+            places += 1
+        elif tok.isalnum():
+            return None  # a word of its own: the option says something
+    if n_letters >= 2 or (n_letters == 1 and words + places) or (places and not n_letters):
+        return "refers"
+    return None
+
+
 def shuffle_options(item: dict, rng: random.Random) -> tuple[dict[str, str], str]:
-    """Options in a random order and the correct option's new letter (no position bias)."""
+    """Options in a random order and the correct option's new letter (no position bias).
+
+    Except where the order carries meaning (`option_position_kind`): an item with an option that
+    names other options by letter or place keeps its order, and all/none-of-the-above options stay
+    last (the others are shuffled above them).
+    """
+    letters = "".join(item["options"])
     texts = list(item["options"].values())
-    order = list(range(len(texts)))
+    kinds = [option_position_kind(t, letters) for t in texts]
+    if "refers" in kinds:
+        return dict(item["options"]), item["answer_idx"]
+    order = [i for i, kind in enumerate(kinds) if kind != "above"]
     rng.shuffle(order)  # new position i holds old option order[i]
+    order += [i for i, kind in enumerate(kinds) if kind == "above"]
     options = {LETTERS[i]: texts[j] for i, j in enumerate(order)}
     answer = LETTERS[order.index(list(item["options"]).index(item["answer_idx"]))]
     return options, answer
@@ -256,13 +326,17 @@ class LeafTally:
 class Acceptor:
     """Turns teacher replies into records, in task order, keeping tallies for the plan."""
 
-    def __init__(self, leaves: list[LeafSeeds], targets: list[int], cfg: QuestionWritingConfig, dataset: list[Question]):
+    def __init__(self, leaves: list[LeafSeeds], targets: list[int], cfg: QuestionWritingConfig, dataset: list[Question],
+                 eval_questions: list[Question] = ()):
         self.leaves = {leaf.index: leaf for leaf in leaves}
         self.targets = targets
         self.cfg = cfg
-        self.index = NearDupIndex(cfg.dedup_threshold)
-        for q in dataset:
-            self.index.add(features(q.question, q.options), f"seed:{q.key}")
+        self.eval_index = EvalIndex(list(eval_questions), cfg.dedup_threshold) if eval_questions else None
+        seeds = [features(q.question, q.options) for q in dataset]
+        # Rare words first in the prefixes: the seeds are known up front (same result as any order, much faster).
+        self.index = NearDupIndex(cfg.dedup_threshold, rarest_first(seeds))
+        for q, feats in zip(dataset, seeds):
+            self.index.add(feats, f"seed:{q.key}")
         self.tally = {leaf.index: LeafTally() for leaf in leaves}
         self.records: dict[int, list[dict]] = {leaf.index: [] for leaf in leaves}
 
@@ -274,6 +348,10 @@ class Acceptor:
         if item is None:
             tally.rejected[reason] += 1
             return reason
+        if self.eval_index is not None and self.eval_index.repeat_of(
+                task.id, item["question"], item["options"], item["answer_idx"]) is not None:
+            tally.rejected["near_duplicate_eval"] += 1
+            return "near_duplicate_eval"
         feats = features(item["question"], item["options"])
         label, _ = self.index.most_similar(feats)
         if label is not None:
@@ -325,13 +403,13 @@ Produce = Callable[[int, list[Batch]], dict[str, str]]
 
 
 def run_rounds(leaves: list[LeafSeeds], targets: list[int], cfg: QuestionWritingConfig, dataset: list[Question],
-               produce: Produce) -> tuple[Acceptor, int]:
+               produce: Produce, eval_questions: list[Question] = ()) -> tuple[Acceptor, int]:
     """Generate, accept, and retry leaves short of target; returns the acceptor and rounds run.
 
     `produce(round, batches)` returns the teacher's text for every task of those batches by task
     id (a local model, an HTTP endpoint, or a part log of an interrupted run).
     """
-    acc = Acceptor(leaves, targets, cfg, dataset)
+    acc = Acceptor(leaves, targets, cfg, dataset, eval_questions)
     next_slot: dict[int, int] = {}
     rounds = 0
     for round_ in range(cfg.max_retries + 1):
@@ -496,6 +574,7 @@ def run(cfg: QuestionWritingConfig) -> dict | None:
     tree = load_tree(cfg.ability_tree_path, domain=cfg.domain)
     dataset = load_questions(cfg.full_dataset_path)
     load_ability_paths(cfg.ability_class_path)  # field and duplicate-id checks, with line numbers
+    eval_questions = load_questions(cfg.eval_dataset_path) if cfg.eval_dataset_path else []
     leaves = leaves_with_seeds(tree, dataset, cfg.ability_class_path)
     if not any(leaf.seeds for leaf in leaves):
         raise InputError(cfg.ability_class_path, "no question of the dataset is labelled with a leaf of "
@@ -518,7 +597,8 @@ def run(cfg: QuestionWritingConfig) -> dict | None:
     part_log = PartLog(cfg.output_path, record.fingerprint)
     part_log.open()
     teacher = Teacher(resolved, spread)
-    acc, rounds = run_rounds(leaves, alloc.targets, resolved, dataset, part_log_producer(part_log, workers, teacher))
+    acc, rounds = run_rounds(leaves, alloc.targets, resolved, dataset, part_log_producer(part_log, workers, teacher),
+                             eval_questions)
     teacher.release()
 
     plan = plan_report(leaves, alloc.targets, acc, cfg.num_samples, rounds, allocation)

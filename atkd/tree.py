@@ -11,13 +11,15 @@ Scored trees (student_data_analyzer.py output) are one object per node:
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from .errors import InputError
-from .io import read_json, write_json
+from .io import iter_jsonl, read_json, write_json
 
+ABILITY_PATH_SEP = " > "  # how paths are written in messages
 SCORE_KEYS = {"综合得分"}  # bookkeeping keys of the reference implementation, not abilities
 DEFAULT_ROOT = "root"
 STAT_FIELDS = ("n", "correct", "accuracy", "smoothed_accuracy", "weakness")
@@ -86,6 +88,33 @@ class AbilityTree:
                 return found
         return self.node([self.root.name, *parts])
 
+    def mismatch(self, ability_path: list[str]) -> str | None:
+        """Why an ability path names no node: the first name not found, where, and the closest names
+        there (difflib); None when it matches."""
+        if self.match(ability_path) is not None:
+            return None
+        parts = [p.strip() for p in ability_path]
+        below_root = parts[1:] if parts and parts[0] == self.root.name else parts
+        node = self.root
+        for depth, name in enumerate(below_root):
+            found = node.child(name)
+            if found is None:
+                if node.is_leaf:
+                    return f"{ABILITY_PATH_SEP.join(node.path)} is a leaf: there is no {name!r} below it"
+                names = [c.name for c in node.children]
+                # The first name may be a misspelt domain.
+                domain = [self.root.name] if depth == 0 and parts[0] != self.root.name else []
+                close = difflib.get_close_matches(name, names + domain, n=3, cutoff=0.5)
+                close = [f"{c} (the domain)" if c in domain else c for c in close]
+                where = ("among the level-1 abilities" if node is self.root
+                         else f"under {ABILITY_PATH_SEP.join(node.path)}")
+                if close:
+                    return f"{name!r} is not {where}; closest: {', '.join(close)}"
+                more = ", ..." if len(names) > 10 else ""
+                return f"{name!r} is not {where}, which are: {', '.join(names[:10])}{more}"
+            node = found
+        return "the path is empty"
+
     # ----------------------------------------------------------------- nested (initial) form
     def to_nested(self) -> dict:
         def nested(node: Node):
@@ -129,13 +158,24 @@ def _nested_children(value, parent: Node, source: Path) -> None:
         _nested_children(sub, child, source)
 
 
+def single_top_key(obj) -> str | None:
+    """The domain a nested tree file names: its one top-level key when that key holds an object;
+    None when the file lists the level-1 abilities directly."""
+    keys = [k for k in obj if k not in SCORE_KEYS] if isinstance(obj, dict) else []
+    return keys[0] if len(keys) == 1 and isinstance(obj[keys[0]], dict) else None
+
+
 def tree_from_nested(obj, domain: str | None = None, source: str | Path = "<tree>") -> AbilityTree:
-    """Build a tree from the nested form; `domain` names the root when the file has none."""
+    """Build a tree from the nested form; `domain` names the root when the file has none.
+
+    A file with one top key that is not `domain` becomes the one level-1 ability under `domain`
+    (main.py refuses such a file instead: see `atkd.workflow.check_tree_domain`).
+    """
     source = Path(source)
     if not isinstance(obj, dict) or not [k for k in obj if k not in SCORE_KEYS]:
         raise InputError(source, "an ability tree must be a non-empty JSON object of ability names")
     keys = [k for k in obj if k not in SCORE_KEYS]
-    single_root = len(keys) == 1 and isinstance(obj[keys[0]], dict) and (domain is None or keys[0] == domain)
+    single_root = single_top_key(obj) is not None and (domain is None or keys[0] == domain)
     if single_root:
         root = Node(name=keys[0].strip(), path=(keys[0].strip(),))
         _nested_children(obj[keys[0]], root, source)
@@ -163,6 +203,17 @@ def tree_from_scored(obj, source: str | Path = "<tree>") -> AbilityTree:
 
 def is_scored(obj) -> bool:
     return isinstance(obj, dict) and "name" in obj and isinstance(obj.get("children"), list)
+
+
+def check_paths_file(tree: AbilityTree, paths_file: str | Path, tree_file: str | Path) -> None:
+    """Every ability path of `paths_file` names a node of `tree`, else an `InputError` at its line
+    naming the closest names (`AbilityTree.mismatch`)."""
+    for lineno, obj in iter_jsonl(paths_file):
+        path = obj.get("ability_path")
+        why = tree.mismatch(path) if isinstance(path, list) else '"ability_path" must be a list of names'
+        if why:
+            raise InputError(paths_file, f"ability path {ABILITY_PATH_SEP.join(map(str, path or []))!r} names no node "
+                                         f"of the ability tree ({tree_file}, domain {tree.domain!r}): {why}", lineno)
 
 
 def load_tree(path: str | Path, domain: str | None = None) -> AbilityTree:

@@ -1,11 +1,13 @@
 """main.py's workflow: its settings, the checks before any work, and the steps of each iteration.
 
 `WorkflowConfig` declares every workflow setting once (help and check); main.py's UPPER_CASE
-constants are its values. `iteration_steps` turns it into the stage configs of steps A-H, and
-each stage's command line is generated from its config (`atkd.cli.to_argv`), so what main.py
-runs, prints and fingerprints is exactly what a person would run by hand. `run` checks
-everything first (no work starts on a bad configuration), then runs the steps in order,
-skipping those already done (`atkd.steps`), and rewrites the report after every iteration.
+constants are its values. `iteration_steps` turns it into the stage configs of steps A-H (and L,
+the teacher labelling questions that came without ability paths), and each stage's command line
+is generated from its config (`atkd.cli.to_argv`), so what main.py runs, prints and fingerprints
+is exactly what a person would run by hand. `run` checks everything first (no work starts on a bad
+configuration: every file, every ability path against the tree, the tree's root against DOMAIN,
+no evaluation question in an iteration file), then runs the steps in order, skipping those
+already done (`atkd.steps`), and rewrites the report after every iteration.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from .answering import InferenceConfig
 from .cli import PLACEMENTS, StageConfig, above, at_least, between, setting
 from .cross_check import CrossCheckConfig
 from .errors import InputError
-from .io import write_json
+from .io import iter_jsonl, read_json, write_json, write_jsonl
 from .kd_loss import KD_KINDS
+from .labelling import LabelConfig
+from .leakage import Repeat, check_iteration_files
 from .question_writing import QuestionWritingConfig
 from .records import load_ability_paths, load_questions
 from .steps import Step, StepFailed, run_step
 from .teacher_logits import LogitsConfig
 from .trainer import TrainConfig
-from .tree import load_tree
+from .tree import check_paths_file, is_scored, load_tree, single_top_key
 from .tree_building import TreeConfig
 from .weakness import AnalyzerConfig
 
@@ -51,10 +55,15 @@ class WorkflowConfig(StageConfig):
     existing_ability_tree_path: str = setting(help="initial ability tree (nested JSON); empty: the teacher builds "
                                                    "one with create_initial_tree.py")
     dataset_files_per_iteration: list[str] = setting(help="question .jsonl per iteration")
-    ability_class_files_per_iteration: list[str] = setting(help="ability-path .jsonl per iteration, same length")
+    ability_class_files_per_iteration: list[str] = setting(help="ability-path .jsonl per iteration, same length; "
+                                                                "an empty entry (an empty list: every iteration): "
+                                                                "the teacher labels the questions (label_abilities.py)")
     eval_dataset_path: str = setting(help="held-out question .jsonl scored before and after each iteration; "
                                           "empty: none")
-    eval_ability_class_path: str = setting(help="ability paths of the evaluation set")
+    eval_ability_class_path: str = setting(help="ability paths of the evaluation set; empty: the teacher labels it")
+    drop_eval_overlap: bool = setting(help="iteration questions that repeat an evaluation question (atkd/leakage.py) "
+                                           "are left out of filtered copies the steps read; off: such questions "
+                                           "stop the run before any work")
     # the loop
     num_iterations: int = setting(check=at_least(1), help="rounds of measure -> generate -> validate -> distil")
     num_distill_samples: int = setting(check=at_least(1),
@@ -122,7 +131,7 @@ class WorkflowConfig(StageConfig):
         n = self.num_iterations
         for name in ("dataset_files_per_iteration", "ability_class_files_per_iteration"):
             files = getattr(self, name)
-            if len(files) != n:
+            if len(files) != n and not (name == "ability_class_files_per_iteration" and not files):
                 out.append(f"{name.upper()} lists {len(files)} file(s) but NUM_ITERATIONS is {n}: "
                            "give one file per iteration")
         for name in MODEL_SETTINGS:
@@ -134,8 +143,8 @@ class WorkflowConfig(StageConfig):
         if self.min_confidence > 0 and self.agent_1_api_base and self.agent_2_api_base:
             out.append("MIN_CONFIDENCE needs an agent that scores locally (agents at endpoints answer in generate "
                        "mode, without probabilities): set it to 0 or clear one AGENT_N_API_BASE")
-        if bool(self.eval_dataset_path) != bool(self.eval_ability_class_path):
-            out.append("set both EVAL_DATASET_PATH and EVAL_ABILITY_CLASS_PATH, or neither")
+        if self.eval_ability_class_path and not self.eval_dataset_path:
+            out.append("EVAL_ABILITY_CLASS_PATH is set but EVAL_DATASET_PATH is not: set both, or neither")
         if not self.existing_ability_tree_path and not self.domain:
             out.append("set EXISTING_ABILITY_TREE_PATH, or DOMAIN so create_initial_tree.py can build one")
         return out
@@ -153,6 +162,18 @@ class WorkflowConfig(StageConfig):
         return [] if self.dry_run else [Path(self.workflow_output_dir), Path(self.models_output_dir)]
 
 
+def ability_file(cfg: WorkflowConfig, k: int) -> str:
+    """The ability paths of iteration k+1's questions; "" when the teacher is to label them."""
+    files = cfg.ability_class_files_per_iteration
+    return files[k] if files else ""
+
+
+def given_ability_files(cfg: WorkflowConfig) -> list[str]:
+    """Every ability-path file the user gave (iterations, then the evaluation set)."""
+    given = [ability_file(cfg, k) for k in range(cfg.num_iterations)] + [cfg.eval_ability_class_path]
+    return [f for f in given if f]
+
+
 def check_inputs(cfg: WorkflowConfig) -> list[int]:
     """Every file and folder the run will read, before any work; returns the usable GPU ids ([] = CPU)."""
     from .api import endpoint
@@ -164,14 +185,16 @@ def check_inputs(cfg: WorkflowConfig) -> list[int]:
     for who in ENDPOINTS:
         if getattr(cfg, f"{who}_api_base") and not cfg.dry_run:  # a dry run may come before the servers
             endpoint(getattr(cfg, f"{who}_api_base"), getattr(cfg, f"{who}_api_model"), cfg).check_reachable()
-    for data, ability in zip(cfg.dataset_files_per_iteration, cfg.ability_class_files_per_iteration):
+    for data in cfg.dataset_files_per_iteration:
         load_questions(data)
+    for ability in given_ability_files(cfg):
         load_ability_paths(ability)
     if cfg.eval_dataset_path:
         load_questions(cfg.eval_dataset_path)
-        load_ability_paths(cfg.eval_ability_class_path)
     if cfg.existing_ability_tree_path:
-        load_tree(cfg.existing_ability_tree_path, domain=cfg.domain or None)
+        check_tree_domain(cfg.existing_ability_tree_path, cfg.domain)
+        check_ability_paths(cfg, load_tree(cfg.existing_ability_tree_path, domain=cfg.domain or None),
+                            cfg.existing_ability_tree_path)
     if cfg.accelerate_config_file and not Path(cfg.accelerate_config_file).is_file():
         raise InputError(cfg.accelerate_config_file, "accelerate config file not found")
     if cfg.lora_r:
@@ -179,6 +202,35 @@ def check_inputs(cfg: WorkflowConfig) -> list[int]:
 
         require_peft()  # before any work, not hours later at training
     return usable_gpu_ids(cfg.gpus_to_use)
+
+
+def check_tree_domain(tree_file: str, domain: str) -> None:
+    """A tree file rooted at one name (one top key, or a scored tree) must be rooted at DOMAIN: the
+    library would make such a file one level-1 ability under DOMAIN, a tree one level too deep."""
+    obj = read_json(tree_file)
+    root = obj["name"] if is_scored(obj) else single_top_key(obj)
+    if domain and root is not None and str(root).strip() != domain.strip():
+        raise InputError(tree_file, f"the tree's root (its one top key) is {root!r} but DOMAIN is {domain!r}: "
+                                    f"set DOMAIN = {root!r} in main.py (--domain), or rename the tree's top key to "
+                                    f"{domain!r} (a tree file that lists its level-1 abilities as top keys is rooted "
+                                    "at DOMAIN)")
+
+
+def check_ability_paths(cfg: WorkflowConfig, tree, tree_file: str | Path) -> None:
+    """Every ability path of every given file names a node of the tree (else: file, line, closest names)."""
+    for ability in given_ability_files(cfg):
+        check_paths_file(tree, ability, tree_file)
+
+
+def check_eval_overlap(cfg: WorkflowConfig) -> dict[str, list[Repeat]]:
+    """The iteration questions that repeat evaluation questions, per iteration file (`atkd.leakage`);
+    an `InputError` when there are any and DROP_EVAL_OVERLAP is off."""
+    if not cfg.eval_dataset_path:
+        return {}
+    files = {f: load_questions(f) for f in cfg.dataset_files_per_iteration}
+    return check_iteration_files(cfg.eval_dataset_path, load_questions(cfg.eval_dataset_path), files,
+                                 cfg.drop_eval_overlap, "set DROP_EVAL_OVERLAP = True in main.py "
+                                                        "(--drop_eval_overlap) to drop them from the iteration files")
 
 
 # ---------------------------------------------------------------------------------- the plan
@@ -216,12 +268,53 @@ def tree_step(cfg: WorkflowConfig, workflow: Path, gpus: list[int]) -> Step:
     return Step("initial_tree", "create_initial_tree.py", tree_cfg, log_path=workflow / "initial_tree.log")
 
 
+@dataclass
+class RoundFiles:
+    """The question and ability-path files a set of steps reads, and the step that writes the paths
+    when the user gave none (the teacher labels the questions)."""
+
+    questions: str
+    ability_paths: str
+    label_step: Step | None = None
+
+
+def label_step(cfg: WorkflowConfig, name: str, questions: str, output: Path, tree: Path, gpus: list[int],
+               log_path: Path) -> Step:
+    """L: the teacher places questions that came without ability paths in the tree."""
+    labels = LabelConfig(model_path=cfg.teacher_model_path, ability_tree_path=str(tree), dataset_path=questions,
+                         output_path=str(output), batch_size=cfg.inference_batch_size, gpu_ids=gpus)
+    return Step(name, "label_abilities.py", labels, log_path=log_path)
+
+
+def round_files(cfg: WorkflowConfig, it: paths.IterationPaths, tree: Path, gpus: list[int],
+                dropped: bool) -> RoundFiles:
+    """Iteration N's files: the user's, or their copies without repeats of evaluation questions
+    (`dropped`), with the teacher's labels where no ability-path file was given."""
+    k = it.iteration - 1
+    questions, ability = cfg.dataset_files_per_iteration[k], ability_file(cfg, k)
+    if dropped:
+        questions, ability = str(it.kept_questions), str(it.kept_ability_paths) if ability else ""
+    if ability:
+        return RoundFiles(questions, ability)
+    return RoundFiles(questions, str(it.labels), label_step(cfg, "L_ability_labels", questions, it.labels, tree, gpus,
+                                                            it.log_file("L_ability_labels")))
+
+
+def eval_files(cfg: WorkflowConfig, workflow: Path, tree: Path, gpus: list[int]) -> RoundFiles:
+    """The evaluation set's files, with the teacher's labels when EVAL_ABILITY_CLASS_PATH is empty."""
+    if cfg.eval_ability_class_path:
+        return RoundFiles(cfg.eval_dataset_path, cfg.eval_ability_class_path)
+    out = paths.eval_labels(workflow)
+    return RoundFiles(cfg.eval_dataset_path, str(out), label_step(cfg, "L_eval_ability_labels", cfg.eval_dataset_path,
+                                                                  out, tree, gpus, workflow / "L_eval_ability_labels.log"))
+
+
 def eval_steps(cfg: WorkflowConfig, ev: paths.EvalPaths, student: str, tree: Path, gpus: list[int],
-               log_dir: Path) -> list[Step]:
+               log_dir: Path, ability_paths: str) -> list[Step]:
     """G, H: the student's answers on the evaluation set, then their per-ability scores."""
     reply = InferenceConfig(model_path=student, dataset_path=cfg.eval_dataset_path, output_path=str(ev.replies),
                             batch_size=cfg.inference_batch_size, seed=cfg.seed, gpu_ids=gpus)
-    scored = AnalyzerConfig(initial_tree_path=str(tree), paths_file=cfg.eval_ability_class_path,
+    scored = AnalyzerConfig(initial_tree_path=str(tree), paths_file=ability_paths,
                             answers_file=cfg.eval_dataset_path, student_responses_file=str(ev.replies),
                             output_tree_path=str(ev.scored_tree), output_stats_path=str(ev.stats),
                             prior_strength=cfg.prior_strength)
@@ -230,12 +323,12 @@ def eval_steps(cfg: WorkflowConfig, ev: paths.EvalPaths, student: str, tree: Pat
 
 
 def iteration_steps(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, tree: Path,
-                    gpus: list[int]) -> list[Step]:
-    """A-F for one iteration: measure, score, write, validate, take the teacher's logits, train."""
+                    gpus: list[int], files: RoundFiles) -> list[Step]:
+    """(L,) A-F for one iteration: (label,) measure, score, write, validate, take the teacher's logits, train."""
     k = it.iteration - 1
-    data, ability = cfg.dataset_files_per_iteration[k], cfg.ability_class_files_per_iteration[k]
+    data, ability = files.questions, files.ability_paths
     seed = cfg.seed + k  # each round samples afresh, reproducibly
-    return [
+    return ([files.label_step] if files.label_step else []) + [
         Step("A_student_reply", "inference.py", InferenceConfig(
             model_path=student, dataset_path=data, output_path=str(it.replies),
             batch_size=cfg.inference_batch_size, seed=seed, gpu_ids=gpus), log_path=it.log_file("A_student_reply")),
@@ -248,6 +341,7 @@ def iteration_steps(cfg: WorkflowConfig, it: paths.IterationPaths, student: str,
             teacher_model_path="" if cfg.teacher_api_base else cfg.teacher_model_path,
             ability_tree_path=str(it.scored_tree),
             full_dataset_path=data, ability_class_path=ability, output_path=str(it.generated),
+            eval_dataset_path=cfg.eval_dataset_path,
             num_samples=cfg.num_distill_samples, max_retries=cfg.max_retries, batch_size=cfg.generation_batch_size,
             temperature=cfg.gen_temperature, seed=seed, id_prefix=f"it{it.iteration}", gpu_ids=gpus,
             **teacher_settings(cfg)), log_path=it.log_file("C_distill_data")),
@@ -316,27 +410,61 @@ def prepare_tree(cfg: WorkflowConfig, workflow: Path, gpus: list[int]) -> Path:
     return target
 
 
+def drop_repeats(cfg: WorkflowConfig, it: paths.IterationPaths, repeats: list[Repeat]) -> str:
+    """DROP_EVAL_OVERLAP: iteration N's questions (and given ability paths) without those that repeat
+    evaluation questions, written under iteration_N/data/ with the list of the dropped; returns what
+    main.py prints."""
+    k = it.iteration - 1
+    source, ability = cfg.dataset_files_per_iteration[k], ability_file(cfg, k)
+    gone = {r.key: r for r in repeats}
+    questions = load_questions(source)
+    if len(gone) == len(questions):
+        raise InputError(source, "every question of the file repeats an evaluation question: nothing is left to use")
+    plan = (f"dropping {len(gone)} of {len(questions)} questions of {source} that repeat evaluation questions; "
+            f"iteration {it.iteration} reads {it.kept_questions} (the dropped: {it.dropped_overlap})")
+    if cfg.dry_run:
+        return f"[plan] {plan}"
+    write_jsonl(it.kept_questions, [q.to_dict() for q in questions if q.key not in gone])
+    write_jsonl(it.dropped_overlap, [{"id": q.id, "repeats_eval_id": gone[q.key].eval_key, "exact": gone[q.key].exact,
+                                      "similarity": gone[q.key].similarity, "question": q.question}
+                                     for q in questions if q.key in gone])
+    if ability:
+        write_jsonl(it.kept_ability_paths, [obj for _, obj in iter_jsonl(ability) if str(obj.get("id")) not in gone])
+    return plan
+
+
 def run(cfg: WorkflowConfig) -> int:
     """Check, then run every step of every iteration; returns the exit status."""
     from .report import write_report
 
     gpus = check_inputs(cfg)
+    repeats = check_eval_overlap(cfg)
     workflow, models = Path(cfg.workflow_output_dir), Path(cfg.models_output_dir)
     where = f"GPUs {gpus}" if gpus else "the CPU"
     print(f"AT-KD: {cfg.num_iterations} iteration(s) on {where}; outputs in {workflow} and {models}", flush=True)
     try:
         tree = prepare_tree(cfg, workflow, gpus)
+        if not cfg.existing_ability_tree_path and not cfg.dry_run:  # a tree the teacher built: check against it now
+            check_ability_paths(cfg, load_tree(tree), tree)
+        its = [paths.IterationPaths(workflow, models, i) for i in range(1, cfg.num_iterations + 1)]
+        dropped = [bool(repeats.get(cfg.dataset_files_per_iteration[it.iteration - 1])) for it in its]
+        for it, drop in zip(its, dropped):
+            if drop:
+                print(drop_repeats(cfg, it, repeats[cfg.dataset_files_per_iteration[it.iteration - 1]]), flush=True)
         with_eval = bool(cfg.eval_dataset_path)
         if with_eval:
-            for step in eval_steps(cfg, paths.baseline_eval(workflow), cfg.student_model_path, tree, gpus, workflow):
+            ev = eval_files(cfg, workflow, tree, gpus)
+            baseline = eval_steps(cfg, paths.baseline_eval(workflow), cfg.student_model_path, tree, gpus, workflow,
+                                  ev.ability_paths)
+            for step in ([ev.label_step] if ev.label_step else []) + baseline:
                 run_step(step, cfg.dry_run)
         student = cfg.student_model_path
-        for i in range(1, cfg.num_iterations + 1):
-            it = paths.IterationPaths(workflow, models, i)
+        for it, drop in zip(its, dropped):
+            i = it.iteration
             print(f"=== iteration {i}/{cfg.num_iterations}: student {student}", flush=True)
-            steps = iteration_steps(cfg, it, student, tree, gpus)
+            steps = iteration_steps(cfg, it, student, tree, gpus, round_files(cfg, it, tree, gpus, drop))
             if with_eval:
-                steps += eval_steps(cfg, it.eval, str(it.final_model), tree, gpus, it.dir)
+                steps += eval_steps(cfg, it.eval, str(it.final_model), tree, gpus, it.dir, ev.ability_paths)
             for step in steps:
                 run_step(step, cfg.dry_run)
             student = str(it.final_model)  # the next round distils into this round's result

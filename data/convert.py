@@ -7,8 +7,9 @@ Formats: medqa, medmcqa, cmexam, mmlu, cmmlu (their published layouts, see atkd/
 jsonl / csv (any layout, fields named by flags, e.g. `--format csv --question_field stem
 --option_fields A,B,C,D --answer_field key --answer_format letter --path_fields chapter,section`).
 
-Writes DIR/questions.jsonl, DIR/ability_paths.jsonl (when the source has categories) and
-DIR/convert_report.json (rows kept, rows dropped by reason, per file); prints the same counts.
+Writes DIR/questions.jsonl, DIR/ability_paths.jsonl and DIR/ability_tree.json (the tree of the
+categories, when the source has them) and DIR/convert_report.json (rows kept, rows dropped by
+reason, per file); prints the same counts.
 With --iterations N it also writes DIR/iteration_1.jsonl ... iteration_N.jsonl and DIR/eval.jsonl
 (with their *_ability_paths.jsonl): a seeded, disjoint split stratified by ability path, ready for
 main.py's --dataset_files_per_iteration and --eval_dataset_path.
@@ -25,14 +26,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from atkd import datasets
+from atkd import conversion, datasets
+from atkd.cli import setup_logging
 from atkd.errors import InputError, exit_on_input_error
 from atkd.io import write_json, write_jsonl
-from atkd.cli import setup_logging
+from atkd.splitting import split_questions
 
 log = logging.getLogger("convert")
 
-FORMATS = ("medqa", "medmcqa", "cmexam", "mmlu", "cmmlu", "jsonl", "csv")
 GENERIC_FLAGS = ("question_field", "option_fields", "options_field", "answer_field", "answer_format",
                  "id_field", "path_fields", "explanation_field")
 DEFAULT_EVAL_FRACTION, DEFAULT_SEED = 0.1, 0
@@ -44,7 +45,7 @@ def comma_list(text: str) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--format", required=True, choices=FORMATS, help="layout of the input files")
+    p.add_argument("--format", required=True, choices=conversion.FORMATS, help="layout of the input files")
     p.add_argument("--input", required=True, nargs="+", help="input files (one format, any number)")
     p.add_argument("--output_dir", required=True, help="folder for questions.jsonl and the other outputs")
 
@@ -110,70 +111,6 @@ def mapping_of(args: argparse.Namespace) -> datasets.FieldMapping:
         path_fields=args.path_fields or [], explanation=args.explanation_field)
 
 
-def converted_of(args: argparse.Namespace) -> datasets.Converted:
-    if args.format == "medqa":
-        return datasets.read_medqa(args.input)
-    if args.format == "medmcqa":
-        return datasets.read_medmcqa(args.input, cop_base=args.cop_base)
-    if args.format == "cmexam":
-        return datasets.read_cmexam(args.input, args.path_columns or datasets.CMEXAM_DEFAULT_PATH_COLUMNS)
-    if args.format == "mmlu":
-        return datasets.read_mmlu(args.input)
-    if args.format == "cmmlu":
-        return datasets.read_cmmlu(args.input)
-    if args.format == "jsonl":
-        return datasets.read_jsonl(args.input, mapping_of(args))
-    return datasets.read_csv(args.input, mapping_of(args))
-
-
-def path_lines(records: list[dict], paths: dict[str, list[str]]) -> list[dict]:
-    """The ability-path lines of `records` that have a path, in record order."""
-    return [{"id": r["id"], "ability_path": paths[r["id"]]} for r in records if r["id"] in paths]
-
-
-def planned_files(conv: datasets.Converted, split: datasets.Split | None) -> dict[str, list[dict]]:
-    """Every output file name with its lines (files that would be empty are left out)."""
-    files = {"questions.jsonl": conv.records, "ability_paths.jsonl": path_lines(conv.records, conv.paths)}
-    if split:
-        files["eval.jsonl"] = split.eval
-        files["eval_ability_paths.jsonl"] = path_lines(split.eval, conv.paths)
-        for k, part in enumerate(split.iterations, start=1):
-            files[f"iteration_{k}.jsonl"] = part
-            files[f"iteration_{k}_ability_paths.jsonl"] = path_lines(part, conv.paths)
-    return {name: lines for name, lines in files.items() if lines}
-
-
-def report_of(args: argparse.Namespace, conv: datasets.Converted, files: dict[str, list[dict]]) -> dict:
-    by_count = lambda c: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))  # noqa: E731
-    return {
-        "format": args.format,
-        "inputs": [str(p) for p in args.input],
-        "rows": len(conv.records) + sum(conv.dropped.values()),
-        "kept": len(conv.records),
-        "dropped": sum(conv.dropped.values()),
-        "dropped_by_reason": by_count(conv.dropped),
-        "with_ability_path": len(conv.paths),
-        "per_file": {key: {"path": f["path"], "kept": f["kept"], "dropped": sum(f["dropped"].values()),
-                           "dropped_by_reason": by_count(f["dropped"])} for key, f in conv.per_file.items()},
-        "notes": conv.notes,
-        "split": None if args.iterations is None else {"iterations": args.iterations,
-                                                       "eval_fraction": args.eval_fraction, "seed": args.seed},
-        "files": {name: len(lines) for name, lines in files.items()},
-        "args": vars(args),
-    }
-
-
-def summary_lines(report: dict, out_dir: Path) -> list[str]:
-    """What is printed: the counts of the report, one per line."""
-    lines = [f"rows: {report['rows']}", f"kept: {report['kept']}", f"dropped: {report['dropped']}"]
-    lines += [f"dropped ({reason}): {n}" for reason, n in report["dropped_by_reason"].items()]
-    if report["kept"]:
-        lines.append(f"with ability path: {report['with_ability_path']}")
-    lines += [f"note: {note}" for note in report["notes"]]
-    lines += [f"wrote {out_dir / name} ({n})" for name, n in report["files"].items()]
-    return lines
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
@@ -182,25 +119,34 @@ def main(argv=None) -> int:
         # Everything is read and checked before the first file is written.
         if out_dir.exists() and not out_dir.is_dir():
             raise InputError(out_dir, "--output_dir is a file, not a folder")
-        conv = converted_of(args)
+        generic = mapping_of(args) if args.format in ("jsonl", "csv") else None
+        conv = conversion.read_format(args.format, args.input, args.cop_base, args.path_columns, generic)
         if not conv.records:
             raise InputError(args.input[0], f"no usable question in the input ({sum(conv.dropped.values())} rows "
                                             f"dropped: {dict(conv.dropped)})")
         split = None
         if args.iterations is not None:
-            split = datasets.split_questions(conv.records, conv.paths, args.iterations, args.eval_fraction, args.seed)
+            split = split_questions(conv.records, conv.paths, args.iterations, args.eval_fraction, args.seed)
     if conv.paths and len(conv.paths) < len(conv.records):
         log.warning("%d of %d questions have no ability path (empty category); they are in questions.jsonl "
                     "but not in ability_paths.jsonl", len(conv.records) - len(conv.paths), len(conv.records))
-    files = planned_files(conv, split)
-    report = report_of(args, conv, files)
+    files = conversion.planned_files(conv, split)
+    split_settings = None if args.iterations is None else {"iterations": args.iterations,
+                                                           "eval_fraction": args.eval_fraction, "seed": args.seed}
+    tree = conversion.tree_of(conv.records, conv.paths) if conv.paths else None
+    report = conversion.report_of(args.format, args.input, conv, files, split_settings, tree, vars(args))
     for name, lines in files.items():
         write_jsonl(out_dir / name, lines)
-    write_json(out_dir / "convert_report.json", report)
+    if tree is not None:
+        write_json(out_dir / conversion.TREE_FILE, tree)
+        if len(tree) == 1:  # one top key reads as the domain: main.py asks for DOMAIN = that name
+            log.warning("every question is under %r: %s has one top key, which main.py reads as the domain",
+                        next(iter(tree)), conversion.TREE_FILE)
+    write_json(out_dir / conversion.REPORT_FILE, report)
     stale = sorted(p.name for p in out_dir.glob("*.jsonl") if p.name not in files)
     if stale:  # from an earlier run with other settings; left alone, but they would mislead
         log.warning("%s also holds %s, not written by this run", out_dir, ", ".join(stale))
-    print("\n".join(summary_lines(report, out_dir)), flush=True)
+    print("\n".join(conversion.summary_lines(report, out_dir)), flush=True)
     return 0
 
 

@@ -12,6 +12,7 @@ import pytest
 from atkd.answering import InferenceConfig
 from atkd.cli import parse_config, to_argv
 from atkd.cross_check import CrossCheckConfig
+from atkd.labelling import LabelConfig
 from atkd.question_writing import QuestionWritingConfig
 from atkd.teacher_logits import LogitsConfig
 from atkd.trainer import TrainConfig
@@ -21,7 +22,8 @@ from atkd.workflow import WorkflowConfig
 
 SCRIPTS = {"main.py": WorkflowConfig, "create_initial_tree.py": TreeConfig, "inference.py": InferenceConfig,
            "student_data_analyzer.py": AnalyzerConfig, "generate_distill_data.py": QuestionWritingConfig,
-           "evaluate_distilled_data.py": CrossCheckConfig, "generate_logits.py": LogitsConfig, "train.py": TrainConfig}
+           "evaluate_distilled_data.py": CrossCheckConfig, "generate_logits.py": LogitsConfig, "train.py": TrainConfig,
+           "label_abilities.py": LabelConfig}
 
 
 def flags_in_help(text: str) -> set[str]:
@@ -58,7 +60,7 @@ def sample(cls) -> dict:
 
 
 @pytest.mark.parametrize("cls", [InferenceConfig, CrossCheckConfig, QuestionWritingConfig, LogitsConfig,
-                                 AnalyzerConfig, TrainConfig, TreeConfig])
+                                 AnalyzerConfig, TrainConfig, TreeConfig, LabelConfig])
 def test_flags_written_by_to_argv_parse_back_to_the_same_config(cls):
     import create_initial_tree
 

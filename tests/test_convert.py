@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from atkd.datasets import split_questions, split_sizes
 from atkd.errors import InputError
 from atkd.records import question_problem
+from atkd.splitting import split_questions, split_sizes
+from atkd.tree import load_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,6 +118,7 @@ def test_medqa_keeps_five_options_and_meta_info_and_counts_drops(tmp_path):
     proc = ok("--format", "medqa", "--input", src, "--output_dir", out)
     questions, paths, report = outputs(out)
     assert paths is None and not (out / "ability_paths.jsonl").exists()  # MedQA has no categories
+    assert not (out / "ability_tree.json").exists() and report["ability_tree"] is None
     assert [q["id"] for q in questions] == ["medqa-train-1", "medqa-train-2"]
     assert questions[0]["options"] == {"A": "RPR", "B": "Biopsy", "C": "HSV PCR", "D": "Culture"}
     assert questions[0]["answer_idx"] == "A" and questions[0]["meta_info"] == "step1"
@@ -185,6 +187,13 @@ def test_medmcqa_one_based_original_release(tmp_path):
     assert by_id["medmcqa-dev-1"]["source_id"] == "uuid-q1"
     assert paths == {"medmcqa-dev-1": ["Anatomy", "Upper limb"], "medmcqa-dev-2": ["Pharmacology"],
                      "medmcqa-dev-3": ["Pharmacology"]}
+    # The categories' tree, level-1 names at the top: main.py roots it at DOMAIN and every path is in it.
+    tree_file = out / "ability_tree.json"
+    assert json.loads(tree_file.read_text(encoding="utf-8")) == {"Anatomy": {"Upper limb": {}}, "Pharmacology": {}}
+    assert f"wrote {tree_file} (2 level-1 abilities, 2 leaves)" in proc.stdout
+    assert report["ability_tree"] == {"file": "ability_tree.json", "level_1": 2, "leaves": 2}
+    tree = load_tree(tree_file, domain="Medicine")
+    assert tree.domain == "Medicine" and all(tree.mismatch(p) is None for p in paths.values())
     c = counts(proc.stdout)
     assert (c["kept"], c["dropped"], c["no answer"], c["duplicate options"]) == (3, 3, 2, 1)
     assert "1-based" in proc.stdout and f"{src}:2" in proc.stdout  # where the 4 that decided it is
@@ -472,7 +481,8 @@ def test_no_split_without_iterations_and_too_small_a_split_exits_2(tmp_path):
     src = leaf_bank(tmp_path, {("Anatomy", "Bones"): 3})
     out = tmp_path / "out"
     ok(*SPLIT_FLAGS, "--input", src, "--output_dir", out)
-    assert sorted(p.name for p in out.iterdir()) == ["ability_paths.jsonl", "convert_report.json", "questions.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["ability_paths.jsonl", "ability_tree.json", "convert_report.json",
+                                                     "questions.jsonl"]
     error = refused(tmp_path / "small", *SPLIT_FLAGS, "--input", src, "--iterations", "3", "--eval_fraction", "0.1")
     assert "too few" in error
 

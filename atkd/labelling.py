@@ -1,0 +1,247 @@
+"""label_abilities.py: a model (the teacher) places questions that come without ability paths in the tree.
+
+Top down: at each level the model picks one child of the question's current node, and the question
+moves there, until it reaches a leaf. The choice is an ordinary multiple-choice question
+(`atkd.prompts.ability_question`: "which ability does this question test?", the children's names
+as the options), answered exactly like any other (`atkd.answering`, score mode: the option-letter
+probabilities at the answer position, one forward pass per length-sorted, left-padded batch). So
+a question costs one forward pass per level.
+
+Levels with more than 26 children (one option per letter A-Z): the children are cut into
+consecutive chunks of at most 26, as even as possible (30 children: two chunks of 15, so no chunk
+is a near-walkover of a few names), the model picks within each chunk, then among the chunk
+winners (chunked again if there are still more than 26). The level's confidence is the product of
+the winner's probabilities in the rounds it won. A node with a single child is taken with
+confidence 1, without asking.
+
+Output: one line per question, in input order: `{"id", "ability_path": [level 1, ..., leaf],
+"confidence": [p_level1, ..., p_leaf]}`, the path without the domain (every stage accepts paths
+with or without it), `confidence[i]` the probability of the choice at level i+1. Beside it,
+`<stem>.summary.json`: per level, how many questions were placed and their confidence (mean,
+quartiles, share below 0.5); the questions under each node; the letter mass (how much of its
+probability the model put on the option letters at all).
+
+Resume: the answers of every round go to one part log, keyed `<question id>#<level>.<round>.<chunk>`.
+A rerun recomputes each level's choices from the answers logged and scores only the batches still
+missing; batches are planned over all of a round's questions before any is scored, so the output
+equals an uninterrupted run's, whatever the number of GPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from . import paths
+from .answering import Answerer, LoadedModel, answer_all, plan_batches
+from .cli import INPUT, MODEL, OUTPUT, StageConfig, at_least, dtype, gpu_ids, lang, setting, trust_remote_code
+from .errors import InputError
+from .fingerprint import DoneRecord
+from .io import PartLog, write_json, write_jsonl
+from .prompts import ABILITY_SEP, ability_question
+from .records import LETTERS, Question, load_questions
+from .tree import AbilityTree, Node, load_tree
+from .workers import split_evenly
+
+log = logging.getLogger(__name__)
+
+MAX_CHOICES = len(LETTERS)  # options one question can offer: the letters A-Z
+LOW_CONFIDENCE = 0.5  # the summary counts choices made with a probability below this
+
+
+@dataclass(kw_only=True)
+class LabelConfig(StageConfig):
+    """label_abilities.py: place each question in the ability tree with a model, level by level."""
+
+    model_path: str = setting(role=MODEL, help="local Hugging Face model folder (the teacher)")
+    ability_tree_path: str = setting(role=INPUT, help="ability tree JSON (nested, with or without the domain "
+                                                      "key, or a scored tree)")
+    dataset_path: str = setting(role=INPUT, help="questions .jsonl to label (id, question, options, answer_idx)")
+    output_path: str = setting(role=OUTPUT, help="ability paths .jsonl to write (<stem>.summary.json goes beside it)")
+    batch_size: int = setting(16, check=at_least(1), affects_output=False, help="questions per forward pass")
+    lang: str = lang()
+    gpu_ids: list[int] = gpu_ids()
+    dtype: str = dtype()
+    trust_remote_code: bool = trust_remote_code()
+
+    def problems(self) -> list[str]:
+        if Path(self.output_path).resolve() == Path(self.dataset_path).resolve():
+            return ["--output_path is the dataset itself; it would be overwritten"]
+        return []
+
+    def outputs(self) -> list[Path]:
+        return [Path(self.output_path), paths.labels_summary_path(self.output_path)]
+
+
+@dataclass
+class Placement:
+    """One question on its way down the tree."""
+
+    question: Question
+    node: Node  # where it stands now
+    confidence: list[float] = field(default_factory=list)  # one per level passed
+
+    @property
+    def path(self) -> list[str]:
+        """The names chosen so far, below the root."""
+        return list(self.node.path[1:])
+
+
+# A round's questions -> every answer logged so far, by key (the scorer of `place_all`).
+Ask = Callable[[list[Question], str], dict[str, dict]]
+
+
+def chunks(candidates: list, limit: int = MAX_CHOICES) -> list[list]:
+    """`candidates` cut into consecutive chunks of at most `limit`, sizes differing by at most one."""
+    return split_evenly(candidates, math.ceil(len(candidates) / limit))
+
+
+def question_key(q: Question, level: int, round_: int, chunk: int) -> str:
+    # The suffix never holds "#", so a key splits back into one (id, level, round, chunk) at its last "#".
+    return f"{q.key}#{level}.{round_}.{chunk}"
+
+
+# A chunk of the children still in the running, each with the probability it has won with so far,
+# and the question that picks within it (None for a chunk of one: nothing to ask).
+Chunk = tuple[list[tuple[Node, float]], Question | None]
+
+
+def round_chunks(p: Placement, running: list[tuple[Node, float]], level: int, round_: int, lang: str) -> list[Chunk]:
+    """One placement's chunks for this round, each with its labelling question."""
+    out = []
+    for c, chunk in enumerate(chunks(running)):
+        mcq = None
+        if len(chunk) > 1:
+            mcq = replace(ability_question(p.question, [child.name for child, _ in chunk], lang),
+                          id=question_key(p.question, level, round_, c))
+        out.append((chunk, mcq))
+    return out
+
+
+def chunk_winner(chunk: Chunk, answers: dict[str, dict]) -> tuple[Node, float]:
+    """The child the model picked in a chunk, with its probability so far times this round's."""
+    candidates, mcq = chunk
+    if mcq is None:
+        return candidates[0]
+    answer = answers[mcq.key]
+    child, won = candidates[LETTERS.index(answer["pred_letter"])]
+    return child, won * answer["option_probs"][answer["pred_letter"]]
+
+
+def choose_children(level_placements: list[Placement], level: int, lang: str, ask: Ask) -> None:
+    """Move every placement to one of its node's children (in place), asking round by round: each
+    round picks within chunks of at most 26, until one child is left per placement."""
+    running = [[(child, 1.0) for child in p.node.children] for p in level_placements]
+    round_ = 0
+    while any(len(r) > 1 for r in running):
+        plans = [round_chunks(p, r, level, round_, lang) if len(r) > 1 else [(r, None)]
+                 for p, r in zip(level_placements, running)]
+        asked = [mcq for plan in plans for _, mcq in plan if mcq is not None]
+        answers = ask(asked, f"labelling level {level}" + (f", round {round_ + 1}" if round_ else ""))
+        running = [[chunk_winner(chunk, answers) for chunk in plan] for plan in plans]
+        round_ += 1
+    for p, ((child, prob),) in zip(level_placements, running):
+        p.node = child
+        p.confidence.append(prob)
+
+
+def place_all(tree: AbilityTree, questions: list[Question], lang: str, ask: Ask) -> list[Placement]:
+    """Every question taken from the root down to a leaf, one level at a time."""
+    placements = [Placement(question=q, node=tree.root) for q in questions]
+    level = 1
+    while moving := [p for p in placements if p.node.children]:
+        choose_children(moving, level, lang, ask)
+        level += 1
+    return placements
+
+
+def label_records(placements: list[Placement]) -> list[dict]:
+    return [{"id": p.question.id, "ability_path": p.path, "confidence": p.confidence} for p in placements]
+
+
+def confidence_stats(values: list[float]) -> dict:
+    """Mean, min, quartiles and the share below `LOW_CONFIDENCE` of one level's choice probabilities."""
+    quartiles = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return {"placed": len(values), "mean": statistics.fmean(values), "min": min(values),
+            "q1": quartiles[0], "median": quartiles[1], "q3": quartiles[2],
+            "share_below_0.5": sum(v < LOW_CONFIDENCE for v in values) / len(values)}
+
+
+def summarize(placements: list[Placement], tree: AbilityTree, letter_mass: dict, seconds: float,
+              resumed: int, cfg: LabelConfig, lang: str) -> dict:
+    """The summary file: confidence per level, questions per node, letter mass, provenance."""
+    depth = max(len(p.confidence) for p in placements)
+    levels = [{"level": d + 1, **confidence_stats([p.confidence[d] for p in placements if len(p.confidence) > d])}
+              for d in range(depth)]
+    per_node = {ABILITY_SEP.join(n.path[1:]): 0 for n in tree.nodes()[1:]}
+    for p in placements:
+        for d in range(2, len(p.node.path) + 1):
+            per_node[ABILITY_SEP.join(p.node.path[1:d])] += 1
+    return {"n": len(placements), "levels": levels, "questions_per_node": per_node, "letter_mass": letter_mass,
+            "seconds": seconds, "resumed": resumed, "lang": lang, "model_path": cfg.model_path,
+            "ability_tree_path": cfg.ability_tree_path, "dataset_path": cfg.dataset_path}
+
+
+def run(cfg: LabelConfig) -> dict | None:
+    """Label every question of the dataset; write the ability paths and the summary (returned).
+
+    Every input is checked before anything is written (an `InputError` leaves no output and no
+    parts folder). None when the outputs were already done.
+    """
+    from .letters import letter_token_ids
+    from .models import check_model_dir, device_for, load_tokenizer, resolve_dtype, usable_gpu_ids
+    from .prompts import language_of
+    from .scoring import letter_mass_summary
+
+    record = DoneRecord(cfg)
+    if record.is_done():
+        return None
+    output = Path(cfg.output_path)
+    if output.is_dir():
+        raise InputError(output, "output path is a folder; give a .jsonl file name")
+    questions = load_questions(cfg.dataset_path)
+    tree = load_tree(cfg.ability_tree_path)
+    check_model_dir(cfg.model_path)
+    gpus = usable_gpu_ids(cfg.gpu_ids)
+    device = device_for(gpus[0] if gpus else None)
+    tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
+    who = Answerer(model_path=cfg.model_path, mode="score", lang=language_of(questions, cfg.lang), dtype=cfg.dtype,
+                   trust_remote_code=cfg.trust_remote_code)
+    widest = max(len(n.children) for n in tree.nodes())
+    letter_token_ids(tokenizer, list(LETTERS[:min(widest, MAX_CHOICES)]), who.lang, source=cfg.model_path)
+    record.start()
+
+    # Device type and dtype change the numbers: parts from a CPU run are not mixed into a GPU run.
+    part_log = PartLog(output, {**record.fingerprint, "device_type": device.type,
+                                "dtype": str(resolve_dtype(cfg.dtype, device))})
+    loaded, masses, resumed = LoadedModel(), [], 0
+
+    def ask(mcqs: list[Question], desc: str) -> dict[str, dict]:
+        nonlocal resumed
+        batches = plan_batches(who, mcqs, cfg.batch_size, tokenizer)
+        done, n_resumed = answer_all(who, mcqs, batches, gpus, part_log, desc, loaded)
+        resumed += n_resumed
+        masses.extend(done[q.key]["letter_mass"] for q in mcqs)
+        return done
+
+    log.info("labelling %d questions on a tree of %d leaves (widest node: %d children), language %s, on %s",
+             len(questions), len(tree.leaves()), widest, who.lang, f"GPUs {gpus}" if gpus else "CPU")
+    start = time.perf_counter()
+    placements = place_all(tree, questions, who.lang, ask)
+    loaded.release()
+    summary = summarize(placements, tree, letter_mass_summary(masses, cfg.model_path),
+                        time.perf_counter() - start, resumed, cfg, who.lang)
+    write_jsonl(output, label_records(placements))
+    write_json(paths.labels_summary_path(output), summary)
+    record.write()
+    part_log.remove()
+    for level in summary["levels"]:
+        log.info("level %d: %d placed, confidence mean %.3f, median %.3f, %.1f%% below %.1f", level["level"],
+                 level["placed"], level["mean"], level["median"], 100 * level["share_below_0.5"], LOW_CONFIDENCE)
+    log.info("wrote %s", output)
+    return summary
