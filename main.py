@@ -53,6 +53,12 @@ SAVE_STEPS = 1000  # optimizer steps between checkpoints
 SAVE_TOTAL_LIMIT = 2  # checkpoints kept per iteration (<= 0: all)
 ACCELERATE_CONFIG_FILE = ""  # optional `accelerate config` file (it then decides processes, precision, FSDP/DeepSpeed); empty: one process per GPU, bf16
 
+# ===================================================================== the distillation signal
+ALLOC_TEMPERATURE = 1.0  # step C: questions per ability ~ weakness^(1/T); 1e6 spreads them uniformly
+RESPONSE_STYLE = "letter"  # letter | rationale: the teacher also explains each item (step D3, token-level KD)
+USE_DATASET_EXPLANATION = True  # rationale style: items with their own explanation (CMExam, MedMCQA) keep it
+REPLAY_FRACTION = 0.0  # share of each round's training items replayed from its own questions (step D2); e.g. 0.2
+
 # ===================================================================== outputs
 WORKFLOW_OUTPUT_DIR = "./output/workflow"
 MODELS_OUTPUT_DIR = "./output/models"
