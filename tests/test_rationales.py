@@ -186,3 +186,55 @@ def test_reasons_are_stored_per_token_and_the_loss_follows_the_stored_top_k(tmp_
     assert abs(loss2 - loss) > 1e-3 and not torch.allclose(grad, grad2, atol=1e-6)
     _, ce_only2, _ = loss_and_grad(llama_dir, explained, tmp_path / "E", alpha_ce=1.0)
     assert ce_only2 == pytest.approx(ce_only, abs=1e-6)  # CE alone does not read the teacher
+
+
+# ----------------------------------------------------------------------------- both, in main.py on the demo
+
+def test_demo_loop_trains_on_replayed_and_explained_items(tmp_path):
+    """One small round of main.py with replay and rationales: the share of replay items is the one set, every
+    training item (generated or replayed) has the teacher's reason, E stores it token by token and F trains
+    on all of it with token-level KD."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    demo = ROOT / "data" / "demo"
+    cmd = [sys.executable, str(ROOT / "main.py"), "--workflow_output_dir", str(tmp_path / "wf"),
+           "--models_output_dir", str(tmp_path / "models"), "--num_iterations", "1",
+           "--dataset_files_per_iteration", str(demo / "iteration_1.jsonl"),
+           "--ability_class_files_per_iteration", str(demo / "iteration_1_ability_paths.jsonl"),
+           "--num_distill_samples", "48", "--train_epochs", "1", "--gpus_to_use", "",
+           "--replay_fraction", "0.25", "--response_style", "rationale"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[run] D2_replay" in proc.stdout and "[run] D3_rationales" in proc.stdout
+    it = paths.IterationPaths(tmp_path / "wf", tmp_path / "models", 1)
+
+    mix = read_jsonl(it.replay_mix)
+    validated = read_jsonl(it.validated)
+    replayed = [r for r in mix if r.get("source") == "replay"]
+    assert len(mix) == len(validated) + len(replayed) and len(replayed) == round(0.25 * len(validated) / 0.75)
+    explained = read_jsonl(it.explained)
+    report = json.loads(paths.report_path(it.explained).read_text())
+    assert report["total"] == len(mix) and report["kept"] == len(explained) >= 0.8 * len(mix)
+    assert report["from_teacher"] == len(explained) and {r["explanation_source"] for r in explained} == {"teacher"}
+    assert any(r.get("source") == "replay" for r in explained)
+    assert sum(r["explanation"] == demo_reason(r) for r in explained) >= 0.9 * len(explained)  # the templated reason
+
+    store = LogitsStore.open(it.logits_dir)
+    assert set(store.items) == {str(r["id"]) for r in explained}
+    assert store.index["summary"]["token_level_items"] == len(explained)
+    state = json.loads((it.final_model / "trainer_state.json").read_text())
+    assert state["examples"]["n_items"] == len(explained) and state["examples"]["token_level"] == len(explained)
+    text = (tmp_path / "wf" / "report.md").read_text()
+    assert f"- replayed from the round's questions: {len(replayed)} items" in text
+    assert f"- items with a rationale: {len(explained)} of {len(mix)}" in text
+
+
+def demo_reason(record: dict) -> str:
+    import demo_recipe
+
+    return demo_recipe.demo_reason(record)
