@@ -2,6 +2,7 @@
 
     python -m bench.ablation                          # 4 variants x 3 seeds, ~2-3 min per run on a 2-core CPU
     python -m bench.ablation --seeds 0 --variants targeted,replay
+    python -m bench.ablation --jobs 4                 # four runs at a time, one thread each (a machine with 4+ cores)
 
 Each run is `python main.py` with the default constants (two iterations on the demo) plus the
 variant's flags and `--seed`, in its own output folder (`--work_dir`), as a subprocess:
@@ -30,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # run from the repository root: python -m bench.<name>
@@ -136,6 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from " + ", ".join(VARIANTS))
     p.add_argument("--replay_fraction", type=float, default=0.25, help="REPLAY_FRACTION of the replay variant")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (results depend on it)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (each uses --threads threads)")
     p.add_argument("--work_dir", default=str(ROOT / "bench" / "results" / "ablation_runs"),
                    help="one output folder per run; finished runs found there are reused")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "ablation.json"))
@@ -146,24 +149,27 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
 
-    runs = []
+    def one(job: tuple[int, str]) -> dict:
+        seed, name = job
+        run = run_demo(name, seed, variant_flags(name, args.replay_fraction), Path(args.work_dir), args.threads)
+        if run["exit"] == 0:
+            run["numbers"] = run_numbers(Path(run["workflow"]))
+        print(f"{name:<10} seed {seed}: exit {run['exit']}, {run['seconds']:.0f} s"
+              + (f", weak {run['numbers']['weak']}, other {run['numbers']['other']}" if run.get("numbers") else ""),
+              flush=True)
+        return run
+
     start = time.perf_counter()
-    for seed in seeds:
-        for name in variants:
-            run = run_demo(name, seed, variant_flags(name, args.replay_fraction), Path(args.work_dir), args.threads)
-            if run["exit"] == 0:
-                run["numbers"] = run_numbers(Path(run["workflow"]))
-            print(f"{name:<10} seed {seed}: exit {run['exit']}, {run['seconds']:.0f} s"
-                  + (f", weak {run['numbers']['weak']}, other {run['numbers']['other']}" if run.get("numbers") else ""),
-                  flush=True)
-            runs.append(run)
+    jobs = [(seed, name) for seed in seeds for name in variants]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is its own process tree
+        runs = list(pool.map(one, jobs))
     summary = summarise(runs, variants)
     n_stages = max((len(r["numbers"]["overall"]) for r in runs if r.get("numbers")), default=1)
     print(f"\naccuracy on the demo's evaluation set (%), mean±sd over seeds {seeds}; weak (it.1) = abilities with "
           f"smoothed accuracy < {WEAK_BELOW} in iteration 1's step B")
     print(table(summary, n_stages))
     result = {"bench": "ablation", "seeds": seeds, "variants": {v: variant_flags(v, args.replay_fraction) for v in variants},
-              "threads": args.threads, "weak_below": WEAK_BELOW, "summary": summary, "runs": runs,
+              "threads": args.threads, "jobs": args.jobs, "weak_below": WEAK_BELOW, "summary": summary, "runs": runs,
               "seconds": round(time.perf_counter() - start, 1), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "versions": versions()}
     out = Path(args.out)
