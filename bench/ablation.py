@@ -4,10 +4,10 @@
     python -m bench.ablation --seeds 0 --variants targeted,replay
     python -m bench.ablation --jobs 4                 # four runs at a time, one thread each (a machine with 4+ cores)
 
-Each run is `python main.py` with the default constants (two iterations on the demo) plus the
-variant's flags and `--seed`, in its own output folder (`--work_dir`), as a subprocess:
+Each run is `python main.py` with the default constants (two iterations on the demo) but the
+variant's three settings and `--seed`, in its own output folder (`--work_dir`), as a subprocess:
 
-    targeted    the defaults: questions per ability ~ weakness (ALLOC_TEMPERATURE 1), letter only, no replay
+    targeted    questions per ability ~ weakness (ALLOC_TEMPERATURE 1), letter only, no replay
     uniform     ALLOC_TEMPERATURE 1e6: the same budget spread evenly over the abilities
     replay      REPLAY_FRACTION (--replay_fraction) of the training items replayed from the round's questions
     rationale   RESPONSE_STYLE rationale: the teacher's reason after the letter, token-level KD
@@ -36,18 +36,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # run from the repository root: python -m bench.<name>
 
+# Each variant sets all three settings (so the bench does not move when main.py's defaults do).
+BASE = {"--alloc_temperature": "1.0", "--replay_fraction": "0.0", "--response_style": "letter"}
 VARIANTS = {
-    "targeted": [],
-    "uniform": ["--alloc_temperature", "1000000.0"],
-    "replay": None,  # --replay_fraction, from the command line
-    "rationale": ["--response_style", "rationale"],
+    "targeted": {},
+    "uniform": {"--alloc_temperature": "1000000.0"},
+    "replay": {"--replay_fraction": None},  # the bench's --replay_fraction
+    "rationale": {"--response_style": "rationale"},
 }
 WEAK_BELOW = 0.5  # smoothed accuracy in iteration 1's step B under which an ability counts as weak
 GROUPS = ("weak", "other", "overall")
 
 
 def variant_flags(name: str, replay_fraction: float) -> list[str]:
-    return ["--replay_fraction", repr(replay_fraction)] if name == "replay" else list(VARIANTS[name])
+    flags = {**BASE, **VARIANTS[name]}
+    if flags["--replay_fraction"] is None:
+        flags["--replay_fraction"] = repr(replay_fraction)
+    return [x for kv in flags.items() for x in kv]
 
 
 def run_demo(name: str, seed: int, flags: list[str], work: Path, threads: int) -> dict:
