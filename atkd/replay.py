@@ -6,14 +6,17 @@ the validated generated items a share of the round's own questions (the iteratio
 with their gold answers), drawn in favour of the abilities the student already answers well:
 
 - how many: `replay_fraction` of the training items, so n_replay = f * n_generated / (1 - f)
-  (rounded; at most the whole dataset);
+  (rounded), exactly, even when that is more than the dataset holds;
 - which: a weighted draw without replacement (Efraimidis-Spirakis: the n largest keys
   u ** (1 / w), u uniform), where a question's weight w is its ability's smoothed accuracy in B's
-  scored tree (`1 - weakness`, ARCHITECTURE.md §7). A seeded RNG draws one u per question in
-  dataset order, so the same seed and inputs give the same items.
+  scored tree (`1 - weakness`, ARCHITECTURE.md §7). When n exceeds the dataset, every question is
+  taken once and the rest comes from further passes, each a new weighted draw over the whole
+  dataset (so the abilities the student knows are the ones repeated). A seeded RNG draws the keys
+  pass by pass in dataset order, so the same seed and inputs give the same items.
 
 Replay items keep their question, options and gold answer; their id becomes `replay-<id>`
-(`replay_of` keeps the original) and they carry `source: "replay"` and their `ability_path`.
+(`replay<pass>-<id>` from the second pass on; `replay_of` keeps the original) and they carry
+`source: "replay"`, `replay_pass` and their `ability_path`.
 Step E takes the teacher's logits for them like for generated items, and F trains on both.
 Outputs: train.jsonl (the generated items, then the replay items in dataset order) and
 replay.json (the counts, the share, the seed, and per ability: available, weight, drawn).
@@ -22,6 +25,7 @@ replay.json (the counts, the share, the seed, and per ability: available, weight
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,24 +84,31 @@ def question_weights(questions: list[Question], ability_file: str | Path, tree) 
     return out
 
 
-def draw(questions: list[Question], weights: dict[str, float], n: int, seed: int) -> list[Question]:
-    """`n` questions, a weighted sample without replacement, returned in dataset order.
+def draw(questions: list[Question], weights: dict[str, float], n: int, seed: int) -> list[tuple[int, Question]]:
+    """`n` (pass, question) pairs: weighted samples without replacement, pass after pass, each pass in
+    dataset order.
 
     Keys u ** (1 / w) (Efraimidis-Spirakis); weight 0 gets a key below every positive weight's,
     so such questions are drawn only when the others run out.
     """
+    if not questions:
+        return []
     rng = random.Random(f"{seed}|replay")
-    keys = {}
-    for q in questions:
-        u, w = rng.random(), weights.get(q.key, 0.0)
-        keys[q.key] = u ** (1.0 / w) if w > 0 else u - 1.0
-    chosen = set(sorted(keys, key=lambda k: -keys[k])[:n])
-    return [q for q in questions if q.key in chosen]
+    out: list[tuple[int, Question]] = []
+    for pass_ in range(1, math.ceil(n / len(questions)) + 1):
+        keys = {}
+        for q in questions:
+            u, w = rng.random(), weights.get(q.key, 0.0)
+            keys[q.key] = u ** (1.0 / w) if w > 0 else u - 1.0
+        chosen = set(sorted(keys, key=lambda k: -keys[k])[:n - len(out)])
+        out += [(pass_, q) for q in questions if q.key in chosen]
+    return out
 
 
-def replay_record(q: Question, path: tuple) -> dict:
+def replay_record(q: Question, path: tuple, pass_: int) -> dict:
     rec = q.to_dict()
-    rec.update(id=f"{REPLAY_PREFIX}{q.id}", replay_of=q.id, source="replay", ability_path=list(path))
+    prefix = REPLAY_PREFIX if pass_ == 1 else f"replay{pass_}-"
+    rec.update(id=f"{prefix}{q.id}", replay_of=q.id, replay_pass=pass_, source="replay", ability_path=list(path))
     return rec
 
 
@@ -115,12 +126,11 @@ def run(cfg: ReplayConfig) -> dict | None:
     weighted = question_weights(dataset, cfg.ability_class_path, tree)
     candidates = [q for q in dataset if q.key in weighted]
     wanted = replay_count(len(generated), cfg.replay_fraction)
-    n = min(wanted, len(candidates))
-    if n < wanted:
-        log.warning("replay: %d items wanted, the dataset has %d with an ability path; replaying all of them",
-                    wanted, len(candidates))
-    chosen = draw(candidates, {k: w for k, (_p, w) in weighted.items()}, n, cfg.seed)
-    mix = [q.to_dict() for q in generated] + [replay_record(q, weighted[q.key][0]) for q in chosen]
+    if wanted > len(candidates):
+        log.info("replay: %d items wanted, the dataset has %d with an ability path: some are replayed %d times",
+                 wanted, len(candidates), math.ceil(wanted / max(1, len(candidates))))
+    chosen = draw(candidates, {k: w for k, (_p, w) in weighted.items()}, wanted, cfg.seed)
+    mix = [q.to_dict() for q in generated] + [replay_record(q, weighted[q.key][0], p) for p, q in chosen]
     seen: set[str] = set()
     for rec in mix:
         if str(rec["id"]) in seen:
@@ -131,23 +141,24 @@ def run(cfg: ReplayConfig) -> dict | None:
     write_jsonl(cfg.output_path, mix)
     write_json(paths.replay_record_path(cfg.output_path), summary)
     record.write()
-    log.info("training items: %d generated + %d replayed (share %.3f, asked %.3f)", len(generated), len(chosen),
-             summary["share"], cfg.replay_fraction)
+    log.info("training items: %d generated + %d replayed (share %.3f, asked %.3f; %d pass(es) over the dataset)",
+             len(generated), len(chosen), summary["share"], cfg.replay_fraction, summary["passes"])
     return summary
 
 
 def replay_summary(cfg: ReplayConfig, n_generated: int, wanted: int, candidates: list[Question],
-                   chosen: list[Question], weighted: dict[str, tuple[tuple, float]]) -> dict:
+                   chosen: list[tuple[int, Question]], weighted: dict[str, tuple[tuple, float]]) -> dict:
     """replay.json: what was drawn, from what, and why."""
     by_ability: dict[str, dict] = {}
-    picked = {q.key for q in chosen}
     for q in candidates:
         path, weight = weighted[q.key]
         row = by_ability.setdefault(" > ".join(path), {"available": 0, "weight": round(weight, 4), "drawn": 0})
         row["available"] += 1
-        row["drawn"] += q.key in picked
+    for _p, q in chosen:
+        by_ability[" > ".join(weighted[q.key][0])]["drawn"] += 1
     total = n_generated + len(chosen)
     return {"replay_fraction": cfg.replay_fraction, "seed": cfg.seed, "generated": n_generated,
             "replay_wanted": wanted, "replay": len(chosen), "share": round(len(chosen) / total, 4) if total else 0.0,
+            "passes": max((p for p, _q in chosen), default=0),
             "weight": "the ability's smoothed accuracy in the scored tree (1 - weakness)",
-            "replay_ids": [q.key for q in chosen], "by_ability": dict(sorted(by_ability.items()))}
+            "replay_ids": [q.key for _p, q in chosen], "by_ability": dict(sorted(by_ability.items()))}

@@ -76,11 +76,22 @@ def test_the_draw_is_seeded(tmp_path, run):
     assert a[0].read_bytes() != a[2].read_bytes()
 
 
-def test_more_than_the_dataset_replays_all_of_it_and_bad_paths_exit_2(tmp_path, run):
+def test_more_than_the_dataset_takes_all_of_it_then_repeats_the_known_abilities(tmp_path, run):
     inputs(tmp_path, n_generated=30, n_per_leaf=5)
-    mix = replay(run, tmp_path, tmp_path / "all.jsonl", "--replay_fraction", "0.9")  # 270 wanted, 10 available
-    assert sum(r.get("source") == "replay" for r in mix) == 10
-    assert json.loads(paths.replay_record_path(tmp_path / "all.jsonl").read_text())["replay_wanted"] == 270
+    mix = replay(run, tmp_path, tmp_path / "all.jsonl", "--replay_fraction", "0.375")  # 18 wanted, 10 available
+    replayed = [r for r in mix if r.get("source") == "replay"]
+    assert len(replayed) == 18 and len({r["id"] for r in mix}) == 48  # the share holds; ids stay unique
+    first = [r for r in replayed if r["replay_pass"] == 1]
+    assert len(first) == 10 and len({r["replay_of"] for r in first}) == 10  # every question once ...
+    again = [r for r in replayed if r["replay_pass"] == 2]
+    assert all(r["id"] == f"replay2-{r['replay_of']}" for r in again)
+    assert len(again) == 8 and sum(r["ability_path"][-1] == "Known" for r in again) == 5  # ... then the known first
+    record = json.loads(paths.replay_record_path(tmp_path / "all.jsonl").read_text())
+    assert record["replay_wanted"] == record["replay"] == 18 and record["passes"] == 2 and record["share"] == 0.375
+
+
+def test_bad_paths_and_fractions_exit_2_without_output(tmp_path, run):
+    inputs(tmp_path)
 
     write_jsonl(tmp_path / "paths.jsonl", [{"id": "q0", "ability_path": ["Area", "Nowhere"]}])
     out = tmp_path / "bad" / "train.jsonl"
