@@ -48,16 +48,22 @@ WEAK_BELOW = 0.5  # smoothed accuracy in iteration 1's step B under which an abi
 GROUPS = ("weak", "other", "overall")
 
 
-def variant_flags(name: str, replay_fraction: float) -> list[str]:
-    flags = {**BASE, **VARIANTS[name]}
-    if flags["--replay_fraction"] is None:
-        flags["--replay_fraction"] = repr(replay_fraction)
-    return [x for kv in flags.items() for x in kv]
+def expand(variants: list[str], fractions: list[float]) -> dict[str, list[str]]:
+    """{variant name: its main.py flags}; "replay" becomes one variant per replay fraction when there are several."""
+    out = {}
+    for name in variants:
+        for f in fractions if name == "replay" else [None]:
+            flags = {**BASE, **VARIANTS[name]}
+            if name == "replay":
+                flags["--replay_fraction"] = repr(f)
+            label = f"replay {f:g}" if name == "replay" and len(fractions) > 1 else name
+            out[label] = [x for kv in flags.items() for x in kv]
+    return out
 
 
 def run_demo(name: str, seed: int, flags: list[str], work: Path, threads: int) -> dict:
     """One main.py run (or the reuse of a finished one); returns its wall time and exit status."""
-    out = work / f"{name}-seed{seed}"
+    out = work / f"{name.replace(' ', '')}-seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(ROOT / "main.py"), "--workflow_output_dir", str(out / "workflow"),
            "--models_output_dir", str(out / "models"), "--seed", str(seed), *flags]
@@ -121,12 +127,12 @@ def summarise(runs: list[dict], variants: list[str]) -> dict:
 def table(summary: dict, n_stages: int) -> str:
     heads = ["before"] + [f"it.{i}" for i in range(1, n_stages)]
     width = 12
-    top = f"{'':<11}" + "".join(f"{g + (' (it.1)' if g == 'weak' else ''):<{width * n_stages}}" for g in GROUPS)
-    sub = f"{'variant':<11}" + "".join(f"{h:>{width}}" for _ in GROUPS for h in heads)
+    top = f"{'':<13}" + "".join(f"{g + (' (it.1)' if g == 'weak' else ''):<{width * n_stages}}" for g in GROUPS)
+    sub = f"{'variant':<13}" + "".join(f"{h:>{width}}" for _ in GROUPS for h in heads)
     lines = [top, sub]
     for name, row in summary.items():
         cells = [f"{m:.1f}±{sd:.1f}" for g in GROUPS for m, sd in row[g]]
-        lines.append(f"{name:<11}" + "".join(f"{c:>{width}}" for c in cells))
+        lines.append(f"{name:<13}" + "".join(f"{c:>{width}}" for c in cells))
     return "\n".join(lines)
 
 
@@ -141,7 +147,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2", help="SEED of each run (comma-separated)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from " + ", ".join(VARIANTS))
-    p.add_argument("--replay_fraction", type=float, default=0.25, help="REPLAY_FRACTION of the replay variant")
+    p.add_argument("--replay_fraction", default="0.25",
+                   help="REPLAY_FRACTION of the replay variant (comma-separated: one replay variant each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (results depend on it)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each uses --threads threads)")
     p.add_argument("--work_dir", default=str(ROOT / "bench" / "results" / "ablation_runs"),
@@ -154,9 +161,11 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
 
+    flags = expand(variants, [float(f) for f in args.replay_fraction.split(",") if f.strip()])
+
     def one(job: tuple[int, str]) -> dict:
         seed, name = job
-        run = run_demo(name, seed, variant_flags(name, args.replay_fraction), Path(args.work_dir), args.threads)
+        run = run_demo(name, seed, flags[name], Path(args.work_dir), args.threads)
         if run["exit"] == 0:
             run["numbers"] = run_numbers(Path(run["workflow"]))
         print(f"{name:<10} seed {seed}: exit {run['exit']}, {run['seconds']:.0f} s"
@@ -165,15 +174,15 @@ def main(argv=None) -> int:
         return run
 
     start = time.perf_counter()
-    jobs = [(seed, name) for seed in seeds for name in variants]
+    jobs = [(seed, name) for seed in seeds for name in flags]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is its own process tree
         runs = list(pool.map(one, jobs))
-    summary = summarise(runs, variants)
+    summary = summarise(runs, list(flags))
     n_stages = max((len(r["numbers"]["overall"]) for r in runs if r.get("numbers")), default=1)
     print(f"\naccuracy on the demo's evaluation set (%), mean±sd over seeds {seeds}; weak (it.1) = abilities with "
           f"smoothed accuracy < {WEAK_BELOW} in iteration 1's step B")
     print(table(summary, n_stages))
-    result = {"bench": "ablation", "seeds": seeds, "variants": {v: variant_flags(v, args.replay_fraction) for v in variants},
+    result = {"bench": "ablation", "seeds": seeds, "variants": flags,
               "threads": args.threads, "jobs": args.jobs, "weak_below": WEAK_BELOW, "summary": summary, "runs": runs,
               "seconds": round(time.perf_counter() - start, 1), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "versions": versions()}
