@@ -9,8 +9,9 @@ knowing that too. Everything here is deterministic from a seed.
 Three tiny Llama models share one locally trained byte-level BPE tokenizer (chat template):
 - teacher: answers every leaf and writes questions in the pipeline's own prompt format; asked for
   a rationale (the pipeline's rationale prompt) it answers and gives a templated reason
-  (`demo_reason`); asked which ability a question tests (`atkd.prompts.ability_question`, over the
-  tree's areas, then over the leaves of one area) it picks the right one;
+  (`demo_reason`: "B. warfarin is an anticoagulant; the others are not."); asked which ability a
+  question tests (`atkd.prompts.ability_question`, over the tree's areas, then over the leaves of
+  one area) it picks the right one;
 - agent: a second, independently trained answerer (other seed, other size) for validation;
 - student: never asked about `STUDENT_WEAK_LEAVES` (their entities appear only as wrong options),
   so it gets those leaves wrong until the loop distils them in.
@@ -184,13 +185,16 @@ def demo_data(cfg: DataConfig = DataConfig()) -> dict[str, list[dict]]:
 
 
 def demo_reason(q: dict) -> str:
-    """The demo teacher's rationale for a question: "warfarin is an anticoagulant; the others are not."
+    """The demo teacher's rationale for a question: "B. warfarin is an anticoagulant; the others are not."
 
-    The entity is written as in the options (lower case: each entity is one token of the demo
-    tokenizer, which a capitalised copy would not be).
+    It restates the answer's option line first, as a real teacher's explanation often does: copying
+    the entity that follows "B." in the prompt is a lookup a tiny model learns, where naming the
+    entity right after the answer line made it name another member of the same leaf in about half
+    of its reasons. The entity is written as in the options (lower case: each entity is one token
+    of the demo tokenizer, which a capitalised copy would not be).
     """
     entity = q["options"][q["answer_idx"]]
-    return f"{entity} is {leaf_of_entity()[entity].noun}; the others are not."
+    return f"{q['answer_idx']}. {entity} is {leaf_of_entity()[entity].noun}; the others are not."
 
 
 def option_set(q: dict) -> tuple:
@@ -375,6 +379,10 @@ class ModelSpec:
     write_batch: int = 0  # question-writing examples per step (0: an answer-only model)
     rationale_batch: int = 0  # rationale-prompt examples per step, and as many explained answers
     label_batch: int = 0  # labelling examples per step (which area / which leaf a question tests)
+    # Weight of the rationale, explained-answer and labelling losses. At 1 they took a share of every
+    # (clipped, Adam-normalised) update, and the teacher's written questions fell from 82% to 71% passing
+    # both agents; these tasks are templated and are learned at a quarter of the weight.
+    aux_weight: float = 0.25
     lr: float = 3e-3
     leaves: tuple[str, ...] = tuple(leaf.name for leaf in LEAVES)
     readout_steps: int = 200  # curriculum stage 1 (see `curriculum`)
@@ -431,13 +439,16 @@ def train_model(spec: ModelSpec, tokenizer, held_out: set, seed: int = 0, progre
         if spec.write_batch:
             loss = loss + reply_loss(model, [maker.write(rng, rng.choice(asked)) for _ in range(spec.write_batch)], pad)
         # Each kind is its own mean: a reason's dozen tokens would otherwise outweigh a letter.
+        aux = []
         if spec.rationale_batch:
-            loss = loss + reply_loss(model, [maker.rationale(rng, rng.choice(asked), pool)
-                                             for _ in range(spec.rationale_batch)], pad)
-            loss = loss + reply_loss(model, [maker.explained_answer(rng, rng.choice(asked), pool)
-                                             for _ in range(spec.rationale_batch)], pad)
+            aux.append(reply_loss(model, [maker.rationale(rng, rng.choice(asked), pool)
+                                          for _ in range(spec.rationale_batch)], pad))
+            aux.append(reply_loss(model, [maker.explained_answer(rng, rng.choice(asked), pool)
+                                          for _ in range(spec.rationale_batch)], pad))
         if spec.label_batch:
-            loss = loss + reply_loss(model, [maker.label(rng, rng.choice(leaves)) for _ in range(spec.label_batch)], pad)
+            aux.append(reply_loss(model, [maker.label(rng, rng.choice(leaves)) for _ in range(spec.label_batch)], pad))
+        if aux:
+            loss = loss + spec.aux_weight * sum(aux)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -137,7 +137,7 @@ def test_teacher_writes_questions_that_pass_both_agents(shipped):
 
 def test_teacher_explains_with_the_rationale_prompt(shipped, eval_split):
     """Step D3 keeps the teacher's rationale (its answer line agrees with the label, a reason follows), and
-    the reason is the templated one: "warfarin is an anticoagulant; the others are not."."""
+    the reason is the templated one: "B. warfarin is an anticoagulant; the others are not."."""
     tok, models = shipped
     questions, paths = eval_split
     weak = [q for q in questions if paths[q.key][-1] in WEAK][::2]  # 40 questions on the leaves the loop targets
