@@ -91,6 +91,8 @@ class WorkflowConfig(StageConfig):
                                                                 "(step D3; token-level KD)")
     use_dataset_explanation: bool = setting(help="rationale style: an item with its own explanation keeps it "
                                                  "instead of asking the teacher")
+    reason_weight: float = setting(check=at_least(0), help="rationale style: weight of an item's reason tokens "
+                                                           "together against its letter's 1 (0: every token weighs 1)")
     replay_fraction: float = setting(check=Check(lambda v: 0 <= v < 1, "in [0, 1)"),
                                      help="share of each round's training items replayed from the round's own "
                                           "questions, favouring abilities the student knows (step D2; 0: none)")
@@ -263,7 +265,8 @@ def train_step(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, gpus
         output_dir=str(it.student_dir), temperature=cfg.temperature, alpha_ce=cfg.alpha_ce, kd_loss=cfg.kd_loss,
         num_epochs=cfg.train_epochs, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, seed=cfg.seed + it.iteration - 1)
+        save_total_limit=cfg.save_total_limit, seed=cfg.seed + it.iteration - 1,
+        reason_weight=cfg.reason_weight if cfg.response_style == "rationale" else 0.0)
     return Step("F_train", "train.py", train_cfg, log_path=it.log_file("F_train"), launcher=launcher, env=env,
                 precheck_flags=["--check_only"])
 

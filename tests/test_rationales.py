@@ -238,3 +238,23 @@ def demo_reason(record: dict) -> str:
     import demo_recipe
 
     return demo_recipe.demo_reason(record)
+
+
+def test_reason_weight_gives_each_items_reason_the_weight_of_its_letter(tmp_path, llama_dir, explained):
+    """With --reason_weight w, an item's tokens after the letter share w (CE and token-level KD alike); 0 keeps
+    the plain token average. A placeholder item (weight 0) stays at 0 either way."""
+    store(llama_dir, explained, tmp_path / "E")
+    tok = load_tokenizer(llama_dir)
+    examples, _ = build_examples(load_questions(explained), LogitsStore.open(tmp_path / "E"), tok, "en", 512, "d")
+    plain = collate(examples[:3], [1.0, 1.0, 0.0], tok.pad_token_id)
+    assert plain["weights"].tolist() == [1.0] * sum(len(e.response_ids) for e in examples[:2]) + [0.0] * len(
+        examples[2].response_ids)
+    batch = collate(examples[:3], [1.0, 1.0, 0.0], tok.pad_token_id, reason_weight=0.5)
+    at = 0
+    for ex, item_weight in zip(examples[:3], (1.0, 1.0, 0.0)):
+        n = len(ex.response_ids)
+        got = batch["weights"][at:at + n]
+        assert got[0] == item_weight and torch.allclose(got[1:], torch.full((n - 1,), 0.5 * item_weight / (n - 1)))
+        at += n
+    assert token_counts(batch) == pytest.approx((3.0, 3.0))  # two real items: (1 + 0.5) each, in CE and in KD
+    assert batch["tok_weight"].sum().item() == pytest.approx(1.0)

@@ -148,8 +148,10 @@ def test_the_distillation_signal_settings_reach_their_steps(tmp_path):
     assert steps["C_distill_data"].cfg.alloc_temperature == 1e6 and "D2_replay" not in steps and "D3_rationales" not in steps
     assert steps["E_teacher_logits"].cfg.dataset_path == steps["F_train"].cfg.train_file_path == str(it.validated)
     assert steps["E_teacher_logits"].cfg.response_field is None
+    assert steps["F_train"].cfg.reason_weight == 0.0  # letter style: REASON_WEIGHT has nothing to weigh
 
-    richer = replace(plain, replay_fraction=0.2, response_style="rationale", use_dataset_explanation=False)
+    richer = replace(plain, replay_fraction=0.2, response_style="rationale", use_dataset_explanation=False,
+                     reason_weight=0.5)
     steps = {s.name: s for s in iteration_steps(richer, it, "s", tmp_path / "tree.json", [])}
     order = [s.name for s in iteration_steps(richer, it, "s", tmp_path / "tree.json", [])]
     assert order.index("D_validated_data") < order.index("D2_replay") < order.index("D3_rationales") < order.index(
@@ -160,3 +162,4 @@ def test_the_distillation_signal_settings_reach_their_steps(tmp_path):
     assert rationales.input_file == replay.output_path and rationales.use_dataset_explanation is False
     assert steps["E_teacher_logits"].cfg.dataset_path == steps["F_train"].cfg.train_file_path == rationales.output_file
     assert steps["E_teacher_logits"].cfg.response_field == rationales.explanation_field == "explanation"
+    assert steps["F_train"].cfg.reason_weight == 0.5
