@@ -1,6 +1,6 @@
 """Ablations of the distillation signal on the embedded demo: what targeting, replay and rationales each do.
 
-    python -m bench.ablation                          # 4 variants x 3 seeds, ~2-3 min per run on a 2-core CPU
+    python -m bench.ablation                          # 5 variants x 3 seeds, ~3-5 min per run on a 2-core CPU
     python -m bench.ablation --seeds 0 --variants targeted,replay
     python -m bench.ablation --jobs 4                 # four runs at a time, one thread each (a machine with 4+ cores)
 
@@ -10,9 +10,11 @@ variant's three settings and `--seed`, in its own output folder (`--work_dir`), 
     targeted    questions per ability ~ weakness (ALLOC_TEMPERATURE 1), letter only, no replay
     uniform     ALLOC_TEMPERATURE 1e6: the same budget spread evenly over the abilities
     replay      REPLAY_FRACTION (--replay_fraction) of the training items replayed from the round's questions
-    rationale   RESPONSE_STYLE rationale: the teacher's reason after the letter, token-level KD
+    rationale   RESPONSE_STYLE rationale: the teacher's reason after the letter, token-level KD; an
+                item's reason tokens together weigh as much as its letter (REASON_WEIGHT 1)
+    rationale_tok   the same with every token weighing 1 (REASON_WEIGHT 0: a plain token average)
 
-`targeted` is the shared baseline: every other variant changes one setting. The numbers come
+`targeted` is the shared baseline: every other variant changes one setting (rationale_tok two). The numbers come
 from each run's report.json: accuracy on the evaluation set, pooled over the abilities that were
 weak in iteration 1 (smoothed accuracy below 0.5 in step B's tree: on the demo the four leaves the
 student never saw), over the other abilities, and overall; before the run and after each
@@ -37,12 +39,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent  # run from the repository root: python -m bench.<name>
 
 # Each variant sets all three settings (so the bench does not move when main.py's defaults do).
-BASE = {"--alloc_temperature": "1.0", "--replay_fraction": "0.0", "--response_style": "letter"}
+BASE = {"--alloc_temperature": "1.0", "--replay_fraction": "0.0", "--response_style": "letter",
+        "--reason_weight": "1.0"}
 VARIANTS = {
     "targeted": {},
     "uniform": {"--alloc_temperature": "1000000.0"},
     "replay": {"--replay_fraction": None},  # the bench's --replay_fraction
     "rationale": {"--response_style": "rationale"},
+    "rationale_tok": {"--response_style": "rationale", "--reason_weight": "0.0"},
 }
 WEAK_BELOW = 0.5  # smoothed accuracy in iteration 1's step B under which an ability counts as weak
 GROUPS = ("weak", "other", "overall")
@@ -147,7 +151,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2", help="SEED of each run (comma-separated)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from " + ", ".join(VARIANTS))
-    p.add_argument("--replay_fraction", default="0.25",
+    p.add_argument("--replay_fraction", default="0.25,0.5",
                    help="REPLAY_FRACTION of the replay variant (comma-separated: one replay variant each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (results depend on it)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each uses --threads threads)")
