@@ -75,6 +75,13 @@ API_TIMEOUT_S = 300.0  # seconds per request before it is retried
 API_MAX_ATTEMPTS = 4  # tries per request (waits of 1, 2, 4 s between) before the step fails
 MODEL_PLACEMENT = "auto"  # local teacher/agents on several GPUs: per_gpu | spread (one copy over all) | auto
 
+# ===================================================================== the distillation signal
+ALLOC_TEMPERATURE = 1.0  # step C: questions per ability ~ weakness^(1/T); 1e6 spreads them uniformly
+RESPONSE_STYLE = "letter"  # letter | rationale: the teacher also explains each item (step D3, token-level KD)
+USE_DATASET_EXPLANATION = True  # rationale style: items with their own explanation (CMExam, MedMCQA) keep it
+REASON_WEIGHT = 1.0  # rationale style: an item's reason tokens together weigh this much against its letter (0: each token 1)
+REPLAY_FRACTION = 0.0  # share of each round's training items replayed from its own questions (step D2); e.g. 0.2
+
 # ===================================================================== outputs
 WORKFLOW_OUTPUT_DIR = "./output/workflow"
 MODELS_OUTPUT_DIR = "./output/models"

@@ -6,7 +6,10 @@ One path answers for every stage (`answer_all`):
   item's own options and `letter_mass` (the letters' share of the whole vocabulary);
 - generate mode: greedy chain-of-thought text, then `atkd.letters.extract_letter`; a reply that
   commits to no letter is data (`pred_letter` null, counted as unparsed);
-- an OpenAI-compatible endpoint (generate mode only: an endpoint gives no logits).
+- an OpenAI-compatible endpoint (generate mode only: an endpoint gives no logits);
+- explain (`EXPLAIN`, used by generate_rationales.py, not an inference.py mode): the rationale
+  prompt, whose reply gives the answer line first and then the reason; the letter is read from
+  the reply's first line.
 
 The batches are planned once, over the whole dataset, before any work starts, so a batch's
 numbers do not depend on how many GPUs ran it or how often the run was interrupted: finished
@@ -36,13 +39,14 @@ from .errors import InputError
 from .fingerprint import DoneRecord
 from .io import PartLog, write_json, write_jsonl
 from .models import check_model_dir, device_for, load, resolve_dtype, usable_gpu_ids
-from .prompts import encode_prompt, language_of, mcq_prompt, mcq_user_text
+from .prompts import encode_prompt, language_of, mcq_prompt, mcq_user_text, rationale_prompt, rationale_user_text
 from .records import LETTERS, Question, load_questions
 from .workers import run_workers
 
 log = logging.getLogger(__name__)
 
 MODES = ("score", "generate")
+EXPLAIN = "explain"  # generative, with the rationale prompt (step D3); not offered by inference.py
 ANSWER_FIELDS = ("pred_letter", "option_probs", "letter_mass", "tied_top", "raw_reply")
 
 
@@ -83,20 +87,41 @@ def answer_record(key: str, pred_letter: str | None, option_probs: dict | None =
             "tied_top": tied_top, "raw_reply": raw_reply}
 
 
+def user_text(q: Question, who: Answerer) -> str:
+    """The words of the prompt `who` answers: the rationale prompt, or the MCQ prompt (with chain of thought
+    in generate mode)."""
+    return rationale_user_text(q, who.lang) if who.mode == EXPLAIN else mcq_user_text(q, who.lang, who.mode == "generate")
+
+
+def prompt_ids(tokenizer, q: Question, who: Answerer) -> list[int]:
+    """The rendered prompt's token ids for a local model (the same words as `user_text`)."""
+    text = (rationale_prompt(tokenizer, q, who.lang) if who.mode == EXPLAIN
+            else mcq_prompt(tokenizer, q, who.lang, cot=who.mode == "generate"))
+    return encode_prompt(tokenizer, text)
+
+
+def reply_letter(text: str, q: Question, who: Answerer) -> str | None:
+    """The letter a generated reply commits to; an explain reply commits on its first non-empty line."""
+    from .letters import extract_letter
+
+    if who.mode == EXPLAIN:
+        text = next((line for line in text.splitlines() if line.strip()), "")
+    return extract_letter(text, q.letters, q.options)
+
+
 # --------------------------------------------------------------------------- batches
 
-def plan_batches(who: Answerer, questions: list[Question], batch_size: int, tokenizer) -> list[list[int]]:
-    """Question indices per batch of a local model, length-sorted, fixed for the whole run (an endpoint
-    gets single questions: it batches on its own)."""
-    cot = who.mode == "generate"
-    lengths = [len(encode_prompt(tokenizer, mcq_prompt(tokenizer, q, who.lang, cot=cot))) for q in questions]
-    return length_sorted_batches(lengths, batch_size)
+def plan_batches(who: Answerer, questions: list[Question], batch_size: int, tokenizer=None) -> list[list[int]]:
+    """Question indices per batch of a local model, length-sorted, fixed for the whole run (none for an
+    endpoint: it gets single questions and batches on its own)."""
+    if who.api_base:
+        return []
+    return length_sorted_batches([len(prompt_ids(tokenizer, q, who)) for q in questions], batch_size)
 
 
 def answer_local(model, tokenizer, questions: list[Question], who: Answerer) -> list[dict]:
     """Answers of one batch with a local model: one forward pass (score) or one generate call."""
     from .generation import generate_batch
-    from .letters import extract_letter
     from .scoring import score_questions
 
     if who.mode == "score":
@@ -104,24 +129,22 @@ def answer_local(model, tokenizer, questions: list[Question], who: Answerer) -> 
         score_questions(model, tokenizer, questions, who.lang, len(questions), lambda pairs: out.extend(
             answer_record(q.key, s.pred_letter, s.probs(), s.letter_mass, s.tied) for q, s in pairs))
         return out
-    ids = [encode_prompt(tokenizer, mcq_prompt(tokenizer, q, who.lang, cot=True)) for q in questions]
+    ids = [prompt_ids(tokenizer, q, who) for q in questions]
     texts = generate_batch(model, tokenizer, ids, who.max_new_tokens, seed=who.seed)
-    return [answer_record(q.key, extract_letter(t, q.letters, q.options), raw_reply=t) for q, t in zip(questions, texts)]
+    return [answer_record(q.key, reply_letter(t, q, who), raw_reply=t) for q, t in zip(questions, texts)]
 
 
 def answer_by_api(who: Answerer, questions: list[Question], writer, desc: str) -> None:
-    """Every question to the endpoint (chain-of-thought prompt, letter extracted), each answer logged the
+    """Every question to the endpoint (a generative prompt, letter extracted), each answer logged the
     moment it arrives: a kill loses only the requests in flight. Greedy, so a rerun asks the same."""
     from tqdm.auto import tqdm
 
-    from .letters import extract_letter
-
     api = who.client()
-    requests = [(mcq_user_text(q, who.lang, cot=True), None) for q in questions]
+    requests = [(user_text(q, who), None) for q in questions]
     with tqdm(total=len(questions), desc=desc, unit="q") as bar:
         for i, text in api.chat_each(requests, who.max_new_tokens):
             q = questions[i]
-            writer.write([answer_record(q.key, extract_letter(text, q.letters, q.options), raw_reply=text)])
+            writer.write([answer_record(q.key, reply_letter(text, q, who), raw_reply=text)])
             bar.update(1)
 
 

@@ -324,6 +324,16 @@ def api_max_attempts() -> int:
 PLACEMENTS = ("auto", "per_gpu", "spread")
 
 
+def endpoint_problems(model_path: str, api_base: str, api_model: str, model_flag: str = "--teacher_model_path"
+                      ) -> list[str]:
+    """A model is a local folder or an endpoint with a model name: what is missing, if anything."""
+    if api_base and not api_model:
+        return ["--api_base needs --api_model (the model name the server serves)"]
+    if not api_base and not model_path:
+        return [f"give {model_flag} (or --api_base and --api_model)"]
+    return []
+
+
 def model_placement() -> str:
     return setting("auto", choices=PLACEMENTS, affects_output=False,
                    help="with several GPUs: per_gpu = one whole copy of the model per GPU, each worker "

@@ -116,8 +116,9 @@ def extract_letter(text: str, letters: list[str], options: dict[str, str] | None
         if hits:
             return hits[-1][1]  # the last stated answer is the final one
     stripped = text.strip()
-    for pattern in (_SOLE, _LEADING):
-        m = pattern.match(stripped)
+    # the letter alone (on the reply's only or first line: "B" then the explanation), or a leading "B." / "(B)"
+    for pattern, part in ((_SOLE, stripped), (_SOLE, stripped.splitlines()[0] if stripped else ""), (_LEADING, stripped)):
+        m = pattern.match(part)
         if m and m.group(1) in allowed:
             return m.group(1)
     bracketed = {m.group(1) for m in _BRACKETED.finditer(text)} & allowed

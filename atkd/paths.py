@@ -13,6 +13,7 @@ from pathlib import Path
 INITIAL_TREE = "initial_ability_tree.json"
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
+REPORT_CHART = "report_accuracy.png"  # beside report.md, which embeds it
 DONE_MARKER = ".done.json"
 
 
@@ -67,6 +68,24 @@ class IterationPaths:
     @property
     def validated(self) -> Path:
         return self.validated_dir / "validated.jsonl"
+
+    # D2 (REPLAY_FRACTION > 0): validated items plus replayed dataset questions
+    @property
+    def replay_dir(self) -> Path:
+        return self.dir / "D2_replay"
+
+    @property
+    def replay_mix(self) -> Path:
+        return self.replay_dir / "train.jsonl"
+
+    # D3 (RESPONSE_STYLE rationale): the teacher's rationale for each training item
+    @property
+    def rationale_dir(self) -> Path:
+        return self.dir / "D3_rationales"
+
+    @property
+    def explained(self) -> Path:
+        return self.rationale_dir / "explained.jsonl"
 
     # E: teacher logits
     @property
@@ -154,6 +173,11 @@ def eval_labels(workflow_dir: Path) -> Path:
     return Path(workflow_dir) / "L_eval_ability_labels" / "ability_paths.jsonl"
 
 
+def teacher_eval(workflow_dir: Path) -> EvalPaths:
+    """The teacher on the evaluation set, once per run (what distillation can at best reach)."""
+    return EvalPaths(Path(workflow_dir) / "teacher_eval")
+
+
 def sibling(path: str | Path, name: str) -> Path:
     """A side file next to a stage's main output (same folder)."""
     return Path(path).parent / name
@@ -178,6 +202,14 @@ def report_path(validated_path: str | Path) -> Path:
 
 def rejected_path(validated_path: str | Path) -> Path:
     return sibling(validated_path, "rejected.jsonl")
+
+
+def dropped_path(explained_path: str | Path) -> Path:
+    return sibling(explained_path, "dropped.jsonl")
+
+
+def replay_record_path(mix_path: str | Path) -> Path:
+    return sibling(mix_path, "replay.json")
 
 
 def agent_answers_path(validated_path: str | Path, agent: int) -> Path:

@@ -2,6 +2,7 @@
 
 - the MCQ prompt (answering), identical for the student, the teacher, the agents and training;
 - the chain-of-thought MCQ prompt (generate mode);
+- the rationale prompt (generate_rationales.py): the answer line first, then a short reason;
 - the question-writing prompt (generate_distill_data.py) and its strict reply format;
 - the tree-building prompt (create_initial_tree.py).
 
@@ -67,6 +68,7 @@ class Labels:
     write_task: str
     tree_task: str
     label_task: str
+    rationale_instruction: str
 
 
 LABELS = {
@@ -85,6 +87,8 @@ LABELS = {
         tree_task="List {n} distinct sub-abilities of \"{ability}\" in {domain}, from broad to specific. "
                   "One short name per line, numbered 1., 2., ..., with no explanations.",
         label_task="Which ability does this exam question test? \"{question}\" (its options: {options})",
+        rationale_instruction="The following is a multiple-choice question. Give the answer first, as "
+                              "\"Answer: <letter>\" on the first line, then explain briefly why.",
     ),
     "zh": Labels(
         question="问题：",
@@ -98,6 +102,7 @@ LABELS = {
         tree_task="列出{domain}中\"{ability}\"的{n}个不同的子能力，由宽到窄。"
                   "每行一个简短名称，编号为1.、2.、……，不要解释。",
         label_task="这道考题考查的是哪一项能力？“{question}”（选项：{options}）",
+        rationale_instruction="以下是一道单项选择题。先在第一行写出\"答案：<字母>\"，再简要说明理由。",
     ),
 }
 LANGUAGES = tuple(LABELS)
@@ -142,6 +147,16 @@ def mcq_user_text(q: Question, lang: str, cot: bool = False) -> str:
     lab = LABELS[lang]
     instruction = lab.cot_instruction if cot else lab.mcq_instruction
     return f"{instruction}\n\n{question_block(q, lang)}"
+
+
+def rationale_user_text(q: Question, lang: str) -> str:
+    """The rationale prompt's words: answer first, then why (its reply is `rationale_reply`)."""
+    return f"{LABELS[lang].rationale_instruction}\n\n{question_block(q, lang)}"
+
+
+def rationale_reply(letter: str, reason: str, lang: str) -> str:
+    """A rationale reply as the prompt asks for it: the answer line, then the reason on the next line(s)."""
+    return f"{answer_line(letter, lang)}\n{reason.strip()}"
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -280,6 +295,11 @@ def mcq_prompt(tokenizer, q: Question, lang: str, cot: bool = False) -> str:
     return render(tokenizer, mcq_user_text(q, lang, cot), cue)
 
 
+def rationale_prompt(tokenizer, q: Question, lang: str) -> str:
+    """The rationale prompt text; the reply starts with the answer line."""
+    return render(tokenizer, rationale_user_text(q, lang))
+
+
 def reply_prefix(tokenizer, lang: str = "en") -> str:
     """What precedes the letter in a reply: nothing after a chat template or "答案：", a space after "Answer:"."""
     return "" if has_chat_template(tokenizer) or lang == "zh" else " "
@@ -342,5 +362,6 @@ def prompts_version() -> str:
                           question_block(sample, lang, with_answer=True), answer_line("C", lang),
                           write_question_user_text(["D", "E"], [sample], 4, lang, "dom"),
                           tree_level_user_text("dom", ["D"], 3, lang), render(None, "u", LABELS[lang].answer)]
+        produced[lang + "_rationale"] = [rationale_user_text(sample, lang), rationale_reply("B", "why", lang)]
     blob = json.dumps(produced, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:12]

@@ -35,7 +35,8 @@ from typing import Callable
 from . import paths
 from .allocation import allocate
 from .cli import (INPUT, MODEL, OUTPUT, Check, StageConfig, above, api_concurrency, api_key_env, api_max_attempts,
-                  api_timeout_s, at_least, dtype, gpu_ids, lang, model_placement, setting, trust_remote_code)
+                  api_timeout_s, at_least, dtype, endpoint_problems, gpu_ids, lang, model_placement, setting,
+                  trust_remote_code)
 from .dedup import DEFAULT_THRESHOLD, NearDupIndex, features, rarest_first
 from .errors import InputError
 from .fingerprint import DoneRecord
@@ -133,11 +134,7 @@ class QuestionWritingConfig(StageConfig):
     trust_remote_code: bool = trust_remote_code()
 
     def problems(self) -> list[str]:
-        if self.api_base and not self.api_model:
-            return ["--api_base needs --api_model"]
-        if not self.api_base and not self.teacher_model_path:
-            return ["give --teacher_model_path (or --api_base and --api_model)"]
-        return []
+        return endpoint_problems(self.teacher_model_path, self.api_base, self.api_model)
 
     def outputs(self) -> list[Path]:
         return [Path(self.output_path), paths.plan_path(self.output_path)]

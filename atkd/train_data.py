@@ -137,8 +137,13 @@ def local_slice(micro_batch: list[int], batch_size: int, rank: int) -> list[int]
     return micro_batch[rank * batch_size:(rank + 1) * batch_size]
 
 
-def collate(examples: list[TrainExample], weights: list[float], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: list[TrainExample], weights: list[float], pad_id: int,
+            reason_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """Tensors for one micro-batch (left-padded); `weights` is 1 for a real item, 0 for a placeholder.
+
+    `reason_weight` 0: every response token weighs its item's weight (a plain token average);
+    w > 0: the tokens after the answer letter share w per item (each w / their number), in CE and
+    in token-level KD alike, and the letter keeps its weight.
 
     rows/cols: the positions whose logits predict a response token (position p predicts token p+1),
     targets: those tokens; opt_*: the answer position of each item with the student's letter ids
@@ -158,11 +163,13 @@ def collate(examples: list[TrainExample], weights: list[float], pad_id: int) -> 
         offset = width - len(ex.input_ids)
         first = offset + len(ex.prompt_ids) - 1  # the last prompt token predicts the letter
         start = len(rows)
+        later = weight * reason_weight / (len(ex.response_ids) - 1) if reason_weight and len(ex.response_ids) > 1 \
+            else weight  # the weight of each token after the letter
         for j, tok in enumerate(ex.response_ids):
             rows.append(b)
             cols.append(first + j)
             targets.append(tok)
-            w.append(weight)
+            w.append(weight if j == 0 else later)
         opt_index.append(start)
         m = len(ex.option_ids)
         opt_ids[b, :m] = torch.as_tensor(ex.option_ids)
@@ -174,7 +181,7 @@ def collate(examples: list[TrainExample], weights: list[float], pad_id: int) -> 
             tok_ids.append(ex.topk_ids.long())
             tok_logp.append(ex.topk_logp.float())
             tok_tail.append(ex.tail_logp.float())
-            tok_w.extend([weight] * n)
+            tok_w.extend([later] * n)
     batch.update(
         rows=torch.as_tensor(rows, dtype=torch.long), cols=torch.as_tensor(cols, dtype=torch.long),
         targets=torch.as_tensor(targets, dtype=torch.long), weights=torch.as_tensor(w, dtype=torch.float32),

@@ -77,6 +77,9 @@ class TrainConfig(StageConfig):
                               help="write checkpoint-<step>/ every this many optimizer steps")
     save_total_limit: int = setting(2, affects_output=False, help="keep the newest N checkpoints (<= 0: keep all)")
     seed: int = setting(42, help="data order and initialisation seed")
+    reason_weight: float = setting(0.0, check=at_least(0),
+                                   help="weight, per item, of the response tokens after the answer letter together, "
+                                        "against the letter's 1, in CE and token-level KD (0: every token weighs 1)")
     max_length: int = setting(2048, check=at_least(2),
                               help="tokens per sequence; longer responses are cut, items whose prompt does not fit "
                                    "are skipped")
@@ -363,7 +366,7 @@ class _Loop:
         idx = local_slice(micro_batch, self.cfg.batch_size, self.rank)
         examples = [self.examples[i if i >= 0 else self.placeholder] for i in idx]
         weights = [1.0 if i >= 0 else 0.0 for i in idx]
-        batch = collate(examples, weights, self.prep.tokenizer.pad_token_id)
+        batch = collate(examples, weights, self.prep.tokenizer.pad_token_id, self.cfg.reason_weight)
         return {k: v.to(self.acc.device) for k, v in batch.items()}
 
     def _log(self, running: torch.Tensor, bar) -> None:

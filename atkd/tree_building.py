@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from .cli import (MODEL, OUTPUT, Check, StageConfig, api_concurrency, api_key_env, api_max_attempts, api_timeout_s,
-                  at_least, dtype, gpu_ids, model_placement, setting, trust_remote_code)
+                  at_least, dtype, endpoint_problems, gpu_ids, model_placement, setting, trust_remote_code)
 from .errors import StageFailed
 from .fingerprint import DoneRecord
 from .prompts import ABILITY_SEP, tree_level_user_text
@@ -265,9 +265,7 @@ class TreeConfig(StageConfig):
         super().__post_init__()
 
     def problems(self) -> list[str]:
-        if self.api_base and not self.api_model:
-            return ["--api_base needs --api_model (the model name the server serves)"]
-        return []
+        return endpoint_problems(self.model_path, self.api_base, self.api_model, "--model_path")
 
     def outputs(self) -> list[Path]:
         return [Path(self.output_dir) / self.output_filename]

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import paths
 from .answering import InferenceConfig
-from .cli import PLACEMENTS, StageConfig, above, at_least, between, setting
+from .cli import PLACEMENTS, Check, StageConfig, above, at_least, between, setting
 from .cross_check import CrossCheckConfig
 from .errors import InputError
 from .io import iter_jsonl, read_json, write_json, write_jsonl
@@ -27,7 +27,9 @@ from .kd_loss import KD_KINDS
 from .labelling import LabelConfig
 from .leakage import Repeat, check_iteration_files
 from .question_writing import QuestionWritingConfig
+from .rationale_writing import RationaleConfig
 from .records import load_ability_paths, load_questions
+from .replay import ReplayConfig
 from .steps import Step, StepFailed, run_step
 from .teacher_logits import LogitsConfig
 from .trainer import TrainConfig
@@ -35,6 +37,7 @@ from .tree import check_paths_file, is_scored, load_tree, single_top_key
 from .tree_building import TreeConfig
 from .weakness import AnalyzerConfig
 
+RESPONSE_STYLES = ("letter", "rationale")
 MODEL_SETTINGS = ("teacher_model_path", "student_model_path", "agent_model_1_path", "agent_model_2_path")
 ENDPOINTS = ("teacher", "agent_1", "agent_2")  # <who>_api_base / <who>_api_model
 SERVED_AGENTS = {"agent_model_1_path": "agent_1_api_base", "agent_model_2_path": "agent_2_api_base"}
@@ -117,6 +120,19 @@ class WorkflowConfig(StageConfig):
     lora_alpha: float = setting(check=above(0), help="LoRA alpha: adapter updates are scaled by alpha / r")
     lora_dropout: float = setting(check=between(0.0, 0.99), help="dropout probability on the LoRA adapters' input")
     lora_target_modules: list[str] = setting(help="modules that get LoRA adapters, or all-linear")
+    # the distillation signal
+    alloc_temperature: float = setting(check=above(0), help="step C: samples per ability ~ weakness^(1/T); 1: "
+                                                            "proportional, 1e6: uniform over the abilities")
+    response_style: str = setting(choices=RESPONSE_STYLES, help="letter: the student learns the answer letter; "
+                                                                "rationale: the letter, then the teacher's reason "
+                                                                "(step D3; token-level KD)")
+    use_dataset_explanation: bool = setting(help="rationale style: an item with its own explanation keeps it "
+                                                 "instead of asking the teacher")
+    reason_weight: float = setting(check=at_least(0), help="rationale style: weight of an item's reason tokens "
+                                                           "together against its letter's 1 (0: every token weighs 1)")
+    replay_fraction: float = setting(check=Check(lambda v: 0 <= v < 1, "in [0, 1)"),
+                                     help="share of each round's training items replayed from the round's own "
+                                          "questions, favouring abilities the student knows (step D2; 0: none)")
     # outputs
     workflow_output_dir: str = setting(help="intermediate data, logs, the report")
     models_output_dir: str = setting(help="checkpoints and final models per iteration")
@@ -322,6 +338,14 @@ def eval_steps(cfg: WorkflowConfig, ev: paths.EvalPaths, student: str, tree: Pat
             Step("H_eval_tree", "student_data_analyzer.py", scored, log_path=log_dir / "H_eval_tree.log")]
 
 
+def teacher_eval_steps(cfg: WorkflowConfig, workflow: Path, tree: Path, gpus: list[int],
+                       ability_paths: str) -> list[Step]:
+    """G, H for the teacher, once per run: its accuracy per ability bounds what distillation can teach."""
+    steps = eval_steps(cfg, paths.teacher_eval(workflow), cfg.teacher_model_path, tree, gpus, workflow, ability_paths)
+    return [replace(s, name=name, log_path=workflow / f"{name}.log")
+            for s, name in zip(steps, ("G_teacher_eval_reply", "H_teacher_eval_tree"))]
+
+
 def iteration_steps(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, tree: Path,
                     gpus: list[int], files: RoundFiles) -> list[Step]:
     """(L,) A-F for one iteration: (label,) measure, score, write, validate, take the teacher's logits, train."""
@@ -344,17 +368,48 @@ def iteration_steps(cfg: WorkflowConfig, it: paths.IterationPaths, student: str,
             eval_dataset_path=cfg.eval_dataset_path,
             num_samples=cfg.num_distill_samples, max_retries=cfg.max_retries, batch_size=cfg.generation_batch_size,
             temperature=cfg.gen_temperature, seed=seed, id_prefix=f"it{it.iteration}", gpu_ids=gpus,
-            **teacher_settings(cfg)), log_path=it.log_file("C_distill_data")),
+            alloc_temperature=cfg.alloc_temperature, **teacher_settings(cfg)), log_path=it.log_file("C_distill_data")),
         Step("D_validated_data", "evaluate_distilled_data.py", CrossCheckConfig(
             input_file=str(it.generated), output_file=str(it.validated), min_confidence=cfg.min_confidence,
             batch_size=cfg.inference_batch_size, gpu_ids=gpus, **agent_settings(cfg)),
             log_path=it.log_file("D_validated_data")),
+        *training_data_steps(cfg, it, data, ability, seed, gpus),
         Step("E_teacher_logits", "generate_logits.py", LogitsConfig(
-            model_path=cfg.teacher_model_path, dataset_path=str(it.validated), output_dir=str(it.logits_dir),
-            top_k=cfg.top_k, batch_size=cfg.inference_batch_size, gpu_ids=gpus,
-            model_placement=cfg.model_placement), log_path=it.log_file("E_teacher_logits")),
+            model_path=cfg.teacher_model_path, dataset_path=str(training_items(cfg, it)), output_dir=str(it.logits_dir),
+            top_k=cfg.top_k, batch_size=cfg.inference_batch_size, gpu_ids=gpus, model_placement=cfg.model_placement,
+            response_field=EXPLANATION_FIELD if cfg.response_style == "rationale" else None),
+            log_path=it.log_file("E_teacher_logits")),
         train_step(cfg, it, student, gpus),
     ]
+
+
+EXPLANATION_FIELD = "explanation"  # where D3 writes the reason (data/convert.py keeps datasets' own there too)
+
+
+def training_items(cfg: WorkflowConfig, it: paths.IterationPaths) -> Path:
+    """The file E and F read: D's validated items, plus D2's replay items, with D3's rationales."""
+    if cfg.response_style == "rationale":
+        return it.explained
+    return it.replay_mix if cfg.replay_fraction > 0 else it.validated
+
+
+def training_data_steps(cfg: WorkflowConfig, it: paths.IterationPaths, data: str, ability: str, seed: int,
+                        gpus: list[int]) -> list[Step]:
+    """D2 (replay, when REPLAY_FRACTION > 0) and D3 (rationales, when RESPONSE_STYLE is rationale)."""
+    steps, items = [], it.validated
+    if cfg.replay_fraction > 0:
+        steps.append(Step("D2_replay", "add_replay.py", ReplayConfig(
+            validated_file=str(items), dataset_path=data, ability_class_path=ability,
+            ability_tree_path=str(it.scored_tree), output_path=str(it.replay_mix),
+            replay_fraction=cfg.replay_fraction, seed=seed), log_path=it.log_file("D2_replay")))
+        items = it.replay_mix
+    if cfg.response_style == "rationale":
+        steps.append(Step("D3_rationales", "generate_rationales.py", RationaleConfig(
+            teacher_model_path="" if cfg.teacher_api_base else cfg.teacher_model_path, input_file=str(items),
+            output_file=str(it.explained), explanation_field=EXPLANATION_FIELD,
+            use_dataset_explanation=cfg.use_dataset_explanation, batch_size=cfg.generation_batch_size, gpu_ids=gpus,
+            **teacher_settings(cfg)), log_path=it.log_file("D3_rationales")))
+    return steps
 
 
 def free_port() -> int:
@@ -380,12 +435,13 @@ def train_step(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, gpus
             launcher += ["--multi_gpu"]
     env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {}
     train_cfg = TrainConfig(
-        student_model_path=student, train_file_path=str(it.validated), teacher_logits_dir=str(it.logits_dir),
+        student_model_path=student, train_file_path=str(training_items(cfg, it)), teacher_logits_dir=str(it.logits_dir),
         output_dir=str(it.student_dir), temperature=cfg.temperature, alpha_ce=cfg.alpha_ce, kd_loss=cfg.kd_loss,
         num_epochs=cfg.train_epochs, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, seed=cfg.seed + it.iteration - 1, lora_r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules)
+        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
+        reason_weight=cfg.reason_weight if cfg.response_style == "rationale" else 0.0)
     return Step("F_train", "train.py", train_cfg, log_path=it.log_file("F_train"), launcher=launcher, env=env,
                 precheck_flags=["--check_only"])
 
@@ -457,6 +513,8 @@ def run(cfg: WorkflowConfig) -> int:
             baseline = eval_steps(cfg, paths.baseline_eval(workflow), cfg.student_model_path, tree, gpus, workflow,
                                   ev.ability_paths)
             for step in ([ev.label_step] if ev.label_step else []) + baseline:
+                run_step(step, cfg.dry_run)
+            for step in teacher_eval_steps(cfg, workflow, tree, gpus, ev.ability_paths):
                 run_step(step, cfg.dry_run)
         student = cfg.student_model_path
         for it, drop in zip(its, dropped):

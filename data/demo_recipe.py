@@ -7,7 +7,11 @@ answers it only by knowing which entity belongs where, and writes a valid new on
 knowing that too. Everything here is deterministic from a seed.
 
 Three tiny Llama models share one locally trained byte-level BPE tokenizer (chat template):
-- teacher: answers every leaf and writes questions in the pipeline's own prompt format;
+- teacher: answers every leaf and writes questions in the pipeline's own prompt format; asked for
+  a rationale (the pipeline's rationale prompt) it answers and gives a templated reason
+  (`demo_reason`: "B names an anticoagulant; the others do not."); asked which ability a
+  question tests (`atkd.prompts.ability_question`, over the tree's areas, then over the leaves of
+  one area) it picks the right one;
 - agent: a second, independently trained answerer (other seed, other size) for validation;
 - student: never asked about `STUDENT_WEAK_LEAVES` (their entities appear only as wrong options),
   so it gets those leaves wrong until the loop distils them in.
@@ -180,6 +184,18 @@ def demo_data(cfg: DataConfig = DataConfig()) -> dict[str, list[dict]]:
     return files
 
 
+def demo_reason(q: dict) -> str:
+    """The demo teacher's rationale for a question: "B names an anticoagulant; the others do not."
+
+    It restates the answer letter and names the class of the answer's entity; it does not name the
+    entity itself. A tiny teacher does not learn to copy the entity from its option line: reasons
+    that named it ("B. warfarin is an anticoagulant; ...") named one fixed member of the leaf in
+    about nine of ten evaluation questions, a wrong fact the student would then be trained on.
+    """
+    noun = leaf_of_entity()[q["options"][q["answer_idx"]]].noun
+    return f"{q['answer_idx']} names {noun}; the others do not."
+
+
 def option_set(q: dict) -> tuple:
     """What makes two demo questions the same item: the asked leaf's wording and the option set."""
     return (q["question"], frozenset(q["options"].values()))
@@ -256,6 +272,37 @@ class ExampleMaker:
         ids = encode_prompt(self.tok, mcq_prompt(self.tok, q, LANG)) + [self.letter_ids[q.answer_idx]]
         return Example(ids, [len(ids) - 1])
 
+    def explained_answer(self, rng: random.Random, leaf: DemoLeaf, pool: tuple[DemoLeaf, ...] | None = None) -> Example:
+        """The MCQ prompt, the letter, then the reason: the teacher-forced sequence of a rationale item
+        (`atkd.sequence.training_sequence`), so that, like a real teacher, the demo teacher continues
+        its own answer coherently when steps E/F force the reason after the letter."""
+        from atkd.sequence import training_sequence
+
+        record = self.fresh(rng, leaf, pool)
+        seq = training_sequence(self.tok, _q({**record, "explanation": demo_reason(record)}), LANG, "explanation")
+        ids = seq.prompt_ids + seq.response_ids
+        return Example(ids, list(range(len(seq.prompt_ids), len(ids))))
+
+    def rationale(self, rng: random.Random, leaf: DemoLeaf, pool: tuple[DemoLeaf, ...] | None = None) -> Example:
+        """The pipeline's rationale prompt and its reply: the answer line, then `demo_reason`, then eos."""
+        from atkd.prompts import encode_prompt, rationale_prompt, rationale_reply
+
+        record = self.fresh(rng, leaf, pool)
+        prompt = encode_prompt(self.tok, rationale_prompt(self.tok, _q(record), LANG))
+        reply = rationale_reply(record["answer_idx"], demo_reason(record), LANG)
+        ids = prompt + list(self.tok(reply, add_special_tokens=False)["input_ids"]) + [self.tok.eos_token_id]
+        return Example(ids, list(range(len(prompt), len(ids))))
+
+    def label(self, rng: random.Random, leaf: DemoLeaf) -> Example:
+        """A labelling question (`atkd.prompts.ability_question`): which area does a question on `leaf`
+        test (level 1), or which leaf of its area (level 2); the choices in a random order."""
+        from atkd.prompts import encode_prompt, mcq_prompt
+
+        record, level = self.fresh(rng, leaf), rng.randrange(2)
+        q, letter = label_question(record, leaf, level, rng)
+        ids = encode_prompt(self.tok, mcq_prompt(self.tok, q, LANG)) + [self.letter_ids[letter]]
+        return Example(ids, [len(ids) - 1])
+
     def write(self, rng: random.Random, leaf: DemoLeaf) -> Example:
         from atkd.prompts import encode_prompt, question_block, render, write_question_user_text
 
@@ -275,6 +322,25 @@ class ExampleMaker:
         reply = question_block(_q(self.fresh(rng, leaf)), LANG, with_answer=True)
         ids = prompt + list(self.tok(reply, add_special_tokens=False)["input_ids"]) + [self.tok.eos_token_id]
         return Example(ids, targets + list(range(len(prompt), len(ids))))
+
+
+def label_choices(leaf: DemoLeaf, level: int) -> list[str]:
+    """The tree's children a labelling question offers, in tree order: the areas (level 1) or the
+    leaves of `leaf`'s area (level 2)."""
+    if level == 0:
+        return list(dict.fromkeys(x.area for x in LEAVES))
+    return [x.name for x in LEAVES if x.area == leaf.area]
+
+
+def label_question(record: dict, leaf: DemoLeaf, level: int, rng: random.Random | None = None):
+    """(the labelling MCQ for a question on `leaf` at `level`, its right letter); `rng` shuffles the choices."""
+    from atkd.prompts import ability_question
+
+    names = label_choices(leaf, level)
+    if rng is not None:
+        rng.shuffle(names)
+    right = leaf.area if level == 0 else leaf.name
+    return ability_question(_q(record), names, LANG), LETTERS[names.index(right)]
 
 
 def reply_loss(model, batch: list[Example], pad_id: int) -> torch.Tensor:
@@ -310,6 +376,12 @@ class ModelSpec:
     steps: int
     answer_batch: int  # answering examples per step
     write_batch: int = 0  # question-writing examples per step (0: an answer-only model)
+    rationale_batch: int = 0  # rationale-prompt examples per step, and as many explained answers
+    label_batch: int = 0  # labelling examples per step (which area / which leaf a question tests)
+    # Weight of the rationale, explained-answer and labelling losses. At 1 they took a share of every
+    # (clipped, Adam-normalised) update, and the teacher's written questions fell from 82% to 71% passing
+    # both agents; these tasks are templated and are learned at a quarter of the weight.
+    aux_weight: float = 0.25
     lr: float = 3e-3
     leaves: tuple[str, ...] = tuple(leaf.name for leaf in LEAVES)
     readout_steps: int = 200  # curriculum stage 1 (see `curriculum`)
@@ -365,6 +437,17 @@ def train_model(spec: ModelSpec, tokenizer, held_out: set, seed: int = 0, progre
         loss = reply_loss(model, batch, pad)
         if spec.write_batch:
             loss = loss + reply_loss(model, [maker.write(rng, rng.choice(asked)) for _ in range(spec.write_batch)], pad)
+        # Each kind is its own mean: a reason's dozen tokens would otherwise outweigh a letter.
+        aux = []
+        if spec.rationale_batch:
+            aux.append(reply_loss(model, [maker.rationale(rng, rng.choice(asked), pool)
+                                          for _ in range(spec.rationale_batch)], pad))
+            aux.append(reply_loss(model, [maker.explained_answer(rng, rng.choice(asked), pool)
+                                          for _ in range(spec.rationale_batch)], pad))
+        if spec.label_batch:
+            aux.append(reply_loss(model, [maker.label(rng, rng.choice(leaves)) for _ in range(spec.label_batch)], pad))
+        if aux:
+            loss = loss + spec.aux_weight * sum(aux)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -447,6 +530,45 @@ def pass_counts(replies: list[str], leaf: DemoLeaf, agents: list, seed: int = 0)
             "passed": sum(agreed)}
 
 
+def rationale_counts(teacher, tokenizer, questions, batch_size: int = 32) -> dict[str, int]:
+    """How the teacher's replies to the rationale prompt fare in step D3 (`atkd.rationale_writing.judge`):
+    n, kept (answer line = label, a reason follows) and exact (the reason is `demo_reason`)."""
+    from atkd.answering import EXPLAIN, Answerer, answer_local
+    from atkd.rationale_writing import judge
+
+    who = Answerer(mode=EXPLAIN, lang=LANG, max_new_tokens=48)
+    out = {"n": 0, "kept": 0, "exact": 0}
+    for b in range(0, len(questions), batch_size):
+        batch = questions[b:b + batch_size]
+        for q, answer in zip(batch, answer_local(teacher, tokenizer, batch, who)):
+            why, reason = judge(q, answer)
+            out["n"] += 1
+            out["kept"] += why is None
+            out["exact"] += why is None and reason == demo_reason(q.to_dict())
+    return out
+
+
+def labelling_accuracy(model, tokenizer, questions, paths: dict[str, list[str]], level: int) -> list[int]:
+    """[correct, n] of the labelling question at `level` (0: which area, 1: which leaf of the area), the
+    choices in tree order as a labelling stage shows them, scored like any MCQ (`atkd.scoring`)."""
+    from atkd.scoring import score_questions
+
+    asked, right = [], {}
+    for q in questions:
+        lq, letter = label_question(q.to_dict(), leaf_by_name(paths[q.key][-1]), level)
+        asked.append(lq)
+        right[lq.key] = letter
+    cell = [0, 0]
+
+    def on_batch(results):
+        for lq, s in results:
+            cell[0] += int(s.pred_letter == right[lq.key])
+            cell[1] += 1
+
+    score_questions(model, tokenizer, asked, LANG, 64, on_batch)
+    return cell
+
+
 # --------------------------------------------------------------------------- building everything
 
 def load_split(data_dir: str | Path, questions_file: str, paths_file: str):
@@ -488,7 +610,7 @@ TREE_PATH = REPO / "ability_trees" / "demo_tree.json"
 # task less well and forgot old leaves when fine-tuned on new ones.
 MODEL_SPECS = {
     "teacher": ModelSpec(seed=1, hidden=96, layers=4, heads=4, intermediate=384, steps=2000,
-                         answer_batch=64, write_batch=16),
+                         answer_batch=64, write_batch=16, rationale_batch=8, label_batch=8),
     "agent": ModelSpec(seed=2, hidden=64, layers=4, heads=4, intermediate=256, steps=2500, answer_batch=64),
     "student": ModelSpec(seed=3, hidden=64, layers=4, heads=4, intermediate=256, steps=2500, answer_batch=64,
                          leaves=tuple(leaf.name for leaf in LEAVES if leaf.name not in STUDENT_WEAK_LEAVES)),
@@ -501,13 +623,18 @@ def held_out_keys(cfg: DataConfig = DataConfig()) -> set:
 
 
 def build_models(models_dir: str | Path = MODELS_DIR, seed: int = 0, dtype: torch.dtype = torch.float16,
-                 specs: dict[str, ModelSpec] | None = None, progress: bool = True) -> dict[str, Path]:
-    """Train the tokenizer and the three models and save them (weights cast to `dtype`)."""
+                 specs: dict[str, ModelSpec] | None = None, progress: bool = True,
+                 names: tuple[str, ...] = MODEL_NAMES) -> dict[str, Path]:
+    """Train the tokenizer and the models `names` (default all three) and save them (weights cast to `dtype`).
+
+    Each model depends only on the seed, its spec and the tokenizer (itself built from the seed), so
+    rebuilding one leaves the others' weights valid.
+    """
     from tqdm import tqdm
 
     from atkd.tiny import save_model
 
-    specs = specs or MODEL_SPECS
+    specs = {name: spec for name, spec in (specs or MODEL_SPECS).items() if name in names}
     tokenizer = build_tokenizer(seed)
     held_out = held_out_keys(DataConfig(seed=seed))
     bar = tqdm(total=sum(s.steps for s in specs.values()), desc="demo models", unit="step", disable=not progress)
@@ -526,7 +653,10 @@ def demo_figures(models_dir: str | Path = MODELS_DIR, data_dir: str | Path = DAT
 
     accuracy: {model: {leaf: [correct, n]}} on the evaluation set; writing: per leaf, `per_leaf`
     questions the teacher writes (seeds from iteration 1) and how many parse, are truly valid
-    and pass both agents (teacher and agent) after the answer's position is shuffled.
+    and pass both agents (teacher and agent) after the answer's position is shuffled;
+    rationales: per leaf, the teacher's replies to the rationale prompt on the evaluation set that
+    step D3 keeps, and how many give exactly the templated reason; labelling: per level, the
+    teacher's [correct, n] on "which ability does this question test" over the evaluation set.
     """
     from atkd.models import load_model, load_tokenizer
 
@@ -540,22 +670,35 @@ def demo_figures(models_dir: str | Path = MODELS_DIR, data_dir: str | Path = DAT
     writing = {leaf.name: pass_counts(write_replies(models["teacher"], tok, leaf, seeds[leaf.name], per_leaf,
                                                     temperature, seed), leaf, agents, seed)
                for leaf in LEAVES}
-    return {"accuracy": accuracy, "writing": writing, "per_leaf": per_leaf, "temperature": temperature}
+    by_leaf = {leaf.name: [q for q in evalq if eval_paths[q.key][-1] == leaf.name] for leaf in LEAVES}
+    rationales = {name: rationale_counts(models["teacher"], tok, qs) for name, qs in by_leaf.items()}
+    labelling = {f"level_{level + 1}": labelling_accuracy(models["teacher"], tok, evalq, eval_paths, level)
+                 for level in (0, 1)}
+    return {"accuracy": accuracy, "writing": writing, "per_leaf": per_leaf, "temperature": temperature,
+            "rationales": rationales, "labelling": labelling}
 
 
 def figures_table(fig: dict) -> str:
     """A plain-text table of `demo_figures` (what data/build_demo.py prints)."""
-    acc, wr = fig["accuracy"], fig["writing"]
-    lines = [f"{'leaf':<26}{'teacher':>8}{'agent':>8}{'student':>8}{'written':>9}{'valid':>7}{'passed':>8}"]
+    acc, wr, ra = fig["accuracy"], fig["writing"], fig.get("rationales")
+    lines = [f"{'leaf':<26}{'teacher':>8}{'agent':>8}{'student':>8}{'written':>9}{'valid':>7}{'passed':>8}"
+             + (f"{'reason':>8}" if ra else "")]
     for leaf in LEAVES:
         cells = [acc[m][leaf.name][0] / acc[m][leaf.name][1] for m in MODEL_NAMES]
         w = wr[leaf.name]
         weak = " *" if leaf.name in STUDENT_WEAK_LEAVES else ""
         lines.append(f"{leaf.name + weak:<26}" + "".join(f"{c:>8.2f}" for c in cells)
-                     + f"{w['n']:>9}{w['valid'] / w['n']:>7.2f}{w['passed'] / w['n']:>8.2f}")
+                     + f"{w['n']:>9}{w['valid'] / w['n']:>7.2f}{w['passed'] / w['n']:>8.2f}"
+                     + (f"{ra[leaf.name]['kept'] / ra[leaf.name]['n']:>8.2f}" if ra else ""))
     tot = {k: sum(w[k] for w in wr.values()) for k in ("n", "parsed", "valid", "passed")}
+    kept = sum(r["kept"] for r in ra.values()) / sum(r["n"] for r in ra.values()) if ra else None
     lines.append(f"{'all':<26}" + "".join(f"{overall(acc[m]):>8.2f}" for m in MODEL_NAMES)
-                 + f"{tot['n']:>9}{tot['valid'] / tot['n']:>7.2f}{tot['passed'] / tot['n']:>8.2f}")
+                 + f"{tot['n']:>9}{tot['valid'] / tot['n']:>7.2f}{tot['passed'] / tot['n']:>8.2f}"
+                 + (f"{kept:>8.2f}" if ra else ""))
     lines.append("(* = left out of the student's training; accuracy on the evaluation set; written = "
-                 "questions the teacher wrote, valid = truly correct, passed = both agents agree)")
+                 "questions the teacher wrote, valid = truly correct, passed = both agents agree; reason = "
+                 "the teacher's rationale for an evaluation question kept by step D3)")
+    for level, (c, n) in (fig.get("labelling") or {}).items():
+        lines.append(f"teacher labelling, {level.replace('_', ' ')} (which {'area' if level == 'level_1' else 'leaf'}"
+                     f" a question tests): {c}/{n} = {c / n:.2f}")
     return "\n".join(lines)

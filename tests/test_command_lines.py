@@ -14,6 +14,8 @@ from atkd.cli import parse_config, to_argv
 from atkd.cross_check import CrossCheckConfig
 from atkd.labelling import LabelConfig
 from atkd.question_writing import QuestionWritingConfig
+from atkd.rationale_writing import RationaleConfig
+from atkd.replay import ReplayConfig
 from atkd.teacher_logits import LogitsConfig
 from atkd.trainer import TrainConfig
 from atkd.tree_building import TreeConfig
@@ -24,6 +26,7 @@ SCRIPTS = {"main.py": WorkflowConfig, "create_initial_tree.py": TreeConfig, "inf
            "student_data_analyzer.py": AnalyzerConfig, "generate_distill_data.py": QuestionWritingConfig,
            "evaluate_distilled_data.py": CrossCheckConfig, "generate_logits.py": LogitsConfig, "train.py": TrainConfig,
            "label_abilities.py": LabelConfig}
+SCRIPTS.update({"add_replay.py": ReplayConfig, "generate_rationales.py": RationaleConfig})
 
 
 def flags_in_help(text: str) -> set[str]:
@@ -90,3 +93,13 @@ def test_bad_values_are_one_line_errors_with_exit_2(run, tmp_path):
     assert proc.returncode == 2
     assert "error: main.py: NUM_ITERATIONS (--num_iterations) must be at least 1 (got 0)" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("cfg", [
+    ReplayConfig(validated_file="v.jsonl", dataset_path="d.jsonl", ability_class_path="p.jsonl",
+                 ability_tree_path="t.json", output_path="m.jsonl", replay_fraction=0.3, seed=4),
+    RationaleConfig(teacher_model_path="t", input_file="v.jsonl", output_file="x.jsonl", explanation_field="why",
+                    use_dataset_explanation=False, max_new_tokens=64, batch_size=3, lang="zh", gpu_ids=[1, 3]),
+])
+def test_the_training_data_stages_round_trip_too(cfg):
+    assert parse_config(type(cfg), to_argv(cfg)) == cfg

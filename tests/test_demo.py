@@ -133,3 +133,24 @@ def test_teacher_writes_questions_that_pass_both_agents(shipped):
             totals[k] += v
     assert totals["parsed"] >= 0.9 * totals["n"], totals
     assert totals["passed"] >= 0.6 * totals["n"], totals
+
+
+def test_teacher_explains_with_the_rationale_prompt(shipped, eval_split):
+    """Step D3 keeps the teacher's rationale (its answer line agrees with the label, a reason follows), and
+    the reason is the templated one: "B names an anticoagulant; the others do not."."""
+    tok, models = shipped
+    questions, paths = eval_split
+    weak = [q for q in questions if paths[q.key][-1] in WEAK][::2]  # 40 questions on the leaves the loop targets
+    counts = demo.rationale_counts(models["teacher"], tok, weak)
+    assert counts["kept"] >= 0.9 * counts["n"] and counts["exact"] >= 0.85 * counts["n"], counts
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_teacher_answers_which_ability_a_question_tests(shipped, eval_split, level):
+    """`atkd.prompts.ability_question` over the tree's areas (level 0), then the leaves of the area (level 1).
+
+    The shipped teacher: areas 240/240, leaves 182/240 (chance: 1/4, then 1/3); the leaf level is the
+    auxiliary task the tiny teacher learns least reliably (another reason template gave 231/240)."""
+    tok, models = shipped
+    correct, n = demo.labelling_accuracy(models["teacher"], tok, *eval_split, level)
+    assert n == 240 and correct >= (0.9, 0.7)[level] * n, (correct, n)

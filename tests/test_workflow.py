@@ -155,3 +155,33 @@ def test_lora_constants_reach_train_py_and_matter_only_with_lora_on(tmp_path):
     # with LoRA off, its other settings cannot change the result: they do not enter the fingerprint
     assert fingerprint(replace(full, lora_alpha=64.0, lora_target_modules=["x"])) == fingerprint(full)
     assert fingerprint(replace(step.cfg, lora_alpha=64.0)) != fingerprint(step.cfg)
+
+
+def test_the_distillation_signal_settings_reach_their_steps(tmp_path):
+    """ALLOC_TEMPERATURE goes to step C; REPLAY_FRACTION adds D2 and RESPONSE_STYLE rationale adds D3, and E
+    and F then read what they wrote (E with token-level rows for the reasons)."""
+    import main
+    from atkd.workflow import RoundFiles, iteration_steps
+
+    it = paths.IterationPaths(tmp_path / "wf", tmp_path / "models", 1)
+    plain = parse_config(WorkflowConfig, ["--alloc_temperature", "1e6"], defaults=main.defaults())
+    files = RoundFiles(plain.dataset_files_per_iteration[0], plain.ability_class_files_per_iteration[0])
+    steps = {s.name: s for s in iteration_steps(plain, it, "s", tmp_path / "tree.json", [], files)}
+    assert steps["C_distill_data"].cfg.alloc_temperature == 1e6 and "D2_replay" not in steps and "D3_rationales" not in steps
+    assert steps["E_teacher_logits"].cfg.dataset_path == steps["F_train"].cfg.train_file_path == str(it.validated)
+    assert steps["E_teacher_logits"].cfg.response_field is None
+    assert steps["F_train"].cfg.reason_weight == 0.0  # letter style: REASON_WEIGHT has nothing to weigh
+
+    richer = replace(plain, replay_fraction=0.2, response_style="rationale", use_dataset_explanation=False,
+                     reason_weight=0.5)
+    order = [s.name for s in iteration_steps(richer, it, "s", tmp_path / "tree.json", [], files)]
+    steps = {s.name: s for s in iteration_steps(richer, it, "s", tmp_path / "tree.json", [], files)}
+    assert order.index("D_validated_data") < order.index("D2_replay") < order.index("D3_rationales") < order.index(
+        "E_teacher_logits")
+    replay, rationales = steps["D2_replay"].cfg, steps["D3_rationales"].cfg
+    assert replay.validated_file == str(it.validated) and replay.replay_fraction == 0.2
+    assert replay.ability_tree_path == str(it.scored_tree) and replay.dataset_path == plain.dataset_files_per_iteration[0]
+    assert rationales.input_file == replay.output_path and rationales.use_dataset_explanation is False
+    assert steps["E_teacher_logits"].cfg.dataset_path == steps["F_train"].cfg.train_file_path == rationales.output_file
+    assert steps["E_teacher_logits"].cfg.response_field == rationales.explanation_field == "explanation"
+    assert steps["F_train"].cfg.reason_weight == 0.5

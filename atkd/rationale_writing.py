@@ -1,0 +1,178 @@
+"""Step D3 (RESPONSE_STYLE rationale), generate_rationales.py: the teacher explains each training item.
+
+With letter-only items the student learns one token per question. Here the teacher answers
+every item with the rationale prompt (`atkd.prompts.rationale_prompt`: the answer line first,
+then a short reason), through the pipeline's one answering path (`atkd.answering`, greedy; a
+local model on the GPUs, or an OpenAI-compatible endpoint). The reply's first line must commit
+to the item's labelled answer; the lines after it are the reason. An item is dropped, and
+counted, when its reply commits to no letter (`unparsed`), to another letter than the label
+(`disagrees`: a reason for the wrong answer would teach the wrong thing), or gives no reason
+(`no_reason`). An item that already carries an explanation (CMExam/MedMCQA records converted by
+data/convert.py keep theirs in `explanation`) keeps it when `use_dataset_explanation` is on, and
+the teacher is not asked.
+
+The reason goes into `explanation_field`; step E (`--response_field`) stores the teacher's top-k
+log-probs at every response token, and step F trains the student on the letter followed by the
+reason under the MCQ prompt (`atkd.sequence`): CE over the whole response, option-level KD on the
+letter, token-level KD on the reason. The MCQ prompt, not the rationale prompt, is the training
+prompt because the letter is scored under it: the answer's signal lands where it is measured.
+
+Outputs: explained.jsonl (kept items with their reason and `explanation_source`: teacher or
+dataset), dropped.jsonl (with `drop_reason` and the teacher's reply) and report.json (counts
+overall, per reason and per ability). A killed run resumes from its part log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import paths
+from .answering import EXPLAIN, Answerer, answer_all, plan_batches
+from .cli import (INPUT, MODEL, OUTPUT, StageConfig, api_concurrency, api_key_env, api_max_attempts, api_timeout_s,
+                  at_least, dtype, endpoint_problems, gpu_ids, lang, model_placement, setting, trust_remote_code)
+from .cross_check import ability_name
+from .errors import StageFailed
+from .fingerprint import DoneRecord
+from .io import PartLog, write_json, write_jsonl
+from .models import check_model_dir, load_tokenizer, placement_plan, usable_gpu_ids
+from .prompts import language_of
+from .records import Question, load_questions
+from .sequence import response_text
+
+log = logging.getLogger(__name__)
+
+DROP_REASONS = ("unparsed", "disagrees", "no_reason")
+
+
+@dataclass(kw_only=True)
+class RationaleConfig(StageConfig):
+    """generate_rationales.py: the teacher's rationale (answer first, then why) for each item."""
+
+    teacher_model_path: str = setting("", role=MODEL, help="teacher model folder (unless --api_base)")
+    input_file: str = setting(role=INPUT, help="questions .jsonl to explain (step D's validated items, or D2's mix)")
+    output_file: str = setting(role=OUTPUT, help="explained questions .jsonl (report.json and dropped.jsonl go "
+                                                 "beside it)")
+    explanation_field: str = setting("explanation", help="record field the reason goes into (the response "
+                                                         "field step E stores token-level logits for)")
+    use_dataset_explanation: bool = setting(True, help="keep an item's own non-empty explanation (e.g. CMExam, "
+                                                       "MedMCQA via data/convert.py) instead of asking the teacher")
+    max_new_tokens: int = setting(128, check=at_least(1), help="reply length limit, in tokens")
+    batch_size: int = setting(16, check=at_least(1), affects_output=False, help="prompts per generate call")
+    lang: str = lang()
+    api_base: str = setting("", affects_output=False,
+                            help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (instead of a folder)")
+    api_model: str = setting("", help="model name at --api_base")
+    api_key_env: str = api_key_env()
+    api_concurrency: int = api_concurrency()
+    api_timeout_s: float = api_timeout_s()
+    api_max_attempts: int = api_max_attempts()
+    gpu_ids: list[int] = gpu_ids()
+    model_placement: str = model_placement()
+    dtype: str = dtype()
+    trust_remote_code: bool = trust_remote_code()
+
+    def problems(self) -> list[str]:
+        return endpoint_problems(self.teacher_model_path, self.api_base, self.api_model)
+
+    def outputs(self) -> list[Path]:
+        return [Path(self.output_file), paths.report_path(self.output_file), paths.dropped_path(self.output_file)]
+
+
+def reason_of(reply: str) -> str:
+    """What follows the reply's first non-empty line (the answer line), stripped."""
+    lines = reply.strip().splitlines()
+    return "\n".join(lines[1:]).strip()
+
+
+def judge(q: Question, answer: dict) -> tuple[str | None, str]:
+    """(drop reason or None, the reason text) of the teacher's reply to `q`."""
+    if answer["pred_letter"] is None:
+        return "unparsed", ""
+    if answer["pred_letter"] != q.answer_idx:
+        return "disagrees", ""
+    reason = reason_of(answer["raw_reply"] or "")
+    return (None, reason) if reason else ("no_reason", "")
+
+
+def explained_records(items: list[Question], own: dict[str, str], answers: dict[str, dict], field: str
+                      ) -> tuple[list[dict], list[dict]]:
+    """(kept, dropped) records in input order."""
+    kept, dropped = [], []
+    for q in items:
+        rec = q.to_dict()
+        if q.key in own:
+            rec.update({field: own[q.key], "explanation_source": "dataset"})
+            kept.append(rec)
+            continue
+        a = answers[q.key]
+        why, reason = judge(q, a)
+        if why is None:
+            rec.update({field: reason, "explanation_source": "teacher"})
+            kept.append(rec)
+        else:
+            rec.update(drop_reason=why, teacher_letter=a["pred_letter"], teacher_reply=a["raw_reply"])
+            dropped.append(rec)
+    return kept, dropped
+
+
+def build_report(items: list[Question], kept: list[dict], dropped: list[dict], teacher: str) -> dict:
+    """report.json: how many items got a reason, from whom, and why the others were dropped."""
+    reasons = Counter(r["drop_reason"] for r in dropped)
+    by_leaf: dict[str, dict] = {}
+    kept_ids = {str(r["id"]) for r in kept}
+    for q in items:
+        row = by_leaf.setdefault(ability_name(q), {"total": 0, "kept": 0})
+        row["total"] += 1
+        row["kept"] += q.key in kept_ids
+    return {"total": len(items), "kept": len(kept), "dropped": len(dropped),
+            "from_teacher": sum(r["explanation_source"] == "teacher" for r in kept),
+            "from_dataset": sum(r["explanation_source"] == "dataset" for r in kept),
+            "by_reason": {r: reasons.get(r, 0) for r in DROP_REASONS}, "teacher": teacher,
+            "by_leaf": dict(sorted(by_leaf.items()))}
+
+
+def run(cfg: RationaleConfig) -> dict | None:
+    """Explain every item (or keep its own explanation); write explained, dropped and the report (returned)."""
+    record = DoneRecord(cfg)
+    if record.is_done():
+        return None
+    items = load_questions(cfg.input_file)
+    lang = language_of(items, cfg.lang)
+    own = {}
+    if cfg.use_dataset_explanation:
+        own = {q.key: text for q in items if (text := response_text(q, cfg.explanation_field, cfg.input_file))}
+    ask = [q for q in items if q.key not in own]
+    who = Answerer(model_path="" if cfg.api_base else cfg.teacher_model_path, api_base=cfg.api_base,
+                   api_model=cfg.api_model, api_key_env=cfg.api_key_env, api_concurrency=cfg.api_concurrency,
+                   api_timeout_s=cfg.api_timeout_s, api_max_attempts=cfg.api_max_attempts, mode=EXPLAIN, lang=lang,
+                   max_new_tokens=cfg.max_new_tokens, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    tokenizer, gpus = None, []
+    if cfg.api_base:
+        who.client().check_reachable()
+    else:
+        check_model_dir(cfg.teacher_model_path)
+        tokenizer = load_tokenizer(cfg.teacher_model_path, cfg.trust_remote_code)
+        gpus, spread = placement_plan(cfg.teacher_model_path, usable_gpu_ids(cfg.gpu_ids), cfg.model_placement)
+        who.spread_over = tuple(spread)
+    batches = plan_batches(who, ask, cfg.batch_size, tokenizer) if ask else []
+    record.start()
+
+    part_log = PartLog(cfg.output_file, record.fingerprint)
+    answers = answer_all(who, ask, batches, gpus, part_log, "rationales")[0] if ask else {}
+    kept, dropped = explained_records(items, own, answers, cfg.explanation_field)
+    if not kept:  # the part log stays: it holds every reply
+        raise StageFailed(f"the teacher's replies kept no item ({len(dropped)} dropped: "
+                          f"{dict(Counter(r['drop_reason'] for r in dropped))}); its replies are in {part_log.dir}")
+    report = build_report(items, kept, dropped, who.name)
+    write_jsonl(cfg.output_file, kept)
+    write_jsonl(paths.dropped_path(cfg.output_file), dropped)
+    write_json(paths.report_path(cfg.output_file), report)
+    record.write()
+    part_log.remove()
+    log.info("kept %d of %d items with a rationale (%d from the teacher, %d from the dataset); dropped: %s",
+             report["kept"], report["total"], report["from_teacher"], report["from_dataset"],
+             {k: v for k, v in report["by_reason"].items() if v} or "none")
+    return report
