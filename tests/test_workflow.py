@@ -164,7 +164,8 @@ def test_the_distillation_signal_settings_reach_their_steps(tmp_path):
     from atkd.workflow import RoundFiles, iteration_steps
 
     it = paths.IterationPaths(tmp_path / "wf", tmp_path / "models", 1)
-    plain = parse_config(WorkflowConfig, ["--alloc_temperature", "1e6"], defaults=main.defaults())
+    plain = parse_config(WorkflowConfig, ["--alloc_temperature", "1e6", "--replay_fraction", "0"],
+                         defaults=main.defaults())
     files = RoundFiles(plain.dataset_files_per_iteration[0], plain.ability_class_files_per_iteration[0])
     steps = {s.name: s for s in iteration_steps(plain, it, "s", tmp_path / "tree.json", [], files)}
     assert steps["C_distill_data"].cfg.alloc_temperature == 1e6 and "D2_replay" not in steps and "D3_rationales" not in steps
