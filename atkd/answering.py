@@ -234,11 +234,6 @@ class InferenceConfig(StageConfig):
     dtype: str = dtype()
     trust_remote_code: bool = trust_remote_code()
 
-    def problems(self) -> list[str]:
-        if Path(self.output_path).resolve() == Path(self.dataset_path).resolve():
-            return ["--output_path is the dataset itself; it would be overwritten"]
-        return []
-
     def outputs(self) -> list[Path]:
         return [Path(self.output_path), paths.summary_path(self.output_path)]
 

@@ -93,8 +93,18 @@ class StageConfig:
             value = getattr(self, f.name)
             if check is not None and value is not None and not check.ok(value):
                 raise InputError(self.source, f"{self.flag(f.name)} must be {check.text} (got {value!r})")
-        for problem in self.problems():
+        for problem in self.overwritten_inputs() + self.problems():
             raise InputError(self.source, problem)
+
+    def overwritten_inputs(self) -> list[str]:
+        """An OUTPUT path that names an INPUT (writing it would destroy what the stage reads)."""
+        def named(role: str) -> dict[str, Path]:
+            return {f.name: Path(v).resolve() for f in fields(self)
+                    if f.metadata.get("role") == role and isinstance(v := getattr(self, f.name), str) and v}
+
+        inputs = named(INPUT)
+        return [f"{self.flag(out)} is {self.flag(inp)} itself; it would be overwritten"
+                for out, path in named(OUTPUT).items() for inp, other in inputs.items() if path == other]
 
     def problems(self) -> list[str]:
         """Rules that involve several settings (one message each); none by default."""

@@ -69,11 +69,6 @@ class LabelConfig(StageConfig):
     dtype: str = dtype()
     trust_remote_code: bool = trust_remote_code()
 
-    def problems(self) -> list[str]:
-        if Path(self.output_path).resolve() == Path(self.dataset_path).resolve():
-            return ["--output_path is the dataset itself; it would be overwritten"]
-        return []
-
     def outputs(self) -> list[Path]:
         return [Path(self.output_path), paths.labels_summary_path(self.output_path)]
 

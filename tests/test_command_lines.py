@@ -103,3 +103,21 @@ def test_bad_values_are_one_line_errors_with_exit_2(run, tmp_path):
 ])
 def test_the_training_data_stages_round_trip_too(cfg):
     assert parse_config(type(cfg), to_argv(cfg)) == cfg
+
+
+@pytest.mark.parametrize("script, args", [
+    ("generate_rationales.py", ["--teacher_model_path", "t", "--input_file", "{q}", "--output_file", "{q}"]),
+    ("add_replay.py", ["--validated_file", "{q}", "--dataset_path", "d.jsonl", "--ability_class_path", "p.jsonl",
+                       "--ability_tree_path", "t.json", "--output_path", "{q}"]),
+    ("inference.py", ["--model_path", "m", "--dataset_path", "{q}", "--output_path", "{q}"]),
+])
+def test_an_output_that_names_an_input_is_refused_before_any_work(run, tmp_path, script, args):
+    """Every stage, from the roles of its settings: writing the output would destroy what it reads."""
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"id": "1"}\n')
+    proc = run(script, *[a.format(q=q) for a in args])
+    assert proc.returncode == 2
+    out_flag = args[args.index("{q}", args.index("{q}") + 1) - 1]
+    in_flag = args[args.index("{q}") - 1]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {out_flag} is {in_flag} itself; it would be overwritten"
+    assert q.read_text() == '{"id": "1"}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["q.jsonl"]

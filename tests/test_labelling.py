@@ -203,7 +203,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(llama_dir, tmp_path,
     expected = {"broken-line": f"error: {data}:2: not valid JSON",
                 "missing-model": f"error: {model}: model folder not found",
                 "tree-not-json": f"error: {tree}:1: not valid JSON",
-                "output-is-dataset": "error: --output_path is the dataset itself",
+                "output-is-dataset": "error: --output_path is --dataset_path itself; it would be overwritten",
                 "empty-tree": f"error: {tree}: an ability tree must be a non-empty JSON object"}[case]
     assert lines[0].startswith(expected), lines[0]
     assert not (tmp_path / "L").exists()
