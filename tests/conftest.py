@@ -93,6 +93,18 @@ def run_script(script: str, *args, env: dict | None = None, timeout: float = 600
 
 
 @pytest.fixture
+def one_thread():
+    """Torch on one thread in this process for the test (reference numbers computed here match a
+    subprocess run with OMP_NUM_THREADS=1)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def run():
     return run_script
 

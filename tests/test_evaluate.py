@@ -9,7 +9,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import torch
 
 from atkd.answering import Answerer
 from atkd.cross_check import same_model, verdict
@@ -24,12 +23,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # see tests/test_
 LEAVES = [["Med", "Cardio", "Valves"], ["Med", "Pharm"]]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test: torch on one thread (conftest)
 
 
 def generated(n: int = 24) -> list[dict]:

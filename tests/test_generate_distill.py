@@ -14,7 +14,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import torch
 
 from atkd import question_writing as qw
 from atkd.allocation import allocate
@@ -33,12 +32,7 @@ LEAVES = [["Med", "Cardio", "Arrhythmia"], ["Cardio", "Valves"], ["Med", "Pharm"
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test: torch on one thread (conftest)
 
 
 @pytest.fixture

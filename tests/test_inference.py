@@ -28,15 +28,6 @@ REPLY_KEYS = ["pred_letter", "option_probs", "letter_mass", "tied_top", "raw_rep
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture
-def one_thread():
-    """The same for the reference computations in this process."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def mixed_questions() -> list[dict]:
     """Varied lengths, 2 to 5 options, int and str ids, an extra field: padding and per-item letters matter."""
     rows = make_questions(14, seed=1)

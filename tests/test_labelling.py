@@ -31,14 +31,6 @@ TREE = {"Med": {name: {"Basics": 0, "Advanced": 0} if i < 28 else {"Only": 0} if
 
 
 @pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def files(tmp_path) -> dict[str, Path]:
     write_jsonl(tmp_path / "q.jsonl", make_questions(24, seed=5))
     (tmp_path / "tree.json").write_text(json.dumps(TREE), encoding="utf-8")
