@@ -189,7 +189,7 @@ def _per_ability(report: dict, chart: str | None) -> list[str]:
         cells.append(_pct((report["baseline_eval"].get(name) or {}).get("accuracy")))
         cells += [_pct((e["eval_after"].get(name) or {}).get("accuracy")) for e in its]
         lines.append("| " + " | ".join(cells) + " |")
-    weak = [n for n in _leaves(teacher) if (teacher[n].get("accuracy") or 0) < TEACHER_WEAK]
+    weak = [n for n in leaf_names(teacher) if (teacher[n].get("accuracy") or 0) < TEACHER_WEAK]
     rare = sorted({n for e in report["iterations"] for n, row in e.get("validation_by_ability", {}).items()
                    if row.get("pass_rate") is not None and row["pass_rate"] < LOW_PASS_RATE})
     verdict = (f"the teacher answers {', '.join(weak)} below {TEACHER_WEAK:.0%} on the evaluation set." if weak else
@@ -201,7 +201,7 @@ def _per_ability(report: dict, chart: str | None) -> list[str]:
     return lines + [""]
 
 
-def _leaves(accs: dict[str, dict]) -> list[str]:
+def leaf_names(accs: dict[str, dict]) -> list[str]:
     """The names in `accs` (node_accuracies) that are leaves: no other name continues them."""
     return [n for n in accs if n != "overall" and not any(k.startswith(n + " > ") for k in accs)]
 
@@ -219,7 +219,7 @@ def accuracy_chart(report: dict, path: Path) -> bool:
     teacher = report.get("teacher_eval") or {}
     series = [("student before", report["baseline_eval"])]
     series += [(f"after iteration {e['iteration']}", e["eval_after"]) for e in report["iterations"] if e.get("eval_after")]
-    names = ["overall"] + _leaves(report["baseline_eval"])
+    names = ["overall"] + leaf_names(report["baseline_eval"])
     fig = Figure(figsize=(8, 1.2 + 0.45 * len(names)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()

@@ -97,11 +97,12 @@ def pooled(accs: dict, names: list[str]) -> float | None:
 
 def run_numbers(workflow: Path) -> dict:
     """{group: [before, after iteration 1, ...]} in %, plus what each round trained on."""
+    from atkd.report import leaf_names
+
     report = json.loads((workflow / "report.json").read_text(encoding="utf-8"))
     weak = weak_abilities(workflow)
     stages = [report["baseline_eval"]] + [e["eval_after"] for e in report["iterations"]]
-    leaves = [n for n in stages[0] if n != "overall" and not any(k.startswith(n + " > ") for k in stages[0])]
-    other = [n for n in leaves if n not in weak]
+    other = [n for n in leaf_names(stages[0]) if n not in weak]
     out = {"weak_abilities": weak,
            "weak": [pooled(s, weak) for s in stages], "other": [pooled(s, other) for s in stages],
            "overall": [round(100 * s["overall"]["accuracy"], 2) if s.get("overall") else None for s in stages]}
