@@ -82,10 +82,17 @@ USE_DATASET_EXPLANATION = True  # rationale style: items with their own explanat
 REASON_WEIGHT = 1.0  # rationale style: an item's reason tokens together weigh this much against its letter (0: each token 1)
 REPLAY_FRACTION = 0.25  # share of each round's training items replayed from its own questions (step D2); 0: none
 # (0.25: on the demo the abilities the student knew end at 99% instead of 97%; README, python -m bench.ablation)
+RESPONSES = "teacher"  # teacher | student (on-policy: the student answers, the teacher scores every token; step D4) | mixed
+ON_POLICY_SHARE = 0.5  # mixed: share of the round's written items the student practises on-policy (replayed ones never)
+ON_POLICY_KD_LOSS = "reverse_kl"  # divergence on the student's own tokens (GKD, MiniLLM); KD_LOSS for the rest
+ON_POLICY_TEMPERATURE = 1.0  # the student's sampling temperature in step D4 (1: its own distribution)
 
 # ===================================================================== outputs
 WORKFLOW_OUTPUT_DIR = "./output/workflow"
 MODELS_OUTPUT_DIR = "./output/models"
+# Experiment trackers: "none", or a comma-separated list of tensorboard, wandb, mlflow (each needs its
+# package). TensorBoard's files: WORKFLOW_OUTPUT_DIR/tracking/ (tensorboard --logdir output/workflow/tracking).
+REPORT_TO = "none"
 
 
 def defaults() -> dict:

@@ -137,7 +137,7 @@ def answer_local(model, tokenizer, questions: list[Question], who: Answerer) -> 
 def answer_by_api(who: Answerer, questions: list[Question], writer, desc: str) -> None:
     """Every question to the endpoint (a generative prompt, letter extracted), each answer logged the
     moment it arrives: a kill loses only the requests in flight. Greedy, so a rerun asks the same."""
-    from tqdm.auto import tqdm
+    from .console import progress_bar as tqdm
 
     api = who.client()
     requests = [(user_text(q, who), None) for q in questions]
@@ -174,7 +174,7 @@ class LoadedModel:
 def answer_worker(rank: int, gpu_id: int | None, batches: list[list[int]], writer, payload) -> None:
     """One local worker (one GPU, GPUs it is spread over, or the CPU): answer its batches, one part-log
     write per batch."""
-    from tqdm.auto import tqdm
+    from .console import progress_bar as tqdm
 
     who, questions, desc, loaded = payload
     torch.manual_seed(who.seed)

@@ -290,6 +290,9 @@ def run(cfg: CrossCheckConfig) -> dict | None:
         part_log.remove()
     log.info("kept %d of %d questions (pass rate %s); rejected by reason: %s", report["kept"], report["total"],
              report["pass_rate"], {k: v for k, v in report["by_reason"].items() if v} or "none")
+    for name, row in report["agents"].items():
+        if row["mode"] == "generate":  # a reply that commits to no single letter is data, not a guess
+            log.info("%s: %d of %d replies unread (unparsed)", name.replace("_", " "), row["unparsed"], report["total"])
     return report
 
 

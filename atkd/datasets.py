@@ -10,7 +10,9 @@ rows were dropped and why.
 
 Rows the public releases are known to hold that are not one clean single-answer question are
 dropped and counted by reason (`DROP_REASONS`): no answer (MedMCQA's test split), several answers
-(CMExam's "ACD"), an answer that is not among the options, an empty or a repeated option. A file
+(CMExam's "ACD"), an answer that is not among the options, an empty or a repeated option (the same
+text after NFKC and with spaces and a final period removed, `qparse.option_key`; case counts, so
+CMMLU's genotypes "GG", "gg", "Gg" and "Co"/"CO", "mg"/"Mg" are different options). A file
 that cannot be read as its layout at all (a line that is not JSON, a missing column, a field of the
 wrong type) raises `InputError` naming the file and line, so the caller writes nothing.
 
@@ -45,6 +47,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from .errors import InputError
 from .io import iter_jsonl
+from .qparse import option_key, option_named
 from .records import LETTERS, MAX_OPTIONS, MIN_OPTIONS, question_problem
 
 NO_ANSWER = "no answer"
@@ -130,7 +133,7 @@ def drop_reason(c: Candidate) -> str | None:
         return TOO_FEW_OPTIONS
     if len(c.options) > MAX_OPTIONS:
         return TOO_MANY_OPTIONS
-    if len({normalized(o) for o in c.options}) < len(c.options):
+    if len({option_key(o) for o in c.options}) < len(c.options):
         return DUPLICATE_OPTIONS
     if not 0 <= c.answer < len(c.options):
         return ANSWER_OUTSIDE
@@ -149,11 +152,6 @@ def record_of(c: Candidate) -> dict:
 
 
 # --------------------------------------------------------------------------- small helpers
-
-def normalized(text: str) -> str:
-    """Text compared for sameness: whitespace collapsed, case folded."""
-    return " ".join(text.split()).casefold()
-
 
 def is_missing(value: Any) -> bool:
     """None, NaN (pandas exports write it into JSON) or blank text."""
@@ -230,16 +228,14 @@ def index_answer(value: Any, base: int) -> tuple[int | None, str | None]:
 
 
 def text_answer(value: Any, options: list[str] | None) -> tuple[int | None, str | None]:
-    """(index of the option whose text is the answer, None), or (None, why)."""
+    """(index of the option whose text is the answer, None), or (None, why): `qparse.option_named`,
+    so case decides between options that differ only in case."""
     if is_missing(value):
         return None, NO_ANSWER
     if options is None:
         return None, UNPARSABLE_OPTIONS
-    wanted = normalized(str(value))
-    for i, option in enumerate(options):
-        if normalized(option) == wanted:
-            return i, None
-    return None, ANSWER_OUTSIDE
+    index = option_named(str(value), options)
+    return (None, ANSWER_OUTSIDE) if index is None else (index, None)
 
 
 OPTION_LINE = re.compile(r"\s*([A-Z])\s*[.．、:：)）]?\s*(.*)", re.S)

@@ -2,9 +2,20 @@
 
 Two questions are near-duplicates when BOTH their stems and their option sets are similar: the
 Jaccard similarity of the stems' features reaches the threshold and so does that of the options'.
-Features are word unigrams and bigrams of the normalized text, each option taken separately (so
-reordering the options changes nothing); each CJK character counts as a word, so Chinese text
-without spaces is compared just as well.
+Features are word unigrams and bigrams of the text's `words`, each option taken separately (so
+reordering the options changes nothing).
+
+`words` is the one normalisation of question text for comparing questions (here, and the two rules
+of `atkd.leakage`): Unicode NFKC (width), case folded, invisible format characters, spaces and
+punctuation dropped; each CJK character is a word, so Chinese text without spaces is compared just
+as well and "华法 林" is "华法林". Comparison and sign symbols are words of their own, because they
+change what a question asks: `< > ≤ ≥ = ≠ ≈ + ± ∓ ↑ ↓` (and their full-width forms, ≦ ≧ ⩽ ⩾ read as
+≤ ≥), so "HbA1c > 9%" and "HbA1c < 9%", "血钾↑" and "血钾↓", "(+)" and "(-)" differ. The hyphen `-` is
+a minus sign unless it joins two letters or digits: "Beta-blocker", "COVID-19", "抗-HBc" and "5-10" are
+joined words ("Beta-blocker" is "Beta blocker"), while "-5", "(-)", "+/-", "Rh -" and a lone "-" keep
+it as a sign; the minus sign U+2212 ("−", also what NFKC makes of "⁻") is always one.
+`comparison_key` runs a text's words together: the identity of an option or an answer text, so
+"Beta blocker", "Beta-blocker" and "betablocker" are one answer.
 
 Why both: a question is its stem together with its options. One templated stem ("Which of the
 following is a beta-lactam?") over different options is a different item, and so is a new stem
@@ -23,20 +34,35 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 import zlib
 from collections import Counter, defaultdict
 from typing import Callable, Iterable, NamedTuple
 
-from .qparse import normalize_text
-
-_WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_\u3400-\u9fff\uf900-\ufaff]+")
+_CJK = "\u3400-\u9fff\uf900-\ufaff"
+_SIGNS = "<>≤≥=≠≈+±∓↑↓"
+# A CJK character; a run of letters and digits; a sign; a hyphen that does not stand between two
+# letters or digits ([^\W_]: a letter or digit, CJK included).
+_WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+|[{_SIGNS}]|(?<![^\W_])-|-(?![^\W_])")
+# Forms NFKC leaves alone: the variant inequalities, and the minus sign, spaced so that it is a sign
+# wherever it stands.
+_SIGN_FORMS = str.maketrans({"≦": "≤", "⩽": "≤", "≧": "≥", "⩾": "≥", "\u2212": " - "})
 # A reworded detail of the stem (an age, a drug) scores ~0.6-0.8; one changed option of four
 # single-word options scores 3/5 = 0.6.
 DEFAULT_THRESHOLD = 0.6
 
 
 def words(text: str) -> list[str]:
-    return _WORD.findall(normalize_text(text))
+    """The words of `text` for comparing questions (the module's docstring says what counts)."""
+    if text.isascii():  # the common case, and a hot path: ASCII holds no Cf character and NFKC keeps it
+        return _WORD.findall(text.lower())
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold().translate(_SIGN_FORMS))
+
+
+def comparison_key(text: str) -> str:
+    """A text's `words` run together: what two options or answers of compared questions must differ in."""
+    return "".join(words(text))
 
 
 def _ngrams(tokens: list[str], tag: str) -> set[str]:

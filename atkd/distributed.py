@@ -49,15 +49,16 @@ def mixed_precision_arg(dtype: str, on_gpu: bool) -> str | None:
     return "bf16" if on_gpu else "no"
 
 
-def make_accelerator(dtype: str, gradient_accumulation_steps: int):
-    """The run's Accelerator, after checking that the requested backend is the one running."""
+def make_accelerator(dtype: str, gradient_accumulation_steps: int, **trackers):
+    """The run's Accelerator, after checking that the requested backend is the one running.
+    `trackers`: its experiment-tracking arguments (log_with, project_dir; `atkd.tracking`)."""
     from accelerate import Accelerator
 
     on_gpu = torch.cuda.is_available()
     # cpu=True on a machine without CUDA: under a launcher accelerate then runs gloo data parallelism
     # (without it every process would train alone).
     acc = Accelerator(mixed_precision=mixed_precision_arg(dtype, on_gpu), cpu=not on_gpu,
-                      gradient_accumulation_steps=gradient_accumulation_steps)
+                      gradient_accumulation_steps=gradient_accumulation_steps, **trackers)
     check_backend(acc)
     return acc
 

@@ -14,9 +14,13 @@ setting or input reruns it either way. Partial work inside a stage (part logs, c
 keyed by the same fingerprint, so it is resumed only by a run that would produce the same result.
 
 Hashing is SHA-256 over the bytes. A file's hash is cached (`$ATKD_CACHE_DIR`, default
-`~/.cache/atkd/hashes`) under its path, size, mtime, ctime and inode: any rewrite changes the
-ctime (it cannot be set back), so the cache never returns the hash of old contents, and a 15 GB
-checkpoint is read once, not at every step.
+`~/.cache/atkd/hashes`) under its path, size, mtime, ctime and inode, so a 15 GB checkpoint is
+read once, not at every step. A rewrite changes the ctime (it cannot be set back), but only by
+the timestamp's tick: 1 s on older file systems, 2 s on FAT, and NFS clients cache attributes, so
+a same-size rewrite within one tick of the hash can keep every one of those fields. A hash is
+therefore cached only when the file's mtime and ctime both lie more than `SETTLED_S` (2 s) before
+the moment hashing began; a file younger than that is hashed again at each call until it settles,
+and any later rewrite falls in a later tick and changes the key.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 
 MISSING_PATH = "missing"  # the signature of a path that does not exist (yet)
 RECORD_SUFFIX = ".done.json"
+SETTLED_S = 2.0  # seconds between a file's last mtime/ctime and its hashing before the hash is cached
+CACHE_KEY_VERSION = 2  # 2: entries are written only for settled files (older entries are not trusted)
 
 
 # --------------------------------------------------------------------------- content signatures
@@ -48,8 +54,15 @@ def _cache_dir() -> Path | None:
 
 
 def _cache_key(path: Path, st: os.stat_result) -> str:
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}|{st.st_dev}"
+    key = (f"v{CACHE_KEY_VERSION}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+           f"|{st.st_dev}")
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def settled(st: os.stat_result, hashed_at_ns: int) -> bool:
+    """True when the file's mtime and ctime both lie more than SETTLED_S before `hashed_at_ns`: a rewrite after
+    that moment lands in a later timestamp tick. Times in the future (clock skew) are not settled."""
+    return hashed_at_ns - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLED_S * 1e9
 
 
 def file_sha256(path: str | Path) -> str:
@@ -62,12 +75,14 @@ def file_sha256(path: str | Path) -> str:
         cached = entry.read_text(encoding="ascii").strip()
         if len(cached) == 64:
             return cached
+    hashed_at = time.time_ns()
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     digest = h.hexdigest()
-    if entry is not None and path.stat().st_ctime_ns == st.st_ctime_ns:  # unchanged while we read it
+    # Cached only when settled, and unchanged while we read it.
+    if entry is not None and settled(st, hashed_at) and path.stat().st_ctime_ns == st.st_ctime_ns:
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
             tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
@@ -79,10 +94,11 @@ def file_sha256(path: str | Path) -> str:
 
 
 def is_bookkeeping(rel_parts: tuple[str, ...]) -> bool:
-    """Files that say nothing about a folder's content: hidden files, records, logs, partial work."""
+    """Files that say nothing about a folder's content: hidden files, records, logs, partial work, and a
+    model card (README.md at the top: main.py rewrites it after the evaluation, `atkd.model_card`)."""
     name = rel_parts[-1]
     return (any(p.startswith(".") or p.endswith(".parts") for p in rel_parts)
-            or name.endswith((RECORD_SUFFIX, ".log")))
+            or name.endswith((RECORD_SUFFIX, ".log")) or rel_parts == ("README.md",))
 
 
 def signature(path: str | Path) -> str:

@@ -31,6 +31,11 @@ Two kinds of KD target:
   Note that `combined_loss` multiplies KD by T^2 (the usual compensation for softened logits), which
   also weights the untempered tail term by T^2.
 
+On-policy items (the student's own sampled response, `atkd.on_policy`): the same terms, but the
+token-level rows of the student's text use their own divergence (`on_policy_kind`, train.py's
+`--on_policy_kd_loss`, reverse KL by default as in GKD/MiniLLM) and carry no CE (`train_data.collate`
+sets their CE weight to 0 and reads CE at the answer position towards the labelled letter).
+
 The logits come from `atkd.head.HeadAtPositions` (the output head applied at response positions
 only: N_response x V, never B x L x V for the prompt). `response_loss_sums` reads every term (CE,
 option KD, token KD) from one `gathered_logp` pass whose backward recomputes the softmax, so
@@ -175,12 +180,13 @@ def token_kd(student_logits: torch.Tensor, topk_ids: torch.Tensor, teacher_topk_
 
 
 def response_loss_sums(logits: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float,
-                       kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+                       kind: str, on_policy_kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(weighted CE sum, weighted KD sum) of a micro-batch from the logits at its response positions.
 
     `batch` is `atkd.train_data.collate`'s output. One gathered log-prob pass serves all three terms:
     per row the target, the 26 letter slots and the k top-k slots (rows without letters or top-k
-    repeat the target there; those columns carry no loss).
+    repeat the target there; those columns carry no loss). Token-level rows of the student's own
+    responses (`tok_on_policy`) use `on_policy_kind` (default: `kind`), every other KD term `kind`.
     """
     targets = batch["targets"]
     k = batch["tok_ids"].shape[1]
@@ -201,9 +207,26 @@ def response_loss_sums(logits: torch.Tensor, batch: dict[str, torch.Tensor], tem
     if has_tokens:
         rows = logp[batch["tok_index"]]
         buckets = torch.cat([rows[:, 1 + n_letters:1 + n_letters + k], rows[:, -1:]], dim=-1)
-        per_token = bucket_kd(buckets, batch["tok_logp"], batch["tok_tail"], temperature, kind)
+        per_token = token_divergences(buckets, batch, temperature, kind, on_policy_kind)
         kd = kd + (per_token * batch["tok_weight"].to(logp.dtype)).sum()
     return ce, kd
+
+
+def token_divergences(buckets: torch.Tensor, batch: dict[str, torch.Tensor], temperature: float, kind: str,
+                      on_policy_kind: str | None) -> torch.Tensor:
+    """Per token-level row: `kind` on the teacher's text, `on_policy_kind` on the student's own (`tok_on_policy`)."""
+    per_token = bucket_kd(buckets, batch["tok_logp"], batch["tok_tail"], temperature, kind)
+    own = batch.get("tok_on_policy")
+    if on_policy_kind is None or on_policy_kind == kind or own is None or not bool(own.any()):
+        return per_token
+    on = bucket_kd(buckets[own], batch["tok_logp"][own], batch["tok_tail"][own], temperature, on_policy_kind)
+    return torch.where(own, _spread(on, own, per_token), per_token)
+
+
+def _spread(values: torch.Tensor, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`values` (one per True of `mask`) placed at the True positions of a tensor shaped like `like`."""
+    out = torch.zeros_like(like)
+    return out.index_put((mask.nonzero(as_tuple=True)[0],), values)
 
 
 def ce_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

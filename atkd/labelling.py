@@ -4,14 +4,25 @@ Top down: at each level the model picks one child of the question's current node
 moves there, until it reaches a leaf. The choice is an ordinary multiple-choice question
 (`atkd.prompts.ability_question`: "which ability does this question test?", the children's names
 as the options), answered exactly like any other (`atkd.answering`, score mode: the option-letter
-probabilities at the answer position, one forward pass per length-sorted, left-padded batch). So
-a question costs one forward pass per level.
+probabilities at the answer position, one forward pass per length-sorted, left-padded batch).
 
-Levels with more than 26 children (one option per letter A-Z): the children are cut into
-consecutive chunks of at most 26, as even as possible (30 children: two chunks of 15, so no chunk
-is a near-walkover of a few names), the model picks within each chunk, then among the chunk
-winners (chunked again if there are still more than 26). The level's confidence is the product of
-the winner's probabilities in the rounds it won. A node with a single child is taken with
+Blind to the tree's order: a model prefers some option positions (an untrained or small one may pick
+the first option whatever it says), so the order in which a tree file lists the children must not
+decide the choice. The children are put in one canonical order (sorted by name), and the choice is
+asked under several cyclic shifts (rotations) of that order: by default all k of them for k options,
+so every child stands at every position once. A child's probability is its probability averaged over
+the rotations (by child, not by letter); the child with the highest mean wins (ties: the first in
+canonical order), and that mean is the choice's confidence. `--rotations n` asks n evenly spaced
+shifts instead (cheaper; still independent of the tree's order, less of the position bias averaged
+out). Cost: a choice among k children takes k labelling prompts (one row of a forward pass each)
+instead of 1; the demo tree (4 areas of 3 leaves) 4 + 3 = 7 per question instead of 2.
+
+Levels with more than 26 children (one option per letter A-Z): the children, in canonical order, are
+cut into consecutive chunks of at most 26, as even as possible (30 children: two chunks of 15, so no
+chunk is a near-walkover of a few names), the model picks within each chunk (under its rotations),
+then among the chunk winners, again in canonical order (chunked again if there are still more than
+26). Chunks and rounds depend only on the children's names. The level's confidence is the product
+of the winner's mean probabilities in the rounds it won. A node with a single child is taken with
 confidence 1, without asking.
 
 Output: one line per question, in input order: `{"id", "ability_path": [level 1, ..., leaf],
@@ -19,12 +30,13 @@ Output: one line per question, in input order: `{"id", "ability_path": [level 1,
 with or without it), `confidence[i]` the probability of the choice at level i+1. Beside it,
 `<stem>.summary.json`: per level, how many questions were placed and their confidence (mean,
 quartiles, share below 0.5); the questions under each node; the letter mass (how much of its
-probability the model put on the option letters at all).
+probability the model put on the option letters at all); the cost (labelling prompts scored and
+forward passes, resumed ones included).
 
-Resume: the answers of every round go to one part log, keyed `<question id>#<level>.<round>.<chunk>`.
-A rerun recomputes each level's choices from the answers logged and scores only the batches still
-missing; batches are planned over all of a round's questions before any is scored, so the output
-equals an uninterrupted run's, whatever the number of GPUs.
+Resume: the answers of every prompt go to one part log, keyed
+`<question id>#<level>.<round>.<chunk>.<shift>`. A rerun recomputes each level's choices from the
+answers logged and scores only the batches still missing; batches are planned over all of a round's
+prompts before any is scored, so the output equals an uninterrupted run's, whatever the number of GPUs.
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ import statistics
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 from . import paths
 from .answering import Answerer, LoadedModel, answer_all, plan_batches
@@ -58,12 +70,16 @@ LOW_CONFIDENCE = 0.5  # the summary counts choices made with a probability below
 class LabelConfig(StageConfig):
     """label_abilities.py: place each question in the ability tree with a model, level by level."""
 
+    version: ClassVar[int] = 2  # 2: children in canonical order, each choice asked under rotations of it
     model_path: str = setting(role=MODEL, help="local Hugging Face model folder (the teacher)")
     ability_tree_path: str = setting(role=INPUT, help="ability tree JSON (nested, with or without the domain "
                                                       "key, or a scored tree)")
     dataset_path: str = setting(role=INPUT, help="questions .jsonl to label (id, question, options, answer_idx)")
     output_path: str = setting(role=OUTPUT, help="ability paths .jsonl to write (<stem>.summary.json goes beside it)")
     batch_size: int = setting(16, check=at_least(1), affects_output=False, help="questions per forward pass")
+    rotations: int = setting(0, check=at_least(0),
+                             help="option orders each choice among k children is asked in: 0 = all k cyclic shifts "
+                                  "(every child at every position once; k prompts); n = n evenly spaced shifts")
     lang: str = lang()
     gpu_ids: list[int] = gpu_ids()
     dtype: str = dtype()
@@ -96,47 +112,81 @@ def chunks(candidates: list, limit: int = MAX_CHOICES) -> list[list]:
     return split_evenly(candidates, math.ceil(len(candidates) / limit))
 
 
-def question_key(q: Question, level: int, round_: int, chunk: int) -> str:
-    # The suffix never holds "#", so a key splits back into one (id, level, round, chunk) at its last "#".
-    return f"{q.key}#{level}.{round_}.{chunk}"
+def canonical(running: list[tuple[Node, float]]) -> list[tuple[Node, float]]:
+    """The candidates in the order every choice is asked from: by name, never the tree file's order."""
+    return sorted(running, key=lambda c: c[0].name)
 
 
-# A chunk of the children still in the running, each with the probability it has won with so far,
-# and the question that picks within it (None for a chunk of one: nothing to ask).
-Chunk = tuple[list[tuple[Node, float]], Question | None]
+def rotation_shifts(k: int, rotations: int) -> list[int]:
+    """The cyclic shifts a choice among k options is asked under: all k (0), or `rotations` evenly spaced."""
+    n = k if rotations <= 0 else min(k, rotations)
+    return [i * k // n for i in range(n)]  # distinct, since n <= k
 
 
-def round_chunks(p: Placement, running: list[tuple[Node, float]], level: int, round_: int, lang: str) -> list[Chunk]:
-    """One placement's chunks for this round, each with its labelling question."""
+def question_key(q: Question, level: int, round_: int, chunk: int, shift: int) -> str:
+    # The suffix never holds "#", so a key splits back into one (id, level, round, chunk, shift) at its last "#".
+    return f"{q.key}#{level}.{round_}.{chunk}.{shift}"
+
+
+@dataclass
+class Chunk:
+    """Candidates still in the running (canonical order), each with the probability it has won with so
+    far, and the labelling questions that pick among them: one per shift (none for a chunk of one)."""
+
+    candidates: list[tuple[Node, float]]
+    asked: list[tuple[int, Question]] = field(default_factory=list)  # (shift, question)
+
+
+def rotated_question(p: Placement, names: list[str], shift: int, key: str, lang: str) -> Question:
+    """The labelling question over `names` cyclically shifted left by `shift` (option A: names[shift])."""
+    return replace(ability_question(p.question, names[shift:] + names[:shift], lang), id=key)
+
+
+def round_chunks(p: Placement, running: list[tuple[Node, float]], level: int, round_: int, lang: str,
+                 rotations: int) -> list[Chunk]:
+    """One placement's chunks for this round, each with its labelling questions, one per rotation."""
     out = []
-    for c, chunk in enumerate(chunks(running)):
-        mcq = None
-        if len(chunk) > 1:
-            mcq = replace(ability_question(p.question, [child.name for child, _ in chunk], lang),
-                          id=question_key(p.question, level, round_, c))
-        out.append((chunk, mcq))
+    for c, candidates in enumerate(chunks(canonical(running))):
+        names = [child.name for child, _ in candidates]
+        asked = [] if len(names) == 1 else [
+            (s, rotated_question(p, names, s, question_key(p.question, level, round_, c, s), lang))
+            for s in rotation_shifts(len(names), rotations)]
+        out.append(Chunk(candidates, asked))
     return out
 
 
+def mean_probs(chunk: Chunk, answers: dict[str, dict]) -> list[float]:
+    """Each candidate's probability averaged over the chunk's rotations (candidate i stands at position
+    (i - shift) mod k in the rotation by `shift`)."""
+    k = len(chunk.candidates)
+    sums = [0.0] * k
+    for shift, mcq in chunk.asked:
+        probs = answers[mcq.key]["option_probs"]
+        for pos, letter in enumerate(LETTERS[:k]):
+            sums[(pos + shift) % k] += probs[letter]
+    return [total / len(chunk.asked) for total in sums]
+
+
 def chunk_winner(chunk: Chunk, answers: dict[str, dict]) -> tuple[Node, float]:
-    """The child the model picked in a chunk, with its probability so far times this round's."""
-    candidates, mcq = chunk
-    if mcq is None:
-        return candidates[0]
-    answer = answers[mcq.key]
-    child, won = candidates[LETTERS.index(answer["pred_letter"])]
-    return child, won * answer["option_probs"][answer["pred_letter"]]
+    """The child with the highest mean probability (ties: the first in canonical order), with its
+    probability so far times this round's mean."""
+    if not chunk.asked:
+        return chunk.candidates[0]
+    means = mean_probs(chunk, answers)
+    best = max(range(len(means)), key=lambda i: (means[i], -i))
+    child, won = chunk.candidates[best]
+    return child, won * means[best]
 
 
-def choose_children(level_placements: list[Placement], level: int, lang: str, ask: Ask) -> None:
+def choose_children(level_placements: list[Placement], level: int, lang: str, ask: Ask, rotations: int = 0) -> None:
     """Move every placement to one of its node's children (in place), asking round by round: each
     round picks within chunks of at most 26, until one child is left per placement."""
     running = [[(child, 1.0) for child in p.node.children] for p in level_placements]
     round_ = 0
     while any(len(r) > 1 for r in running):
-        plans = [round_chunks(p, r, level, round_, lang) if len(r) > 1 else [(r, None)]
+        plans = [round_chunks(p, r, level, round_, lang, rotations) if len(r) > 1 else [Chunk(r)]
                  for p, r in zip(level_placements, running)]
-        asked = [mcq for plan in plans for _, mcq in plan if mcq is not None]
+        asked = [mcq for plan in plans for chunk in plan for _, mcq in chunk.asked]
         answers = ask(asked, f"labelling level {level}" + (f", round {round_ + 1}" if round_ else ""))
         running = [[chunk_winner(chunk, answers) for chunk in plan] for plan in plans]
         round_ += 1
@@ -145,12 +195,12 @@ def choose_children(level_placements: list[Placement], level: int, lang: str, as
         p.confidence.append(prob)
 
 
-def place_all(tree: AbilityTree, questions: list[Question], lang: str, ask: Ask) -> list[Placement]:
+def place_all(tree: AbilityTree, questions: list[Question], lang: str, ask: Ask, rotations: int = 0) -> list[Placement]:
     """Every question taken from the root down to a leaf, one level at a time."""
     placements = [Placement(question=q, node=tree.root) for q in questions]
     level = 1
     while moving := [p for p in placements if p.node.children]:
-        choose_children(moving, level, lang, ask)
+        choose_children(moving, level, lang, ask, rotations)
         level += 1
     return placements
 
@@ -167,9 +217,9 @@ def confidence_stats(values: list[float]) -> dict:
             "share_below_0.5": sum(v < LOW_CONFIDENCE for v in values) / len(values)}
 
 
-def summarize(placements: list[Placement], tree: AbilityTree, letter_mass: dict, seconds: float,
+def summarize(placements: list[Placement], tree: AbilityTree, letter_mass: dict, cost: dict, seconds: float,
               resumed: int, cfg: LabelConfig, lang: str) -> dict:
-    """The summary file: confidence per level, questions per node, letter mass, provenance."""
+    """The summary file: confidence per level, questions per node, letter mass, cost, provenance."""
     depth = max(len(p.confidence) for p in placements)
     levels = [{"level": d + 1, **confidence_stats([p.confidence[d] for p in placements if len(p.confidence) > d])}
               for d in range(depth)]
@@ -178,6 +228,7 @@ def summarize(placements: list[Placement], tree: AbilityTree, letter_mass: dict,
         for d in range(2, len(p.node.path) + 1):
             per_node[ABILITY_SEP.join(p.node.path[1:d])] += 1
     return {"n": len(placements), "levels": levels, "questions_per_node": per_node, "letter_mass": letter_mass,
+            "cost": {**cost, "prompts_per_question": cost["prompts"] / len(placements), "rotations": cfg.rotations},
             "seconds": seconds, "resumed": resumed, "lang": lang, "model_path": cfg.model_path,
             "ability_tree_path": cfg.ability_tree_path, "dataset_path": cfg.dataset_path}
 
@@ -215,10 +266,13 @@ def run(cfg: LabelConfig) -> dict | None:
     part_log = PartLog(output, {**record.fingerprint, "device_type": device.type,
                                 "dtype": str(resolve_dtype(cfg.dtype, device))})
     loaded, masses, resumed = LoadedModel(), [], 0
+    cost = {"prompts": 0, "forward_passes": 0}  # labelling prompts scored, and the batches they went in
 
     def ask(mcqs: list[Question], desc: str) -> dict[str, dict]:
         nonlocal resumed
         batches = plan_batches(who, mcqs, cfg.batch_size, tokenizer)
+        cost["prompts"] += len(mcqs)
+        cost["forward_passes"] += len(batches)
         done, n_resumed = answer_all(who, mcqs, batches, gpus, part_log, desc, loaded)
         resumed += n_resumed
         masses.extend(done[q.key]["letter_mass"] for q in mcqs)
@@ -227,9 +281,9 @@ def run(cfg: LabelConfig) -> dict | None:
     log.info("labelling %d questions on a tree of %d leaves (widest node: %d children), language %s, on %s",
              len(questions), len(tree.leaves()), widest, who.lang, f"GPUs {gpus}" if gpus else "CPU")
     start = time.perf_counter()
-    placements = place_all(tree, questions, who.lang, ask)
+    placements = place_all(tree, questions, who.lang, ask, cfg.rotations)
     loaded.release()
-    summary = summarize(placements, tree, letter_mass_summary(masses, cfg.model_path),
+    summary = summarize(placements, tree, letter_mass_summary(masses, cfg.model_path), cost,
                         time.perf_counter() - start, resumed, cfg, who.lang)
     write_jsonl(output, label_records(placements))
     write_json(paths.labels_summary_path(output), summary)
@@ -238,5 +292,8 @@ def run(cfg: LabelConfig) -> dict | None:
     for level in summary["levels"]:
         log.info("level %d: %d placed, confidence mean %.3f, median %.3f, %.1f%% below %.1f", level["level"],
                  level["placed"], level["mean"], level["median"], 100 * level["share_below_0.5"], LOW_CONFIDENCE)
+    log.info("%d labelling prompts (%.1f per question, every choice under %s), %d forward passes",
+             cost["prompts"], summary["cost"]["prompts_per_question"],
+             f"{cfg.rotations} rotations at most" if cfg.rotations else "every rotation", cost["forward_passes"])
     log.info("wrote %s", output)
     return summary

@@ -1,11 +1,17 @@
 """No evaluation question in the training data: which questions repeat one, and main.py's check.
 
 A question *repeats* an evaluation question when it is
-- the same question: the same words in the stem and the same set of options (case, width,
-  spacing and punctuation aside; options in any order), whatever answer it keys; or
+- the same question: the same stem and the same set of options (options in any order), whatever
+  answer it keys; or
 - a near-duplicate that keys the same answer: stems and option sets both at least `threshold`
-  similar (`atkd.dedup`, the measure step C uses against its seeds), and the correct options'
-  texts equal after normalisation.
+  similar (`atkd.dedup`, the measure step C uses against its seeds), and the same answer text.
+Both rules read text through one normalisation, `atkd.dedup.words` (NFKC, case, spacing and
+punctuation aside, each CJK character a word, comparison and sign symbols kept as words), and
+"the same" text is the same `atkd.dedup.comparison_key` (the words run together). So "HbA1c > 9%"
+and "HbA1c < 9%", "↑" and "↓", "(+)" and "(-)" make different questions, while "Beta blocker",
+"Beta-blocker" and "BETA BLOCKER" (or "华法 林" and "华法林") are one answer. Case is folded here, unlike
+in `qparse.option_key`: a reworded copy of an evaluation question keying "GG" where it keys "gg" is
+counted as keying the same answer (the check errs towards a repeat).
 The answer condition keeps templated questions apart: "Which of these is a respiratory disease?"
 and "Which of these is a cardiovascular disease?" over three shared options are two questions
 (the embedded demo has such pairs), while a copy with reordered or one reworded distractor is the
@@ -21,11 +27,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .dedup import DEFAULT_THRESHOLD, Features, NearDupIndex, features_of_words, rarest_first, words
 from .errors import InputError
 from .io import iter_jsonl
-from .qparse import normalize_text
 from .records import Question
 
 
@@ -45,41 +51,51 @@ class Repeat:
 
 
 def exact_key(question: str, options: dict[str, str]) -> tuple:
-    """What two copies of one question share: the words of the stem and the set of the options' words
-    (`atkd.dedup.words`: case, width, spacing and punctuation aside)."""
-    return key_and_features(question, options)[0]
+    """What two copies of one question share: the `comparison_key` of the stem and the set of the
+    options' (case, width, spacing and punctuation aside; signs kept)."""
+    return keyed(question, options).exact
 
 
-def key_and_features(question: str, options: dict[str, str]) -> tuple[tuple, Features]:
-    """`exact_key` and `atkd.dedup.features` of a question, its text split into words once."""
+class Keyed(NamedTuple):
+    """A question read once through `atkd.dedup.words`: its exact key, its features and the
+    `comparison_key` of each option, by letter."""
+
+    exact: tuple
+    features: Features
+    option_keys: dict[str, str]
+
+
+def keyed(question: str, options: dict[str, str]) -> Keyed:
+    """A question's `Keyed`, its text split into words once."""
     stem, opts = words(question), [words(o) for o in options.values()]
-    return (tuple(stem), tuple(sorted(map(tuple, opts)))), features_of_words(stem, opts)
+    keys = ["".join(o) for o in opts]  # `comparison_key` of each option, from the words already split
+    return Keyed(("".join(stem), tuple(sorted(keys))), features_of_words(stem, opts), dict(zip(options, keys)))
 
 
 class EvalIndex:
     """The evaluation questions, for asking whether a question repeats one of them."""
 
     def __init__(self, eval_questions: list[Question], threshold: float = DEFAULT_THRESHOLD, rarest: bool = True):
-        keyed = [key_and_features(q.question, q.options) for q in eval_questions]
-        feats = [f for _, f in keyed]
+        read = [keyed(q.question, q.options) for q in eval_questions]
+        feats = [k.features for k in read]
         # The evaluation set is known up front: rare words first keeps each probe's candidates few
         # (rarest=False, the index's default hash order, is bench/leakage.py's baseline; same result).
         self.index = NearDupIndex(threshold, rarest_first(feats)) if rarest else NearDupIndex(threshold)
         self.answers: dict[str, str] = {}
         self.exact: dict[tuple, str] = {}
-        for q, (key, f) in zip(eval_questions, keyed):
-            self.index.add(f, q.key)
-            self.answers[q.key] = normalize_text(q.options[q.answer_idx])
-            self.exact.setdefault(key, q.key)
+        for q, k in zip(eval_questions, read):
+            self.index.add(k.features, q.key)
+            self.answers[q.key] = k.option_keys[q.answer_idx]
+            self.exact.setdefault(k.exact, q.key)
 
     def repeat_of(self, key: str, question: str, options: dict[str, str], answer_idx: str) -> Repeat | None:
         """The evaluation question this one repeats (the most similar), or None."""
-        exact, feats = key_and_features(question, options)
-        same = self.exact.get(exact)
+        k = keyed(question, options)
+        same = self.exact.get(k.exact)
         if same is not None:
             return Repeat(key, same, 1.0, exact=True)
-        answer = normalize_text(options[answer_idx])
-        for eval_key, sim in self.index.similar(feats):
+        answer = k.option_keys[answer_idx]
+        for eval_key, sim in self.index.similar(k.features):
             if self.answers[eval_key] == answer:
                 return Repeat(key, eval_key, sim, exact=False)
         return None

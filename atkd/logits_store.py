@@ -5,7 +5,8 @@ Layout of the output folder (step E):
     index.json                   format, teacher, tokenizer fingerprint, lang, top_k, response
                                  field, shard list, teacher accuracy, and per item id: shard,
                                  row, letters, answer, the teacher's pick, whether its top
-                                 letters tied, prompt hashes, token rows (tok_start, tok_len)
+                                 letters tied, prompt hashes, token rows (tok_start, tok_len),
+                                 `on_policy: true` when the response is the student's own
     summary.json                 the teacher's accuracy on the data (n, correct, accuracy), its
                                  letter mass and tied top letters (atkd.scoring.scoring_summary)
     shard-00000.safetensors      per shard (about --shard_size items):
@@ -161,6 +162,7 @@ def assemble(output_dir: Path, parts_dir: Path, records: list[dict], header: dic
     summary = {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
                "mean_letter_mass": sum(e["letter_mass"] for e in items.values()) / n if n else 0.0,
                "token_level_items": sum(1 for e in items.values() if e["tok_len"]),
+               "on_policy_items": sum(1 for e in items.values() if e.get("on_policy")),
                "shards": len(names),
                **scoring_summary([e["letter_mass"] for e in items.values()], [e.get("tied") for e in items.values()],
                                  header.get("teacher_model") or "the teacher")}

@@ -180,6 +180,7 @@ def load_model(path: str | Path, device: torch.device | None = None, dtype: str 
     from transformers import AutoModelForCausalLM
 
     check_model_dir(path)
+    quiet_transformers()
     device = device or torch.device("cpu")
     if device_map is not None and max_memory and all(isinstance(k, int) for k in max_memory):
         device = torch.device("cuda", next(iter(max_memory)))  # the dtype of GPUs (bf16), not of the CPU
@@ -214,7 +215,17 @@ def input_device(model) -> torch.device:
 
 
 def set_quiet_env() -> None:
-    """Keep tokenizers' thread pool from fighting our worker processes, and never touch the hub."""
+    """Keep tokenizers' thread pool from fighting our worker processes, never touch the hub, and draw no
+    hub or transformers progress bars (transformers 5 draws a "Loading weights" bar per model load; the
+    variable reaches the processes this one starts, `quiet_transformers` covers this one)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def quiet_transformers() -> None:
+    """No transformers progress bars in this process (read at import, the variable above may come too late)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

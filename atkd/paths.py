@@ -87,6 +87,15 @@ class IterationPaths:
     def explained(self) -> Path:
         return self.rationale_dir / "explained.jsonl"
 
+    # D4 (RESPONSES student | mixed): the student's own rationale replies for the items it practises
+    @property
+    def on_policy_dir(self) -> Path:
+        return self.dir / "D4_student_responses"
+
+    @property
+    def on_policy_items(self) -> Path:
+        return self.on_policy_dir / "train.jsonl"
+
     # E: teacher logits
     @property
     def logits_dir(self) -> Path:

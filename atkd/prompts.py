@@ -20,7 +20,12 @@ Rendering is made to depend on nothing but the text and the tokenizer:
   `enable_thinking=False` is passed (Qwen3 then renders a closed, empty think block); a template
   whose generation prompt still ends inside an open think block (DeepSeek-R1 distills end with
   "<think>\\n") gets a closed empty block appended (`CLOSE_THINK`), so the letter is scored after it.
-  Which of the two happened is logged once per tokenizer (`think_handling`).
+  Which of the two happened is logged once per tokenizer (`think_handling`);
+- a generation prompt that ends in whitespace the tokenizer joins to the reply's first word
+  ("... ASSISTANT: " then "A" is ":" + "ĠA", not ":" + "Ġ" + "ĠA") ends before that whitespace,
+  and the reply starts with it (`reply_joined_whitespace`, `reply_prefix`): the prompt's ids
+  followed by the letter's are the tokenizer's ids of the template's prompt followed by the letter,
+  never a lone space token the model never saw before a letter.
 
 `prompts_version()` is a short hash of every text here; fingerprints include it so that changing
 a prompt reruns the stages that used it.
@@ -53,6 +58,10 @@ DATE_STRING_FORMAT = "%d %b %Y"  # how Llama-3.x templates write date_string ("2
 # The think-block tags of the reasoning families that use them (DeepSeek-R1 and its distills, Qwen3, QwQ).
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CLOSE_THINK = THINK_CLOSE + "\n\n"  # what Qwen3 itself renders after an empty think block
+
+# How a generation prompt's trailing whitespace is handled (see the module docstring); part of
+# `prompts_version()`, so a change of the rule reruns the stages whose prompts it renders.
+JOINED_WHITESPACE_RULE = "whitespace the tokenizer joins to the reply's first word starts the reply, not the prompt"
 
 
 @dataclass(frozen=True)
@@ -213,12 +222,57 @@ def apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool,
 def render(tokenizer, user_text: str, plain_cue: str = "") -> str:
     """The full prompt text: through the chat template when there is one, else plain text + cue."""
     if has_chat_template(tokenizer):
-        text = apply_template(tokenizer, [{"role": "user", "content": user_text}], add_generation_prompt=True)
-        _log_think_handling(tokenizer)
-        if ends_in_open_think(text, user_text):
-            text += CLOSE_THINK
-        return text
+        text = templated_prompt(tokenizer, user_text)
+        joined = reply_joined_whitespace(tokenizer)
+        return text[: -len(joined)] if joined and text.endswith(joined) else text
     return f"{user_text}\n\n{plain_cue}" if plain_cue else f"{user_text}\n\n"
+
+
+def templated_prompt(tokenizer, user_text: str) -> str:
+    """The chat template's prompt for `user_text`: the generation prompt added, an open think block closed,
+    and its trailing whitespace kept (`render` drops what `reply_joined_whitespace` moves into the reply)."""
+    text = apply_template(tokenizer, [{"role": "user", "content": user_text}], add_generation_prompt=True)
+    _log_think_handling(tokenizer)
+    if ends_in_open_think(text, user_text):
+        text += CLOSE_THINK
+    return text
+
+
+# Per tokenizer object (weakly held), the trailing whitespace of its generation prompt that starts the reply.
+_JOINED: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
+
+
+def reply_joined_whitespace(tokenizer) -> str:
+    """The whitespace ending the chat template's generation prompt that the tokenizer joins to the reply's
+    first word: " " for "... ASSISTANT: " with a byte-level or SentencePiece tokenizer ("A" after it is
+    ":" + "ĠA"); "" for every template whose prompt ends in a newline or no whitespace, or with no template.
+
+    `render` ends the prompt before it and `reply_prefix` starts the reply with it. When no cut gives
+    the prompt's ids followed by the reply's, it is "" and the letter check refuses the template
+    (`atkd.letters.letter_token_ids`).
+    """
+    if not has_chat_template(tokenizer):
+        return ""
+    if tokenizer not in _JOINED:
+        _JOINED[tokenizer] = _joined_whitespace(tokenizer, templated_prompt(tokenizer, "?"))
+        if _JOINED[tokenizer]:
+            log.info("chat template's generation prompt ends in %r, which the tokenizer joins to the reply's first "
+                     "word: prompts end before it and the answer letter's token carries it", _JOINED[tokenizer])
+    return _JOINED[tokenizer]
+
+
+def _joined_whitespace(tokenizer, prompt: str) -> str:
+    """The shortest whitespace tail of `prompt` whose removal makes the prompt's ids a prefix of the ids of
+    `prompt` + "A" ("" when the whitespace keeps its own tokens, as a newline does)."""
+    trailing = len(prompt) - len(prompt.rstrip())
+    if not trailing:
+        return ""
+    full = encode_prompt(tokenizer, prompt + "A")
+    for k in range(trailing + 1):  # k = 0: the whitespace keeps its own tokens ("\n"), nothing moves
+        head = encode_prompt(tokenizer, prompt[: len(prompt) - k])
+        if len(full) > len(head) and full[: len(head)] == head:
+            return prompt[len(prompt) - k:]
+    return ""
 
 
 def ends_in_open_think(text: str, user_text: str = "") -> bool:
@@ -301,8 +355,22 @@ def rationale_prompt(tokenizer, q: Question, lang: str) -> str:
 
 
 def reply_prefix(tokenizer, lang: str = "en") -> str:
-    """What precedes the letter in a reply: nothing after a chat template or "答案：", a space after "Answer:"."""
-    return "" if has_chat_template(tokenizer) or lang == "zh" else " "
+    """What precedes the letter in a reply: after a chat template, the generation prompt's whitespace that
+    starts the reply (`reply_joined_whitespace`, nearly always ""); nothing after "答案："; a space after "Answer:"."""
+    if has_chat_template(tokenizer):
+        return reply_joined_whitespace(tokenizer)
+    return "" if lang == "zh" else " "
+
+
+def reply_lead(tokenizer, reply: str, user_text: str = "?") -> str:
+    """The text a chat template's assistant turn puts between its generation prompt (`templated_prompt`, its
+    trailing whitespace kept) and the reply `reply`: " " for Llama-2's "[/INST] A", "" for most. "" when
+    the turn does not continue the generation prompt's text (R1 drops the think block of past turns)."""
+    prompt = templated_prompt(tokenizer, user_text)
+    turn = apply_template(tokenizer, [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}],
+                          add_generation_prompt=False)
+    at = turn.find(reply, len(prompt)) if turn.startswith(prompt) else -1
+    return turn[len(prompt):at] if at >= 0 else ""
 
 
 def encode_prompt(tokenizer, prompt_text: str) -> list[int]:
@@ -356,6 +424,7 @@ def prompts_version() -> str:
         "date_format": DATE_STRING_FORMAT,
         "think": [THINK_OPEN, THINK_CLOSE, CLOSE_THINK],
         "template_kwargs": sorted(template_kwargs()),
+        "joined_whitespace": JOINED_WHITESPACE_RULE,
     }
     for lang in LABELS:
         produced[lang] = [mcq_user_text(sample, lang), mcq_user_text(sample, lang, cot=True),

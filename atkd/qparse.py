@@ -11,8 +11,10 @@ The format is exactly what `prompts.question_block(q, lang, with_answer=True)` p
 The parser never accepts an invalid item: a missing or empty question, fewer than two options,
 letters that are not consecutive from A, an empty or duplicate option, or an answer outside the
 options each give a rejection reason instead; so does an answer line whose "letter" starts a word
-("Answer: Aspirin"). Options are compared by `option_key`: case, width, spaces, invisible format
-characters and a trailing period do not make two options different. Text before "Question:" and
+("Answer: Aspirin"). Options are compared by `option_key`: width, spaces, invisible format
+characters and a trailing period do not make two options different, case does ("GG", "gg" and "Gg"
+are three genotypes, "Co" and "CO" cobalt and carbon monoxide, "mg" and "Mg" a unit and an element).
+Text after the answer letter must name that option (`option_named`). Text before "Question:" and
 after the answer line is ignored (models add chatter); a second question is not read. Bold labels
 ("**Question:**", "**Answer:** B") are read as labels.
 """
@@ -48,9 +50,25 @@ def normalize_text(text: str) -> str:
 
 
 def option_key(text: str) -> str:
-    """What two options must differ in: `normalize_text` with every space removed as well
-    ("ice cream" and "icecream", "阿司 匹林" and "阿司匹林" are one option)."""
-    return re.sub(r"\s+", "", normalize_text(text)).rstrip(".。;；")
+    """What two options must differ in, case included: the text after NFKC (width) with invisible
+    format characters, every space and a trailing period removed ("ice cream" and "icecream",
+    "阿司 匹林" and "阿司匹林", "ＣＯ" and "CO" are one option; "CO" and "Co" are two). The one rule
+    for repeated options: step C's acceptance here, the converters in `atkd.datasets`."""
+    if not text.isascii():  # ASCII holds no Cf character and NFKC keeps it
+        text = unicodedata.normalize("NFKC", "".join(ch for ch in text if unicodedata.category(ch) != "Cf"))
+    return re.sub(r"\s+", "", text).rstrip(".。;；")
+
+
+def option_named(text: str, options: list[str]) -> int | None:
+    """The index of the option `text` names: the one with its `option_key`; else the only one equal to
+    it once case is folded too ("metoprolol" names "Metoprolol"); None when none or several do
+    ("gG" among "GG", "gg", "Gg")."""
+    key = option_key(text)
+    keys = [option_key(o) for o in options]
+    if key in keys:
+        return keys.index(key)
+    folded = [i for i, k in enumerate(keys) if k.casefold() == key.casefold()]
+    return folded[0] if len(folded) == 1 else None
 
 
 def parse_question(text: str) -> tuple[dict | None, str | None]:
@@ -99,7 +117,8 @@ def parse_question(text: str) -> tuple[dict | None, str | None]:
     if answer not in letters:
         return None, "answer_not_in_options"
     # "Answer: B. metoprolol" is fine; "Answer: Aspirin" is not the letter A.
-    if answer_rest.strip("*").strip() and option_key(answer_rest.strip("*")) != normalized[letters.index(answer)]:
+    rest = answer_rest.strip("*").strip()
+    if rest and option_named(rest, [v for _, v in options]) != letters.index(answer):
         return None, "no_answer"
     item = {"question": question, "options": dict(options), "answer_idx": answer}
     # The record schema is the last word: whatever it rejects, we reject.

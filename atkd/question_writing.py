@@ -493,7 +493,7 @@ class Teacher:
 
 def write_worker(rank: int, gpu_id: int | None, batches: list[Batch], writer, teacher: Teacher) -> None:
     """Generate every batch and append `{"id": task id, "text": reply}` records, one batch at a time."""
-    from tqdm import tqdm
+    from .console import progress_bar as tqdm
 
     for batch in tqdm(batches, desc="writing questions", unit="batch", disable=rank != 0):
         texts = teacher.texts(batch, gpu_id)
@@ -509,7 +509,7 @@ def api_requests(batches: list[Batch], done: dict) -> list[tuple[Task, int]]:
 def write_by_api(cfg: QuestionWritingConfig, todo: list[tuple[Task, int]], writer) -> None:
     """Send every prompt to the endpoint and log each reply the moment it arrives: a kill loses only
     the requests in flight, and the rerun asks exactly those again, with the same seeds."""
-    from tqdm import tqdm
+    from .console import progress_bar as tqdm
 
     from .api import endpoint
 

@@ -5,8 +5,13 @@ Trained only on questions written for its weak abilities, the student forgets so
 the validated generated items a share of the round's own questions (the iteration's dataset,
 with their gold answers), drawn in favour of the abilities the student already answers well:
 
-- how many: `replay_fraction` of the training items, so n_replay = f * n_generated / (1 - f)
-  (rounded), exactly, even when that is more than the dataset holds;
+- how many: `replay_fraction` f of the training items. The count is taken over the final training
+  items: the file given as `validated_file` is the last step before D2 (D's validated items, or
+  D3's explained ones in rationale style, so nothing is dropped after the count is fixed). Of the
+  two whole numbers around f * n / (1 - f) (n: the items before replay), the count is the one
+  whose share r / (n + r) is nearest f, the larger on a tie (`replay_count`); e.g. 2 items at
+  0.2 get 1 replay item (share 1/3, 0.13 from 0.2; none would be 0.2 from it). That count is
+  drawn exactly, even when it is more than the dataset holds;
 - which: a weighted draw without replacement (Efraimidis-Spirakis: the n largest keys
   u ** (1 / w), u uniform), where a question's weight w is its ability's smoothed accuracy in B's
   scored tree (`1 - weakness`, ARCHITECTURE.md §7). When n exceeds the dataset, every question is
@@ -16,7 +21,9 @@ with their gold answers), drawn in favour of the abilities the student already a
 
 Replay items keep their question, options and gold answer; their id becomes `replay-<id>`
 (`replay<pass>-<id>` from the second pass on; `replay_of` keeps the original) and they carry
-`source: "replay"`, `replay_pass` and their `ability_path`.
+`source: "replay"`, `replay_pass` and their `ability_path`. In rationale style a replay item is
+not explained by the teacher: it trains on its letter (option-level KD), or on the dataset's own
+explanation when it carries one; `drop_field` removes that field (USE_DATASET_EXPLANATION off).
 Step E takes the teacher's logits for them like for generated items, and F trains on both.
 Outputs: train.jsonl (the generated items, then the replay items in dataset order) and
 replay.json (the counts, the share, the seed, and per ability: available, weight, drawn).
@@ -28,6 +35,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from . import paths
@@ -48,7 +56,9 @@ REPLAY_PREFIX = "replay-"
 class ReplayConfig(StageConfig):
     """add_replay.py: add replayed dataset questions to the validated generated ones."""
 
-    validated_file: str = setting(role=INPUT, help="validated generated questions .jsonl (step D)")
+    validated_file: str = setting(role=INPUT, help="the training items before replay .jsonl (step D's validated "
+                                                   "items, or step D3's explained ones): the share is of these "
+                                                   "plus the replayed ones")
     dataset_path: str = setting(role=INPUT, help="the round's questions .jsonl; replay items are drawn from it, "
                                                  "with their gold answers")
     ability_class_path: str = setting(role=INPUT, help="ability paths .jsonl of those questions")
@@ -58,14 +68,27 @@ class ReplayConfig(StageConfig):
     replay_fraction: float = setting(0.2, check=Check(lambda v: 0 <= v < 1, "in [0, 1)"),
                                      help="share of the training items drawn from the dataset (0: none)")
     seed: int = setting(0, help="seed of the draw")
+    drop_field: str = setting("", help="record field removed from replay items (e.g. a dataset explanation "
+                                       "the run does not train on); empty: they keep every field")
+
+    version = 2  # 2: the count is the share nearest the fraction (was Python's round: 0 for 2 items at 0.2)
 
     def outputs(self) -> list[Path]:
         return [Path(self.output_path), paths.replay_record_path(self.output_path)]
 
 
 def replay_count(n_generated: int, fraction: float) -> int:
-    """Replay items that make `fraction` of a training set holding `n_generated` other items."""
-    return round(fraction * n_generated / (1.0 - fraction))
+    """Replay items r that make `fraction` of a training set holding `n_generated` other items: of the two
+    whole numbers around f * n / (1 - f), the one whose share r / (n + r) is nearest f (the larger on a tie).
+
+    The fraction is taken as the decimal it is written as (0.2 is 1/5), in exact arithmetic.
+    """
+    f = Fraction(repr(float(fraction)))
+    if n_generated <= 0 or f <= 0:
+        return 0
+    n = n_generated
+    low = math.floor(f * n / (1 - f))
+    return low if abs(Fraction(low, n + low) - f) < abs(Fraction(low + 1, n + low + 1) - f) else low + 1
 
 
 def question_weights(questions: list[Question], ability_file: str | Path, tree) -> dict[str, tuple[tuple, float]]:
@@ -105,8 +128,10 @@ def draw(questions: list[Question], weights: dict[str, float], n: int, seed: int
     return out
 
 
-def replay_record(q: Question, path: tuple, pass_: int) -> dict:
+def replay_record(q: Question, path: tuple, pass_: int, drop_field: str = "") -> dict:
     rec = q.to_dict()
+    if drop_field:
+        rec.pop(drop_field, None)
     prefix = REPLAY_PREFIX if pass_ == 1 else f"replay{pass_}-"
     rec.update(id=f"{prefix}{q.id}", replay_of=q.id, replay_pass=pass_, source="replay", ability_path=list(path))
     return rec
@@ -130,7 +155,8 @@ def run(cfg: ReplayConfig) -> dict | None:
         log.info("replay: %d items wanted, the dataset has %d with an ability path: some are replayed %d times",
                  wanted, len(candidates), math.ceil(wanted / max(1, len(candidates))))
     chosen = draw(candidates, {k: w for k, (_p, w) in weighted.items()}, wanted, cfg.seed)
-    mix = [q.to_dict() for q in generated] + [replay_record(q, weighted[q.key][0], p) for p, q in chosen]
+    mix = [q.to_dict() for q in generated] + [replay_record(q, weighted[q.key][0], p, cfg.drop_field)
+                                              for p, q in chosen]
     seen: set[str] = set()
     for rec in mix:
         if str(rec["id"]) in seen:
@@ -158,7 +184,9 @@ def replay_summary(cfg: ReplayConfig, n_generated: int, wanted: int, candidates:
         by_ability[" > ".join(weighted[q.key][0])]["drawn"] += 1
     total = n_generated + len(chosen)
     return {"replay_fraction": cfg.replay_fraction, "seed": cfg.seed, "generated": n_generated,
-            "replay_wanted": wanted, "replay": len(chosen), "share": round(len(chosen) / total, 4) if total else 0.0,
+            "replay_wanted": wanted, "replay": len(chosen), "training_items": total,
+            "share": len(chosen) / total if total else 0.0,  # of the final training items: nothing drops after D2
+            "rounding": "the count whose share is nearest the fraction (the larger on a tie)",
             "passes": max((p for p, _q in chosen), default=0),
             "weight": "the ability's smoothed accuracy in the scored tree (1 - weakness)",
             "replay_ids": [q.key for _p, q in chosen], "by_ability": dict(sorted(by_ability.items()))}

@@ -9,7 +9,9 @@ teacher saw (the reference re-tokenised a string holding a literal backslash-n):
                   + ids of "\\n" + the item's response text + [end]    (only with a response field)
     model input = prompt ids + response[:-1]
 
-The pieces are concatenated as ids, never re-tokenised as one string. [end] is the token the chat
+The pieces are concatenated as ids, never re-tokenised as one string; prompt ids + letter token are
+the tokenizer's own ids of the template's prompt followed by the letter (`atkd.letters` checks it; a
+prompt ending in a space joined to the letter ends before it, and `reply_prefix` carries it). [end] is the token the chat
 template closes an assistant turn with (`atkd.generation.end_of_turn_id`: <|eot_id|> for Llama-3,
 <end_of_turn> for Gemma, <|im_end|> for ChatML), else the tokenizer's eos: Llama-3's and Gemma's
 eos (<|end_of_text|>, <eos>) never follow a reply in their templates, and a student taught to

@@ -4,8 +4,9 @@ A step is a stage script and its config. Whether it is done is decided by the st
 done-record (`atkd.fingerprint.DoneRecord`), the same one the script reads when run by hand, so
 main.py and a person at the shell always agree. A step that is not done runs as
 `python <script> <config as flags>`: the command is printed first (it reruns the stage by hand),
-its output streams to the console and to the step's log file, and the stage writes its record
-when it finishes. Stale or partial work is the stage's business: partial work made under the
+its output streams to the console and to the step's log file (as lines: a progress bar's
+carriage-return redraws keep only their last state there), the stage writes its record when it
+finishes, and main.py ends the step with one summary line (`[done] <step> in <s> s ...`). Stale or partial work is the stage's business: partial work made under the
 same fingerprint is resumed, anything else is redone.
 """
 
@@ -15,6 +16,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,13 +77,23 @@ def run_step(step: Step, dry_run: bool = False) -> str:
     if label == "resume":
         why = "continuing the work an earlier run left"
     print(f"[{label}] {step.name}: {why}\n  $ {env + ' ' if env else ''}{cmd}", flush=True)
+    started = time.monotonic()
     code = stream(step.command, step.log_path, step.env)
     if code != 0:
         raise StepFailed(step, code)
     after, why = DoneRecord(step.cfg).status()
     if after != "done":
         raise StepFailed(step, -1, f" (it exited 0 but is not done: {why})")
+    print(summary_line(step, time.monotonic() - started), flush=True)
     return state
+
+
+def summary_line(step: Step, seconds: float) -> str:
+    """`[done] C_distill_data in 12.3 s: output/workflow/iteration_1/C_distill_data (log: ...)`."""
+    out = step.cfg.outputs()[0]
+    where = out.parent if out.suffix else out
+    log = f" (log: {step.log_path})" if step.log_path else ""
+    return f"[done] {step.name} in {seconds:.1f} s: {where}{log}"
 
 
 def has_partial_work(cfg: StageConfig) -> bool:
@@ -102,16 +114,44 @@ def stream(command: list[str], log_path: Path | None, env: dict[str, str]) -> in
         log_fh.write(f"\n$ {shlex.join(command)}\n".encode())
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env)
     try:
-        # Raw chunks, not lines: tqdm redraws with \r and would otherwise show up only at the end.
+        # Raw chunks to the console (a redrawn line shows as it changes); whole lines to the log.
+        lines = LogLines(log_fh)
         while chunk := os.read(proc.stdout.fileno(), 65536):
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
-            if log_fh:
-                log_fh.write(chunk)
-                log_fh.flush()
+            lines.write(chunk)
+        lines.close()
         return proc.wait()
     finally:
         if proc.poll() is None:
             proc.kill()
         if log_fh:
             log_fh.close()
+
+
+class LogLines:
+    """Output for a log file: whole lines, each as it last looked (a "\r"-redrawn line keeps its final
+    state, so a progress bar drawn by a tool we do not control is one line, not hundreds)."""
+
+    def __init__(self, fh):
+        self.fh, self.pending = fh, b""
+
+    def write(self, chunk: bytes) -> None:
+        if self.fh is None:
+            return
+        *done, self.pending = (self.pending + chunk).split(b"\n")
+        for line in done:
+            self.fh.write(last_state(line) + b"\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        if self.fh is not None and self.pending:
+            self.fh.write(last_state(self.pending) + b"\n")
+            self.pending = b""
+            self.fh.flush()
+
+
+def last_state(line: bytes) -> bytes:
+    """What a terminal would show of a line redrawn with carriage returns: the text after the last one."""
+    parts = [p for p in line.split(b"\r") if p.strip()]
+    return parts[-1] if parts else b""

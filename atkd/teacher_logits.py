@@ -3,7 +3,9 @@
 Per item: the teacher's log-probabilities over the option letters at the answer position
 (tokenizer independent, so the student may come from another family) and, with a response
 field, the top-k log-probabilities and the leftover tail mass at every later response token
-(token-level KD when the student shares the teacher's vocabulary). The sequences are
+(token-level KD when the student shares the teacher's vocabulary). An item the student practised
+on-policy (step D4, `atkd.on_policy`) is scored on the student's own response: its sampled letter
+and reason, every token of it, whatever the response field. The sequences are
 `atkd.sequence.training_sequence`, exactly what train.py feeds the student; the store's format
 is `atkd.logits_store`.
 
@@ -33,7 +35,8 @@ from .logits_store import FORMAT, assemble, pack, shard_name
 from .paths import logits_index, logits_summary
 from .records import MAX_OPTIONS, Question, load_questions, question_from_dict
 from .scoring import scores_from_logits, with_exact_letters
-from .sequence import sha256_ids, sha256_text, tokenizer_fingerprint, training_sequence
+from .on_policy import item_sequence, practised_letter
+from .sequence import sha256_ids, sha256_text, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ def plan_shards(n_items: int, shard_size: int) -> list[list[int]]:
 def teacher_outputs(head: HeadAtPositions, tokenizer, questions: list[Question], lang: str, top_k: int,
                     batch_size: int, response_field: str | None) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """One shard's tensors and per-item index entries (in `questions` order)."""
-    seqs = [training_sequence(tokenizer, q, lang, response_field) for q in questions]
+    seqs = [item_sequence(tokenizer, q, lang, response_field) for q in questions]
     option_rows = torch.full((len(questions), MAX_OPTIONS), float("-inf"))
     per_item_tokens: list[tuple | None] = [None] * len(questions)
     items: list[dict] = [{} for _ in questions]
@@ -104,6 +107,8 @@ def teacher_outputs(head: HeadAtPositions, tokenizer, questions: list[Question],
                         "user_sha256": sha256_text(seqs[i].user_text),
                         "prompt_sha256": sha256_text(seqs[i].prompt_text),
                         "prompt_ids_sha256": sha256_ids(seqs[i].prompt_ids)}
+            if practised_letter(q) is not None:  # the response is the student's own (atkd.on_policy)
+                items[i]["on_policy"] = True
             if n > 1:
                 per_item_tokens[i] = topk_and_tail(logits[start + 1:start + n], top_k) + (
                     torch.as_tensor(seqs[i].response_ids[1:], dtype=torch.int32),)
@@ -132,7 +137,7 @@ class LogitsJob:
 def logits_worker(rank: int, gpu_id: int | None, shard_ids: list[int], writer, job: LogitsJob) -> None:
     """Compute and write the listed shards with one copy of the teacher (one GPU or the CPU)."""
     from safetensors.torch import save as st_save
-    from tqdm.auto import tqdm
+    from .console import progress_bar as tqdm
 
     from .models import device_for, load
 
@@ -159,7 +164,7 @@ def validate_inputs(questions: list[Question], tokenizer, lang: str, top_k: int,
     if not 1 <= top_k < vocab:
         raise InputError(None, f"--top_k must be between 1 and the vocabulary size - 1 ({vocab - 1}) (got {top_k})")
     for q in questions:
-        training_sequence(tokenizer, q, lang, response_field, source)  # letters are single tokens, field is text
+        item_sequence(tokenizer, q, lang, response_field, source)  # letters are single tokens, fields are text
     if response_field and not any(q.extra.get(response_field) for q in questions):
         log.warning('no item has a non-empty "%s" field: only option-level logits will be stored', response_field)
 

@@ -3,7 +3,10 @@
 CE reads the logits that predict each response token (the prompt and the padding carry no loss);
 option-level KD reads the answer position with the student's own letter-token ids, the same ids
 CE trains; token-level KD reads the rest of the response when teacher and student share a
-tokenizer. The sequences themselves come from `atkd.sequence` (what the teacher saw).
+tokenizer. The sequences themselves come from `atkd.sequence` (what the teacher saw), or, for
+an item the student practised on-policy, `atkd.on_policy` (its own letter and reason): there CE
+reads only the answer position, towards the labelled letter, and every later token carries KD
+alone (the GKD convention: no cross-entropy on the student's own samples).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch
 from .batching import left_pad
 from .errors import InputError
 from .records import MAX_OPTIONS, Question
-from .sequence import TrainSequence, sha256_ids, sha256_text, tokenizer_fingerprint, training_sequence
+from .on_policy import item_sequence, practised_letter
+from .sequence import TrainSequence, sha256_ids, sha256_text, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,8 @@ class TrainExample:
     topk_ids: torch.Tensor | None = None  # [len(response) - 1, k] teacher's top-k ids per later token
     topk_logp: torch.Tensor | None = None  # [len(response) - 1, k]
     tail_logp: torch.Tensor | None = None  # [len(response) - 1] log of the mass outside the top-k
+    on_policy: bool = False  # the response is the student's own (atkd.on_policy): CE on the letter slot only
+    ce_letter_id: int | None = None  # on-policy: the labelled letter's token, CE's target at the answer position
 
     @property
     def input_ids(self) -> list[int]:
@@ -48,6 +54,7 @@ class ExampleStats:
     token_level: int = 0
     option_only: int = 0
     truncated: int = 0
+    on_policy: int = 0  # items trained on the student's own response
     skipped_too_long: list[str] = field(default_factory=list)
     token_level_off: dict[str, int] = field(default_factory=dict)  # reason -> items
 
@@ -74,10 +81,15 @@ def build_examples(questions: list[Question], store, tokenizer, lang: str, max_l
         if meta is None:
             raise InputError(source, f"item {q.id!r} has no teacher logits in {store.dir} "
                                      "(were they generated from another data file?)")
-        seq = training_sequence(tokenizer, q, lang, store.response_field, source)
+        seq = item_sequence(tokenizer, q, lang, store.response_field, source)
         if meta["letters"] != "".join(q.letters) or meta["user_sha256"] != sha256_text(seq.user_text):
             raise InputError(source, f"item {q.id!r}: question or options differ from the ones the teacher's "
                                      f"logits in {store.dir} were taken on")
+        on_policy = practised_letter(q) is not None
+        if bool(meta.get("on_policy")) != on_policy:
+            raise InputError(source, f"item {q.id!r}: the teacher's logits in {store.dir} were taken on "
+                                     f"{'the teacher' if on_policy else 'the student'}'s response, the file gives "
+                                     f"{'the student' if on_policy else 'the teacher'}'s (another data file?)")
         stats.n_items += 1
         if len(seq.prompt_ids) + 1 > max_length:
             stats.skipped_too_long.append(q.key)
@@ -87,7 +99,9 @@ def build_examples(questions: list[Question], store, tokenizer, lang: str, max_l
             response = response[: max_length - len(seq.prompt_ids) + 1]
             stats.truncated += 1
         ex = TrainExample(key=q.key, prompt_ids=seq.prompt_ids, response_ids=response, option_ids=seq.option_ids,
-                          teacher_option_logp=store.option_logprobs(q.key))
+                          teacher_option_logp=store.option_logprobs(q.key), on_policy=on_policy,
+                          ce_letter_id=seq.option_ids[q.letters.index(q.answer_idx)] if on_policy else None)
+        stats.on_policy += on_policy
         tokens = store.token_level(q.key) if len(response) > 1 else None
         if tokens is not None:
             reason = _token_level_mismatch(same_vocab, meta, seq, tokens[0])
@@ -141,6 +155,10 @@ def collate(examples: list[TrainExample], weights: list[float], pad_id: int,
             reason_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """Tensors for one micro-batch (left-padded); `weights` is 1 for a real item, 0 for a placeholder.
 
+    An on-policy item (`TrainExample.on_policy`): CE's target at the answer position is the labelled
+    letter, not the sampled one in the sequence, and its later tokens carry no CE (weight 0), only
+    token-level KD (flagged in `tok_on_policy`, for its own divergence).
+
     `reason_weight` 0: every response token weighs its item's weight (a plain token average);
     w > 0: the tokens after the answer letter share w per item (each w / their number), in CE and
     in token-level KD alike, and the letter keeps its weight.
@@ -157,7 +175,7 @@ def collate(examples: list[TrainExample], weights: list[float], pad_id: int,
     opt_ids = torch.zeros((len(examples), MAX_OPTIONS), dtype=torch.long)
     opt_mask = torch.zeros((len(examples), MAX_OPTIONS), dtype=torch.bool)
     opt_teacher = torch.zeros((len(examples), MAX_OPTIONS), dtype=torch.float32)
-    tok_index, tok_ids, tok_logp, tok_tail, tok_w = [], [], [], [], []
+    tok_index, tok_ids, tok_logp, tok_tail, tok_w, tok_on = [], [], [], [], [], []
     k = next((ex.topk_ids.shape[1] for ex in examples if ex.topk_ids is not None), 1)
     for b, (ex, weight) in enumerate(zip(examples, weights)):
         offset = width - len(ex.input_ids)
@@ -168,8 +186,8 @@ def collate(examples: list[TrainExample], weights: list[float], pad_id: int,
         for j, tok in enumerate(ex.response_ids):
             rows.append(b)
             cols.append(first + j)
-            targets.append(tok)
-            w.append(weight if j == 0 else later)
+            targets.append(ex.ce_letter_id if j == 0 and ex.ce_letter_id is not None else tok)
+            w.append(weight if j == 0 else 0.0 if ex.on_policy else later)
         opt_index.append(start)
         m = len(ex.option_ids)
         opt_ids[b, :m] = torch.as_tensor(ex.option_ids)
@@ -182,6 +200,7 @@ def collate(examples: list[TrainExample], weights: list[float], pad_id: int,
             tok_logp.append(ex.topk_logp.float())
             tok_tail.append(ex.tail_logp.float())
             tok_w.extend([later] * n)
+            tok_on.extend([ex.on_policy] * n)
     batch.update(
         rows=torch.as_tensor(rows, dtype=torch.long), cols=torch.as_tensor(cols, dtype=torch.long),
         targets=torch.as_tensor(targets, dtype=torch.long), weights=torch.as_tensor(w, dtype=torch.float32),
@@ -192,6 +211,7 @@ def collate(examples: list[TrainExample], weights: list[float], pad_id: int,
         tok_logp=torch.cat(tok_logp) if tok_logp else torch.zeros((0, k)),
         tok_tail=torch.cat(tok_tail) if tok_tail else torch.zeros((0,)),
         tok_weight=torch.as_tensor(tok_w, dtype=torch.float32),
+        tok_on_policy=torch.as_tensor(tok_on, dtype=torch.bool),
     )
     return batch
 

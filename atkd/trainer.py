@@ -25,16 +25,19 @@ import contextlib
 import logging
 import math
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from . import distributed, lora
+from . import distributed, lora, model_card, tracking
 from .checkpoint import (STATE_FILE, complete_checkpoints, prune, read_sharded_state, read_training_state,
                          staged_folder, trainer_state, write_sharded_state, write_training_state)
-from .cli import INPUT, MODEL, OUTPUT, Check, StageConfig, above, at_least, between, setting, trust_remote_code
+from .cli import (INPUT, MODEL, OUTPUT, Check, StageConfig, above, at_least, between, is_main_process, setting,
+                  trust_remote_code)
+from .console import progress_bar
 from .errors import InputError
 from .fingerprint import DoneRecord
 from .kd_loss import KD_KINDS, combined_loss, response_loss_sums
@@ -69,6 +72,9 @@ class TrainConfig(StageConfig):
                               help="weight of the CE loss; 1 - alpha_ce weighs the KD loss")
     kd_loss: str = setting("forward_kl", choices=KD_KINDS,
                            help="forward_kl = KL(teacher||student), reverse_kl = KL(student||teacher), jsd")
+    on_policy_kd_loss: str = setting("reverse_kl", choices=KD_KINDS,
+                                     help="the divergence on the tokens of the student's own responses (items it "
+                                          "practised on-policy, step D4); every other KD term uses --kd_loss")
     num_epochs: int = setting(3, check=at_least(1), help="passes over the training data")
     learning_rate: float = setting(5e-6, check=above(0), help="peak AdamW learning rate")
     batch_size: int = setting(2, check=at_least(1), help="items per process per micro-batch")
@@ -110,6 +116,16 @@ class TrainConfig(StageConfig):
     trust_remote_code: bool = trust_remote_code()
     check_only: bool = setting(False, affects_output=False,
                                help="validate the inputs and exit (0: fine, 2: bad input) without training")
+    report_to: str = tracking.report_to_setting()
+    tracking_dir: str = setting("", affects_output=False,
+                                help="folder of the trackers' files and run.json (the run's name and id); "
+                                     "empty: <output_dir>/tracking (main.py: the workflow's tracking/)")
+    tracking_step_offset: int = setting(0, check=at_least(0), affects_output=False,
+                                        help="optimizer steps taken before this training (main.py: the earlier "
+                                             "iterations'), added to the step numbers the trackers get")
+
+    def trackers_folder(self) -> Path:
+        return Path(self.tracking_dir) if self.tracking_dir else tracking.tracking_dir(self.output_dir)
 
     def outputs(self) -> list[Path]:
         final = final_model_dir(self.output_dir)
@@ -144,6 +160,7 @@ class Prepared:
 
 def prepare(cfg: TrainConfig, fingerprint: dict) -> Prepared:
     """Check every input (InputError on the first problem); read nothing twice, write nothing."""
+    tracking.require_trackers(cfg.report_to, "--report_to")
     check_model_dir(cfg.student_model_path)
     questions = load_questions(cfg.train_file_path)  # an empty file is an InputError here
     store = LogitsStore.open(cfg.teacher_logits_dir)
@@ -177,7 +194,7 @@ def micro_batch_loss(model, batch: dict[str, torch.Tensor], n_ce: float, n_kd: f
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"], rows=batch["rows"], cols=batch["cols"])
-    ce, kd = response_loss_sums(logits, batch, cfg.temperature, cfg.kd_loss)
+    ce, kd = response_loss_sums(logits, batch, cfg.temperature, cfg.kd_loss, cfg.on_policy_kd_loss)
     loss = combined_loss(ce, kd, n_ce, n_kd, cfg.alpha_ce, cfg.temperature) * scale
     return loss, ce.detach(), kd.detach()
 
@@ -204,7 +221,7 @@ def run(cfg: TrainConfig) -> Path | None:
     record.start()
     from accelerate.utils import set_seed
 
-    accelerator = distributed.make_accelerator(cfg.dtype, cfg.gradient_accumulation_steps)
+    accelerator = distributed.make_accelerator(cfg.dtype, cfg.gradient_accumulation_steps, **_tracker_kwargs(cfg))
     set_seed(cfg.seed)
     _log_examples(prep.stats, accelerator.is_main_process)
     out = Path(cfg.output_dir)
@@ -215,6 +232,7 @@ def run(cfg: TrainConfig) -> Path | None:
         for stale in prep.stale:
             log.warning("removing %s: it was trained with other settings or inputs", stale)
             shutil.rmtree(stale, ignore_errors=True)
+    tracking.start(accelerator, cfg.trackers_folder(), _tracked_settings(cfg))
     accelerator.wait_for_everyone()
 
     loop = _Loop(cfg, prep, accelerator)
@@ -222,9 +240,33 @@ def run(cfg: TrainConfig) -> Path | None:
     final = final_model_dir(out)
     loop.save_final(final)
     if accelerator.is_main_process:
+        _write_cards(cfg, prep, final, loop)
         record.write()
     accelerator.wait_for_everyone()
+    if accelerator.log_with:
+        accelerator.end_training()
     return final
+
+
+def _tracker_kwargs(cfg: TrainConfig) -> dict:
+    """Accelerator(...)'s tracking arguments ({} with --report_to none)."""
+    return tracking.accelerator_kwargs(tracking.tracker_names(cfg.report_to), cfg.trackers_folder(),
+                                       is_main_process())
+
+
+def _tracked_settings(cfg: TrainConfig) -> dict:
+    """The settings a tracker records with the run (W&B config, MLflow params): those that change results."""
+    from dataclasses import fields
+
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("affects_output", True)}
+
+
+def _write_cards(cfg: TrainConfig, prep: Prepared, final: Path, loop: "_Loop") -> None:
+    """final_model/README.md (and final_adapter/'s): what train.py knows; main.py adds the evaluation."""
+    facts = model_card.training_facts(cfg, prep.stats, loop.total_steps, prep.fingerprint)
+    model_card.write_card(final, facts)
+    if cfg.lora_r:
+        model_card.write_card(final_adapter_dir(cfg.output_dir), facts)
 
 
 def _log_examples(stats: ExampleStats, main: bool) -> None:
@@ -234,11 +276,19 @@ def _log_examples(stats: ExampleStats, main: bool) -> None:
              stats.n_items - len(stats.skipped_too_long), stats.token_level, stats.option_only)
     for reason, n in stats.token_level_off.items():
         log.info("token-level KD off for %d items: %s", n, reason)
+    _log_on_policy(stats)
     if stats.skipped_too_long:
         log.warning("skipped %d items whose prompt does not fit in --max_length: %s", len(stats.skipped_too_long),
                     ", ".join(stats.skipped_too_long[:10]) + (" ..." if len(stats.skipped_too_long) > 10 else ""))
     if stats.truncated:
         log.warning("cut the response of %d items to fit in --max_length", stats.truncated)
+
+
+def _log_on_policy(stats: ExampleStats) -> None:
+    """How many items train on the student's own response (step D4), CE on their labelled letter only."""
+    if stats.on_policy:
+        log.info("%d items on the student's own response (on-policy: KD on every token, CE on the labelled "
+                 "letter only)", stats.on_policy)
 
 
 class _Loop:
@@ -302,22 +352,21 @@ class _Loop:
         self.scale = distributed.loss_scale(accelerator)
         self.pos = Position()
         self.log_history: list[dict] = []
+        self.tokens, self.since = 0, time.perf_counter()  # input tokens of all processes since the last log
         if resume is not None:
             self._restore(resume)
 
     # ---- the loop
 
     def run(self) -> None:
-        from tqdm.auto import tqdm
-
         cfg, acc = self.cfg, self.acc
         if acc.is_main_process:
             log.info("training (%s, mixed precision %s%s): %d processes x %d items x %d micro-batches per step; "
                      "%d steps (%d per epoch)", self.backend, acc.mixed_precision,
                      f", LoRA r={cfg.lora_r}" if cfg.lora_r else "", self.world, cfg.batch_size,
                      cfg.gradient_accumulation_steps, self.total_steps, self.windows_per_epoch)
-        bar = tqdm(total=self.total_steps, initial=self.pos.step, desc="train", unit="step",
-                   disable=not acc.is_main_process)
+        bar = progress_bar(total=self.total_steps, initial=self.pos.step, desc="train", unit="step",
+                           disable=not acc.is_main_process)
         running = torch.zeros(4, dtype=torch.float64)  # CE sum, KD sum, CE tokens, KD positions since last log
         for epoch in range(self.pos.epoch, cfg.num_epochs):
             micro = epoch_micro_batches(len(self.examples), cfg.batch_size, self.world, cfg.seed, epoch)
@@ -326,6 +375,7 @@ class _Loop:
             start = self.pos.window if epoch == self.pos.epoch else 0
             for w in range(start, len(windows)):
                 running += self._step(windows[w])
+                self.tokens += self._window_tokens(windows[w])
                 self.pos = Position(epoch, w + 1, self.pos.step + 1)
                 if w + 1 == len(windows):
                     self.pos = Position(epoch + 1, 0, self.pos.step)
@@ -377,9 +427,22 @@ class _Loop:
         entry = {"step": self.pos.step, "epoch": self.pos.epoch, "loss": loss, "ce": ce, "kd": kd,
                  "lr": self.scheduler.get_last_lr()[0]}
         self.log_history.append(entry)
+        self._track(entry)
         if self.acc.is_main_process:
-            bar.set_postfix(loss=f"{loss:.4f}", ce=f"{ce:.4f}", kd=f"{kd:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}", ce=f"{ce:.4f}", kd=f"{kd:.4f}", refresh=False)  # shown at the next draw
             log.info("step %d: loss %.4f (ce %.4f, kd %.4f), lr %.3g", entry["step"], loss, ce, kd, entry["lr"])
+
+    def _window_tokens(self, window: list[list[int]]) -> int:
+        """Input tokens of a window's real items on every process (each process knows the global micro-batches)."""
+        return sum(len(self.examples[i].input_ids) for mb in window for i in mb if i >= 0)
+
+    def _track(self, entry: dict) -> None:
+        """A log entry to the trackers, at the run's global step, with the tokens per second since the last one."""
+        now = time.perf_counter()
+        tokens_per_s = self.tokens / max(now - self.since, 1e-9)
+        self.tokens, self.since = 0, now
+        if self.acc.log_with:
+            self.acc.log(tracking.train_scalars(entry, tokens_per_s), step=self.cfg.tracking_step_offset + entry["step"])
 
     # ---- checkpoints
 

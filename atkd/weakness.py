@@ -16,6 +16,15 @@ accuracy, so one formula holds at every node and a root with no answers gets 0.5
 undefined value; the root usually has hundreds of answers, so the pull is negligible there.
 A node with n = 0 inherits its parent's smoothed accuracy; raw `accuracy` is null when n = 0.
 
+Intervals. Each node's raw accuracy comes with `ci95`, its 95% Wilson score interval on the raw
+counts (`atkd.intervals`; null when n = 0): how far the measured accuracy may be from the true
+one. The smoothed accuracy is the allocation's point estimate and is not bounded by it.
+
+Paired comparisons. `per_question` lists every counted question (id, the node it counted at, and
+whether it was answered right, as recomputed here), so that two measurements of the same
+questions (the evaluation before and after an iteration) can be compared question by question
+(the run report's McNemar test).
+
 Nothing is dropped silently: questions without a reply or without an ability path, ability paths
 that match no node, ids of the paths or replies file that the answers file does not know, null
 predictions, letters that are not among the item's options, and replies whose `correct` field
@@ -33,6 +42,7 @@ from pathlib import Path
 from .cli import INPUT, OUTPUT, StageConfig, at_least, setting
 from .errors import InputError
 from .fingerprint import DoneRecord
+from .intervals import wilson_interval
 from .io import iter_jsonl, read_json, write_json
 from .records import Question, load_ability_paths, load_questions, load_replies
 from .tree import DEFAULT_ROOT, SCORE_KEYS, AbilityTree, Node, is_scored, tree_from_nested, tree_from_scored
@@ -57,6 +67,8 @@ class AnalyzerConfig(StageConfig):
     domain: str | None = setting(None, help="root name for a tree file that lists level-1 abilities directly "
                                             "(default: the first element shared by all ability paths when it is "
                                             "not a level-1 node, else 'root')")
+
+    version = 2  # 2: stats.json carries each node's ci95 and the per-question results
 
     def outputs(self) -> list[Path]:
         return [Path(self.output_tree_path), Path(self.output_stats_path)]
@@ -130,6 +142,7 @@ class Analysis:
     unparsed_replies: list[str] = field(default_factory=list)
     letters_not_in_options: list[str] = field(default_factory=list)
     correct_field_disagrees: list[str] = field(default_factory=list)
+    counted: list[tuple[str, tuple[str, ...], bool]] = field(default_factory=list)  # (id, node path, correct)
 
     def problems(self) -> dict[str, tuple[list[str], str]]:
         """name -> (ids, what it means), for every reported group except unmatched paths."""
@@ -175,18 +188,22 @@ class Analysis:
             "scored": root["n"],
             "correct": root["correct"],
             "accuracy": root["accuracy"],
+            "ci95": wilson_interval(root["correct"], root["n"]),
             "nodes": nodes,
             "leaves_weakest_first": leaves,
             "unmatched_paths": [{"path": list(p), "count": len(ids), "example_ids": ids[:EXAMPLE_IDS]}
                                 for p, ids in sorted(self.unmatched_paths.items(), key=lambda kv: -len(kv[1]))],
             **{name: {"count": len(ids), "example_ids": ids[:EXAMPLE_IDS], "meaning": meaning}
                for name, (ids, meaning) in self.problems().items()},
+            "per_question": [{"id": key, "path": list(path), "correct": correct}
+                             for key, path, correct in self.counted],
         }
 
 
 def node_stats(node: Node) -> dict:
     out = {"path": list(node.path)}
     out.update({k: node.stats.get(k) for k in ("n", "correct", "accuracy", "smoothed_accuracy", "weakness")})
+    out["ci95"] = wilson_interval(node.stats.get("correct") or 0, node.stats.get("n") or 0)
     return out
 
 
@@ -235,6 +252,7 @@ def count_answers(tree: AbilityTree, questions: list[Question], paths: dict[str,
             analysis.correct_field_disagrees.append(q.key)
         if node is None:
             continue
+        analysis.counted.append((q.key, node.path, correct))
         # The node and all its ancestors: every prefix of its path (root first).
         for depth in range(1, len(node.path) + 1):
             counted = tree.node(node.path[:depth])

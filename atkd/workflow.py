@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import paths
+from . import model_card, paths, tracking
 from .answering import InferenceConfig
 from .cli import PLACEMENTS, Check, StageConfig, above, at_least, between, setting
 from .cross_check import CrossCheckConfig
@@ -30,6 +30,7 @@ from .question_writing import QuestionWritingConfig
 from .rationale_writing import RationaleConfig
 from .records import load_ability_paths, load_questions
 from .replay import ReplayConfig
+from .student_sampling import StudentSamplingConfig
 from .steps import Step, StepFailed, run_step
 from .teacher_logits import LogitsConfig
 from .trainer import TrainConfig
@@ -38,6 +39,7 @@ from .tree_building import TreeConfig
 from .weakness import AnalyzerConfig
 
 RESPONSE_STYLES = ("letter", "rationale")
+RESPONSE_SOURCES = ("teacher", "student", "mixed")  # RESPONSES: who writes the responses the student trains on
 MODEL_SETTINGS = ("teacher_model_path", "student_model_path", "agent_model_1_path", "agent_model_2_path")
 ENDPOINTS = ("teacher", "agent_1", "agent_2")  # <who>_api_base / <who>_api_model
 SERVED_AGENTS = {"agent_model_1_path": "agent_1_api_base", "agent_model_2_path": "agent_2_api_base"}
@@ -133,9 +135,22 @@ class WorkflowConfig(StageConfig):
     replay_fraction: float = setting(check=Check(lambda v: 0 <= v < 1, "in [0, 1)"),
                                      help="share of each round's training items replayed from the round's own "
                                           "questions, favouring abilities the student knows (step D2; 0: none)")
+    responses: str = setting(choices=RESPONSE_SOURCES,
+                             help="teacher: the student trains on the teacher's responses; student: on its own "
+                                  "sampled rationale replies to the round's written items, scored token by token "
+                                  "by the teacher (step D4, on-policy distillation); mixed: a seeded "
+                                  "ON_POLICY_SHARE of them")
+    on_policy_share: float = setting(check=Check(lambda v: 0 < v <= 1, "in (0, 1]"),
+                                     help="RESPONSES mixed: share of the round's written items the student practises "
+                                          "on-policy")
+    on_policy_kd_loss: str = setting(choices=KD_KINDS, help="the divergence on the tokens of the student's own "
+                                                            "responses (forward_kl | reverse_kl | jsd)")
+    on_policy_temperature: float = setting(check=at_least(0), help="the student's sampling temperature in step D4 "
+                                                                   "(1: its own distribution)")
     # outputs
     workflow_output_dir: str = setting(help="intermediate data, logs, the report")
     models_output_dir: str = setting(help="checkpoints and final models per iteration")
+    report_to: str = tracking.report_to_setting(default=None)
     dry_run: bool = setting(False, affects_output=False, help="print the plan and every command; run nothing")
 
     @classmethod
@@ -217,6 +232,7 @@ def check_inputs(cfg: WorkflowConfig) -> list[int]:
         from .lora import require_peft
 
         require_peft()  # before any work, not hours later at training
+    tracking.require_trackers(cfg.report_to, cfg.source)  # likewise: a tracker's package
     return usable_gpu_ids(cfg.gpus_to_use)
 
 
@@ -374,6 +390,7 @@ def iteration_steps(cfg: WorkflowConfig, it: paths.IterationPaths, student: str,
             batch_size=cfg.inference_batch_size, gpu_ids=gpus, **agent_settings(cfg)),
             log_path=it.log_file("D_validated_data")),
         *training_data_steps(cfg, it, data, ability, seed, gpus),
+        *on_policy_steps(cfg, it, student, seed, gpus),
         Step("E_teacher_logits", "generate_logits.py", LogitsConfig(
             model_path=cfg.teacher_model_path, dataset_path=str(training_items(cfg, it)), output_dir=str(it.logits_dir),
             top_k=cfg.top_k, batch_size=cfg.inference_batch_size, gpu_ids=gpus, model_placement=cfg.model_placement,
@@ -387,28 +404,54 @@ EXPLANATION_FIELD = "explanation"  # where D3 writes the reason (data/convert.py
 
 
 def training_items(cfg: WorkflowConfig, it: paths.IterationPaths) -> Path:
-    """The file E and F read: D's validated items, plus D2's replay items, with D3's rationales."""
-    if cfg.response_style == "rationale":
-        return it.explained
-    return it.replay_mix if cfg.replay_fraction > 0 else it.validated
+    """The file E and F read: D's validated items, plus D2's replay items, with D3's rationales, with D4's
+    student responses."""
+    if cfg.responses != "teacher":
+        return it.on_policy_items
+    return teacher_items(cfg, it)
+
+
+def on_policy_steps(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, seed: int,
+                    gpus: list[int]) -> list[Step]:
+    """D4 (RESPONSES student | mixed): the iteration's input student answers its practice items itself."""
+    if cfg.responses == "teacher":
+        return []
+    return [Step("D4_student_responses", "sample_student_responses.py", StudentSamplingConfig(
+        student_model_path=student, input_file=str(teacher_items(cfg, it)), output_file=str(it.on_policy_items),
+        share=1.0 if cfg.responses == "student" else cfg.on_policy_share, seed=seed,
+        temperature=cfg.on_policy_temperature, batch_size=cfg.generation_batch_size, gpu_ids=gpus),
+        log_path=it.log_file("D4_student_responses"))]
+
+
+def teacher_items(cfg: WorkflowConfig, it: paths.IterationPaths) -> Path:
+    """The training items with the teacher's responses: the last of D (validated), D3 (rationales) and D2
+    (replay) that runs."""
+    if cfg.replay_fraction > 0:
+        return it.replay_mix
+    return it.explained if cfg.response_style == "rationale" else it.validated
 
 
 def training_data_steps(cfg: WorkflowConfig, it: paths.IterationPaths, data: str, ability: str, seed: int,
                         gpus: list[int]) -> list[Step]:
-    """D2 (replay, when REPLAY_FRACTION > 0) and D3 (rationales, when RESPONSE_STYLE is rationale)."""
+    """D3 (rationales, when RESPONSE_STYLE is rationale) on D's validated items, then D2 (replay, when
+    REPLAY_FRACTION > 0) on what D3 kept: D3 drops items, and replay's share is of the final training items.
+    Replay items keep their letter target, or the dataset's own explanation when USE_DATASET_EXPLANATION."""
     steps, items = [], it.validated
-    if cfg.replay_fraction > 0:
-        steps.append(Step("D2_replay", "add_replay.py", ReplayConfig(
-            validated_file=str(items), dataset_path=data, ability_class_path=ability,
-            ability_tree_path=str(it.scored_tree), output_path=str(it.replay_mix),
-            replay_fraction=cfg.replay_fraction, seed=seed), log_path=it.log_file("D2_replay")))
-        items = it.replay_mix
-    if cfg.response_style == "rationale":
+    rationale = cfg.response_style == "rationale"
+    if rationale:
         steps.append(Step("D3_rationales", "generate_rationales.py", RationaleConfig(
             teacher_model_path="" if cfg.teacher_api_base else cfg.teacher_model_path, input_file=str(items),
             output_file=str(it.explained), explanation_field=EXPLANATION_FIELD,
             use_dataset_explanation=cfg.use_dataset_explanation, batch_size=cfg.generation_batch_size, gpu_ids=gpus,
             **teacher_settings(cfg)), log_path=it.log_file("D3_rationales")))
+        items = it.explained
+    if cfg.replay_fraction > 0:
+        steps.append(Step("D2_replay", "add_replay.py", ReplayConfig(
+            validated_file=str(items), dataset_path=data, ability_class_path=ability,
+            ability_tree_path=str(it.scored_tree), output_path=str(it.replay_mix),
+            replay_fraction=cfg.replay_fraction, seed=seed,
+            drop_field=EXPLANATION_FIELD if rationale and not cfg.use_dataset_explanation else ""),
+            log_path=it.log_file("D2_replay")))
     return steps
 
 
@@ -441,7 +484,8 @@ def train_step(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, gpus
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, seed=cfg.seed + it.iteration - 1, lora_r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
-        reason_weight=cfg.reason_weight if cfg.response_style == "rationale" else 0.0)
+        reason_weight=cfg.reason_weight if cfg.response_style == "rationale" or cfg.responses != "teacher" else 0.0,
+        on_policy_kd_loss=cfg.on_policy_kd_loss)
     return Step("F_train", "train.py", train_cfg, log_path=it.log_file("F_train"), launcher=launcher, env=env,
                 precheck_flags=["--check_only"])
 
@@ -523,14 +567,42 @@ def run(cfg: WorkflowConfig) -> int:
             steps = iteration_steps(cfg, it, student, tree, gpus, round_files(cfg, it, tree, gpus, drop))
             if with_eval:
                 steps += eval_steps(cfg, it.eval, str(it.final_model), tree, gpus, it.dir, ev.ability_paths)
-            for step in steps:
-                run_step(step, cfg.dry_run)
+            ran = [run_step(step, cfg.dry_run) != "done" for step in with_tracking(cfg, steps, workflow, models, i)]
             student = str(it.final_model)  # the next round distils into this round's result
             if not cfg.dry_run:
                 print(write_report(workflow, models, cfg.num_iterations, with_eval), flush=True)
+                after_iteration(cfg, workflow, models, i, track=any(ran))
     except StepFailed as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return err.code if err.code > 0 else 1
     if not cfg.dry_run:
         print(f"done: report in {workflow / paths.REPORT_MD} and {workflow / paths.REPORT_JSON}", flush=True)
     return 0
+
+
+# ---------------------------------------------------------------------------------- trackers and model cards
+
+def with_tracking(cfg: WorkflowConfig, steps: list[Step], workflow: Path, models: Path, iteration: int) -> list[Step]:
+    """The steps, with REPORT_TO given to training (F): the run's tracking folder, and the optimizer steps of
+    the earlier iterations, so the trackers count the whole run's steps in one sequence."""
+    if not tracking.tracker_names(cfg.report_to):
+        return steps
+    folder = tracking.tracking_dir(workflow)
+    if not cfg.dry_run:
+        tracking.run_identity(folder)  # made once, before the first training: one run for every process
+    return [replace(s, cfg=replace(s.cfg, report_to=cfg.report_to, tracking_dir=str(folder),
+                                   tracking_step_offset=tracking.steps_through(models, iteration - 1)))
+            if isinstance(s.cfg, TrainConfig) else s for s in steps]
+
+
+def after_iteration(cfg: WorkflowConfig, workflow: Path, models: Path, iteration: int, track: bool) -> None:
+    """After the iteration's evaluation and report: its model card, and, when a step of it ran (`track`; a
+    rerun that skips the iteration has logged it before), its scalars to the trackers."""
+    from dataclasses import fields
+
+    report = read_json(workflow / paths.REPORT_JSON)
+    model_card.write_iteration_cards(cfg, report, iteration, models)
+    if not track:
+        return
+    settings = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("affects_output", True)}
+    tracking.log_iteration(cfg.report_to, workflow, models, report, iteration, settings)

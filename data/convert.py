@@ -15,7 +15,9 @@ With --iterations N it also writes DIR/iteration_1.jsonl ... iteration_N.jsonl a
 main.py's --dataset_files_per_iteration and --eval_dataset_path.
 
 Rows that are not one clean single-answer question (no answer, several answers, an answer not
-among the options, an empty or repeated option) are dropped and counted. A file that cannot be read
+among the options, an empty or repeated option) are dropped and counted. Options repeat when they
+are the same text after Unicode NFKC with spaces and a final period removed; case counts ("GG",
+"gg" and "Gg" are three options). A file that cannot be read
 as its format stops the conversion with `error: <file>:<line>: <problem>` (exit status 2) before
 anything is written.
 """

@@ -160,6 +160,38 @@ def test_default_prior_and_flat_tree_root_inferred(tmp_path, run):
     assert stats["unmatched_paths"] == []
 
 
+def test_every_node_carries_its_wilson_interval_and_the_per_question_results(tmp_path, run):
+    files = write_inputs(tmp_path)
+    res = run("student_data_analyzer.py", *analyzer_args(files, tmp_path / "out"))
+    assert res.returncode == 0, res.stderr
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text(encoding="utf-8"))
+    by_path = {" > ".join(n["path"]): n for n in stats["nodes"]}
+    # Wilson, z = 1.959964 (z^2 = 3.841459), by hand:
+    # Cardio 2/3: centre = (2/3 + z^2/6) / (1 + z^2/3) = 1.306910 / 2.280486 = 0.573084,
+    #   half = z / 2.280486 * sqrt(2/9/3 + z^2/36) = 0.859450 * 0.425184 = 0.365424 -> [0.2077, 0.9385]
+    # Resp 0/2: centre = half = (z^2/4) / (1 + z^2/2) = 0.960365 / 2.920730 = 0.328808 -> [0, 0.6576]
+    # Med 3/8: centre = (0.375 + z^2/16) / (1 + z^2/8) = 0.615091 / 1.480182 = 0.415552,
+    #   half = z / 1.480182 * sqrt(0.375 * 0.625 / 8 + z^2/256) = 1.324138 * 0.210483 = 0.278709 -> [0.1368, 0.6943]
+    assert by_path["Med > Internal > Cardio"]["ci95"] == pytest.approx([0.2077, 0.9385], abs=1e-4)
+    assert by_path["Med > Internal > Resp"]["ci95"] == pytest.approx([0.0, 0.6576], abs=1e-4)
+    assert by_path["Med"]["ci95"] == pytest.approx([0.1368, 0.6943], abs=1e-4) == stats["ci95"]
+    assert by_path["Med > Internal > Neuro"]["ci95"] is None  # n = 0: nothing measured
+    leaves = {" > ".join(n["path"]): n["ci95"] for n in stats["leaves_weakest_first"]}
+    assert leaves["Med > Internal > Cardio"] == by_path["Med > Internal > Cardio"]["ci95"]
+    # The smoothed accuracy (s = 4) shrinks Cardio toward its parent; the raw interval describes 2/3.
+    assert by_path["Med > Internal > Cardio"]["smoothed_accuracy"] < 2 / 3
+    # Each counted question, at the node it counted at, right or wrong as recomputed (id 6's field said true).
+    assert stats["per_question"] == [
+        {"id": "1", "path": ["Med", "Internal", "Cardio"], "correct": True},
+        {"id": "2", "path": ["Med", "Internal", "Cardio"], "correct": False},
+        {"id": "3", "path": ["Med", "Internal", "Cardio"], "correct": True},
+        {"id": "4", "path": ["Med", "Internal", "Resp"], "correct": False},
+        {"id": "5", "path": ["Med", "Internal"], "correct": True},
+        {"id": "6", "path": ["Med", "Surgery", "Ortho"], "correct": False},
+        {"id": "10", "path": ["Med", "Surgery", "Ortho"], "correct": False},
+        {"id": "11", "path": ["Med", "Internal", "Resp"], "correct": False}]
+
+
 BAD = {
     "unparsable line": ("replies", '{"id": 1, "pred_letter": "A", "correct": true}\n{"id": 2,\n', 2, "not valid JSON"),
     "missing field": ("paths", '{"id": 1, "ability_path": ["Med", "Internal", "Cardio"]}\n{"id": 2}\n', 2,

@@ -16,6 +16,7 @@ from atkd.labelling import LabelConfig
 from atkd.question_writing import QuestionWritingConfig
 from atkd.rationale_writing import RationaleConfig
 from atkd.replay import ReplayConfig
+from atkd.student_sampling import StudentSamplingConfig
 from atkd.teacher_logits import LogitsConfig
 from atkd.trainer import TrainConfig
 from atkd.tree_building import TreeConfig
@@ -26,7 +27,8 @@ SCRIPTS = {"main.py": WorkflowConfig, "create_initial_tree.py": TreeConfig, "inf
            "student_data_analyzer.py": AnalyzerConfig, "generate_distill_data.py": QuestionWritingConfig,
            "evaluate_distilled_data.py": CrossCheckConfig, "generate_logits.py": LogitsConfig, "train.py": TrainConfig,
            "label_abilities.py": LabelConfig}
-SCRIPTS.update({"add_replay.py": ReplayConfig, "generate_rationales.py": RationaleConfig})
+SCRIPTS.update({"add_replay.py": ReplayConfig, "generate_rationales.py": RationaleConfig,
+                "sample_student_responses.py": StudentSamplingConfig})
 
 
 def flags_in_help(text: str) -> set[str]:
@@ -100,6 +102,8 @@ def test_bad_values_are_one_line_errors_with_exit_2(run, tmp_path):
                  ability_tree_path="t.json", output_path="m.jsonl", replay_fraction=0.3, seed=4),
     RationaleConfig(teacher_model_path="t", input_file="v.jsonl", output_file="x.jsonl", explanation_field="why",
                     use_dataset_explanation=False, max_new_tokens=64, batch_size=3, lang="zh", gpu_ids=[1, 3]),
+    StudentSamplingConfig(student_model_path="s", input_file="t.jsonl", output_file="o.jsonl", share=0.5, seed=3,
+                          temperature=0.7, max_new_tokens=64, batch_size=3, lang="zh", gpu_ids=[1, 3], dtype="bf16"),
 ])
 def test_the_training_data_stages_round_trip_too(cfg):
     assert parse_config(type(cfg), to_argv(cfg)) == cfg
@@ -110,6 +114,7 @@ def test_the_training_data_stages_round_trip_too(cfg):
     ("add_replay.py", ["--validated_file", "{q}", "--dataset_path", "d.jsonl", "--ability_class_path", "p.jsonl",
                        "--ability_tree_path", "t.json", "--output_path", "{q}"]),
     ("inference.py", ["--model_path", "m", "--dataset_path", "{q}", "--output_path", "{q}"]),
+    ("sample_student_responses.py", ["--student_model_path", "s", "--input_file", "{q}", "--output_file", "{q}"]),
 ])
 def test_an_output_that_names_an_input_is_refused_before_any_work(run, tmp_path, script, args):
     """Every stage, from the roles of its settings: writing the output would destroy what it reads."""

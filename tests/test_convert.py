@@ -360,6 +360,47 @@ def test_cmmlu_empty_first_header_column_and_same_file_names_in_dev_and_test(tmp
     assert report["per_file"]["test-clinical_knowledge"]["kept"] == 1
 
 
+def cmmlu_genetics_rows() -> list[list[str]]:
+    """A CMMLU-layout file of questions whose options differ only in case (written for this test)."""
+    return [
+        ["", "Question", "A", "B", "C", "D", "Answer"],
+        ["0", "豌豆高茎(G)对矮茎(g)为显性，矮茎豌豆的基因型是", "GG", "gg", "Gg", "GG或Gg", "B"],
+        ["1", "两株杂合高茎豌豆杂交，亲本的基因型组合是", "Bb和Bb", "BB和BB", "bb和bb", "BB和bb", "A"],
+        ["2", "煤气中毒是吸入了下列哪种物质", "Co", "CO", "CO2", "Cu", "B"],
+        ["3", "镁的元素符号是", "mg", "Mg", "Mn", "Na", "B"],
+        ["4", "下列哪项属于口服抗凝药", "华法林", "华法 林", "青霉素", "胰岛素", "A"],  # one option written twice
+        ["5", "纯合子的基因型是", "AA", "ＡＡ", "Aa", "aA", "A"],  # full width: the same option
+        ["6", "人体最大的器官是", "皮肤", "皮肤。", "肝脏", "肺", "A"],  # a final period: the same option
+    ]
+
+
+def test_cmmlu_options_differing_only_in_case_are_kept_and_true_repeats_dropped(tmp_path):
+    src = write_csv(tmp_path / "test" / "genetics.csv", cmmlu_genetics_rows())
+    out = tmp_path / "out"
+    proc = ok("--format", "cmmlu", "--input", src, "--output_dir", out)
+    questions, _, report = outputs(out)
+    assert [q["options"]["B"] for q in questions] == ["gg", "BB和BB", "CO", "Mg"]
+    assert [q["answer_idx"] for q in questions] == ["B", "A", "B", "B"]
+    c = counts(proc.stdout)
+    assert (c["kept"], c["dropped"], c["duplicate options"]) == (4, 3, 3)
+    assert report["dropped_by_reason"] == {"duplicate options": 3}
+
+
+def test_a_text_answer_names_its_option_with_case_deciding_between_case_twins(tmp_path):
+    src = write_jsonl_raw(tmp_path / "genes.jsonl", [
+        {"q": "Homozygous recessive?", "opts": ["GG", "gg", "Gg"], "ans": "gg"},
+        {"q": "Carbon monoxide?", "opts": ["Co", "CO", "Cu"], "ans": "CO"},
+        {"q": "Beta blocker?", "opts": ["Metoprolol", "Aspirin"], "ans": "metoprolol"},  # one option matches
+        {"q": "Ambiguous?", "opts": ["GG", "gg", "Gg"], "ans": "gG"},  # matches none exactly, three folded
+    ])
+    out = tmp_path / "out"
+    proc = ok("--format", "jsonl", "--input", src, "--output_dir", out, "--question_field", "q",
+              "--options_field", "opts", "--answer_field", "ans", "--answer_format", "text")
+    questions, _, _ = outputs(out)
+    assert [q["answer_idx"] for q in questions] == ["B", "B", "A"]
+    assert counts(proc.stdout)["answer outside options"] == 1
+
+
 def test_cmmlu_missing_column_exits_2(tmp_path):
     src = write_csv(tmp_path / "anatomy.csv", [["", "Question", "A", "B", "C", "Answer"],
                                                ["0", "人体最大的器官是", "皮肤", "肝脏", "肺", "A"]])

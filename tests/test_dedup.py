@@ -54,3 +54,19 @@ def test_index_equals_brute_force():
 def test_bad_threshold_is_refused():
     with pytest.raises(ValueError, match="threshold"):
         NearDupIndex(0.0)
+
+
+def test_signs_are_words_and_hyphens_between_letters_are_not():
+    """One normalisation with atkd.leakage: comparison and sign symbols are tokens; a hyphen joining two
+    words, spaces and width are not."""
+    from atkd.dedup import comparison_key, words
+
+    assert words("HbA1c > 9%") == ["hba1c", ">", "9"] and words("HbA1c＜9％") == ["hba1c", "<", "9"]
+    assert words("血钾↑") != words("血钾↓") and words("HBsAg(+)") != words("HBsAg(-)")
+    assert words("+/-") == ["+", "-"] and words("-5 mmol") == ["-", "5", "mmol"] and words("x − y") == ["x", "-", "y"]
+    assert words("Beta-blocker") == words("beta blocker") == ["beta", "blocker"]
+    assert words("COVID-19") == words("covid 19") and words("抗-HBc") == words("抗HBc")
+    assert comparison_key("华法 林") == comparison_key("华法林") and comparison_key("Beta blocker") == "betablocker"
+    a = features("Which is true when HbA1c > 9%?", ["insulin", "metformin"])
+    b = features("Which is true when HbA1c < 9%?", ["insulin", "metformin"])
+    assert a.stem != b.stem and a.options == b.options

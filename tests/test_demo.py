@@ -154,3 +154,28 @@ def test_teacher_answers_which_ability_a_question_tests(shipped, eval_split, lev
     tok, models = shipped
     correct, n = demo.labelling_accuracy(models["teacher"], tok, *eval_split, level)
     assert n == 240 and correct >= (0.9, 0.7)[level] * n, (correct, n)
+
+
+def test_labelling_stage_places_the_evaluation_set_whatever_the_order_of_the_children(tmp_path, eval_split):
+    """label_abilities.py with the shipped teacher (children in canonical order, every rotation averaged),
+    on the demo tree as written and with every node's children reversed: the same paths, areas 240/240 and
+    leaves 220/240 (asked in tree order only, the leaves were 182/240, or 217/240 with the children reversed)."""
+    from atkd.labelling import LabelConfig, run
+
+    questions, known = eval_split
+    tree = json.loads(demo.TREE_PATH.read_text(encoding="utf-8"))
+    flipped = tmp_path / "reversed_tree.json"
+    flipped.write_text(json.dumps({d: {a: dict(reversed(leaves.items())) for a, leaves in reversed(areas.items())}
+                                   for d, areas in tree.items()}), encoding="utf-8")
+    placed = []
+    for name, tree_path in (("tree", demo.TREE_PATH), ("reversed", flipped)):
+        out = tmp_path / name / "paths.jsonl"
+        run(LabelConfig(model_path=str(demo.MODELS_DIR / "teacher"), ability_tree_path=str(tree_path),
+                        dataset_path=str(demo.DATA_DIR / demo.EVAL_FILE), output_path=str(out)))
+        lines = out.read_text(encoding="utf-8").splitlines()
+        placed.append({r["id"]: r["ability_path"] for r in map(json.loads, lines)})
+    assert placed[0] == placed[1]
+    truth = {q.key: list(known[q.key])[-2:] for q in questions}  # [area, leaf], without the domain
+    areas = sum(placed[0][k][0] == truth[k][0] for k in truth)
+    leaves = sum(placed[0][k] == truth[k] for k in truth)
+    assert len(truth) == 240 and areas >= 0.9 * 240 and leaves >= 0.85 * 240, (areas, leaves)

@@ -128,3 +128,101 @@ def test_the_stage_reads_the_evaluation_set_as_an_input(tmp_path):
     write_jsonl(tmp_path / "eval.jsonl", EVAL[:2])
     assert fingerprint(cfg)["eval_dataset_path"] != before  # a new evaluation set reruns step C
     assert Path(cfg.eval_dataset_path).name == "eval.jsonl"
+
+
+# --------------------------------------------------------------------------- one normalisation for both rules
+
+HBA1C = "A 58-year-old man with type 2 diabetes on metformin has HbA1c {} 9%. What is the next step?"
+HBA1C_OPTIONS = ["Add basal insulin", "Continue metformin alone", "Stop all drugs", "Add an SGLT2 inhibitor"]
+SIGN_EVAL = [
+    {"id": "s0", "question": HBA1C.format(">"), "options": dict(zip("ABCD", HBA1C_OPTIONS)), "answer_idx": "A"},
+    {"id": "s1", "question": "患者血钾↑，心电图最可能出现的改变是", "options": {"A": "T波高尖", "B": "U波明显", "C": "ST段抬高",
+                                                              "D": "QT间期延长"}, "answer_idx": "A"},
+    {"id": "s2", "question": "HBsAg(+)、HBeAg(+)、抗-HBc(+)提示", "options": {"A": "大三阳", "B": "小三阳", "C": "既往感染",
+                                                                     "D": "接种疫苗后"}, "answer_idx": "A"},
+    {"id": "s3", "question": "A patient with stable angina has a resting heart rate of 98 per minute. Which drug class "
+                             "is first-line for rate control?",
+     "options": {"A": "Beta-blocker", "B": "Nitrate", "C": "ACE inhibitor", "D": "Statin"}, "answer_idx": "A"},
+    {"id": "s4", "question": "下列哪种药物属于口服维生素K拮抗剂类抗凝药？", "options": {"A": "华法林", "B": "青霉素", "C": "胰岛素",
+                                                                   "D": "地高辛"}, "answer_idx": "A"},
+    {"id": "s5", "question": "尿蛋白定性结果为(+/-)，其含义是", "options": {"A": "微量", "B": "阴性", "C": "阳性", "D": "强阳性"},
+     "answer_idx": "A"},
+]
+
+
+@pytest.fixture
+def sign_index() -> EvalIndex:
+    return EvalIndex([question_from_dict(r) for r in SIGN_EVAL])
+
+
+@pytest.mark.parametrize("question, options, answer", [
+    # The other side of a comparison, keying another answer: another question (the exact rule dropped the sign).
+    (HBA1C.format("<"), HBA1C_OPTIONS, "B"),
+    (HBA1C.format("≤"), HBA1C_OPTIONS, "B"),
+    ("患者血钾↓，心电图最可能出现的改变是", ["T波高尖", "U波明显", "ST段抬高", "QT间期延长"], "B"),
+    ("HBsAg(-)、HBeAg(-)、抗-HBc(+)提示", ["大三阳", "小三阳", "既往感染", "接种疫苗后"], "C"),
+    ("HBsAg(+)、HBeAg(-)、抗-HBc(+)提示", ["大三阳", "小三阳", "既往感染", "接种疫苗后"], "B"),
+    ("尿蛋白定性结果为(-)，其含义是", ["微量", "阴性", "阳性", "强阳性"], "B"),
+    ("尿蛋白定性结果为(+)，其含义是", ["微量", "阴性", "阳性", "强阳性"], "C"),
+])
+def test_questions_that_differ_in_a_sign_are_different_questions(sign_index, question, options, answer):
+    r = sign_index.repeat_of("t", question, dict(zip("ABCD", options)), answer)
+    assert r is None, r
+
+
+@pytest.mark.parametrize("question, options, answer, eval_key", [
+    # The very question, written with full-width or differently spaced signs: the same question.
+    (HBA1C.format("＞"), HBA1C_OPTIONS[::-1], "D", "s0"),
+    ("患者血钾 ↑ ，心电图最可能出现的改变是", ["U波明显", "T波高尖", "ST段抬高", "QT间期延长"], "B", "s1"),
+    ("HBsAg（＋）、HBeAg（＋）、抗－HBc（＋）提示", ["大三阳", "小三阳", "既往感染", "接种疫苗后"], "A", "s2"),
+])
+def test_the_same_question_with_its_signs_written_otherwise_is_a_repeat(sign_index, question, options, answer,
+                                                                       eval_key):
+    r = sign_index.repeat_of("t", question, dict(zip("ABCD", options)), answer)
+    assert r is not None and r.exact and r.eval_key == eval_key
+
+
+@pytest.mark.parametrize("question, options, answer, eval_key", [
+    # Reworded stem, reordered options, the answer written with a space for the hyphen (or none): the same answer.
+    ("A patient with stable angina has a resting heart rate of 102 per minute. Which drug class is "
+     "first-line for rate control?", ["Nitrate", "Beta blocker", "Statin", "ACE inhibitor"], "B", "s3"),
+    ("A patient with stable angina has a resting heart rate of 102 per minute. Which drug class is "
+     "first-line for rate control?", ["Nitrate", "BETA BLOCKER", "Statin", "ACE inhibitor"], "B", "s3"),
+    ("下列哪一种药物属于口服维生素K拮抗剂类抗凝药？", ["青霉素", "华法 林", "胰岛素", "地高辛"], "B", "s4"),
+])
+def test_a_reworded_copy_whose_answer_is_spaced_or_hyphenated_otherwise_is_a_repeat(sign_index, question, options,
+                                                                                  answer, eval_key):
+    r = sign_index.repeat_of("t", question, dict(zip("ABCD", options)), answer)
+    assert r is not None and not r.exact and r.eval_key == eval_key
+
+
+def test_step_c_judges_evaluation_repeats_with_the_same_normalisation(tmp_path):
+    seeds = [{"id": f"s{i}", "question": f"Which of these treats condition {i}?",
+              "options": {"A": "aspirin", "B": "heparin", "C": "insulin", "D": "digoxin"}, "answer_idx": "A"}
+             for i in range(3)]
+    write_jsonl(tmp_path / "data.jsonl", seeds)
+    write_jsonl(tmp_path / "paths.jsonl", [{"id": s["id"], "ability_path": ["Med", "Endo"]} for s in seeds])
+    tree = tree_from_nested({"Med": {"Endo": 0}})
+    dataset = load_questions(tmp_path / "data.jsonl")
+    leaves = qw.leaves_with_seeds(tree, dataset, tmp_path / "paths.jsonl")
+    cfg = qw.QuestionWritingConfig(teacher_model_path="t", ability_tree_path="t.json",
+                                   full_dataset_path=str(tmp_path / "data.jsonl"),
+                                   ability_class_path=str(tmp_path / "paths.jsonl"),
+                                   output_path=str(tmp_path / "C" / "generated.jsonl"), lang="en", domain="Med",
+                                   max_retries=0)
+    block = "\n".join(f"{k}. {v}" for k, v in zip("ABCD", HBA1C_OPTIONS))
+    replies = [
+        # a reworded copy of s3 keying its answer as "Beta blocker": a leak
+        "Question: A patient with stable angina has a resting heart rate of 102 per minute. Which drug class is "
+        "first-line for rate control?\nA. Nitrate\nB. Beta blocker\nC. Statin\nD. ACE inhibitor\nAnswer: B",
+        f"Question: {HBA1C.format('<')}\n{block}\nAnswer: B",  # the other side of s0's comparison: a new question
+    ]
+
+    def produce(round_, batches):
+        tasks = sorted((t for b in batches for t in b.tasks), key=lambda t: t.slot)
+        return {t.id: replies[t.slot] for t in tasks}
+
+    acc, _ = qw.run_rounds(leaves, [2], cfg, dataset, produce, [question_from_dict(r) for r in SIGN_EVAL])
+    plan = qw.plan_report(leaves, [2], acc, 2, 1, {})
+    assert plan["rejected"] == {"near_duplicate_eval": 1} and plan["achieved"] == 1
+    assert acc.all_records()[0]["question"] == HBA1C.format("<")

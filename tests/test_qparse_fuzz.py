@@ -1,7 +1,7 @@
 """Fuzzing the strict question parser: it must never crash and never accept an invalid item.
 
 A seeded corpus of over 10,000 strings: replies rendered from known items with one defect each
-(missing parts, duplicate options differing only in case/space/width/invisible characters, answer
+(missing parts, duplicate options differing only in space/width/invisible characters, answer
 outside the options, letters skipping, the answer letter inside a word, prose between options...),
 the same items rendered validly in many styles (Chinese labels, markdown, chatter around them),
 and random soup made of format fragments. An independent oracle checks every accepted item.
@@ -25,8 +25,9 @@ TRAILING = ["Explanation: the others are wrong.", "A. an extra option after the 
 
 
 def oracle_key(text: str) -> str:
-    """Options that differ only in case, width, spaces, invisible characters or a final period are one option."""
-    text = unicodedata.normalize("NFKC", text).casefold()
+    """Options that differ only in width, spaces, invisible characters or a final period are one option
+    (case is kept: "GG" and "gg", "Co" and "CO" are different options)."""
+    text = unicodedata.normalize("NFKC", text)
     text = "".join(ch for ch in text if not ch.isspace() and unicodedata.category(ch) not in ("Cf", "Zs"))
     return text.rstrip(".。;；")
 
@@ -73,9 +74,9 @@ def render(item: dict, rng: random.Random, defect: str | None = None) -> str:
     if defect == "duplicate":
         i, j = rng.sample(range(len(opts)), 2)
         src = opts[i][1]
-        variant = rng.choice([src.upper(), src.title(), f"  {src}  ", src.replace(" ", ""), src.replace(" ", "  "),
+        variant = rng.choice([f"  {src}  ", src.replace(" ", ""), src.replace(" ", "  "),
                               unicodedata.normalize("NFKC", src).translate({c: c + 0xFEE0 for c in range(0x21, 0x7F)}),
-                              src[:1] + "\u200b" + src[1:], src + ".", src + "。", src.casefold() + " ."])
+                              src[:1] + "\u200b" + src[1:], src + ".", src + "。", src + " ."])
         opts[j] = (opts[j][0], variant)
     if defect == "skip_letter" and len(opts) >= 3:
         del opts[rng.randrange(1, len(opts) - 1)]
@@ -222,3 +223,32 @@ def test_hypothesis_texts_accepted_only_when_valid():
             assert reason
 
     check()
+
+
+# ------------------------------------------------------------------------ options keep their case
+
+@pytest.mark.parametrize("options", [
+    ["GG", "gg", "Gg"],  # genotypes
+    ["Bb和Bb", "BB和BB", "bb和bb", "BB和bb"],
+    ["Co", "CO", "Cu", "Ca"],  # cobalt, carbon monoxide
+    ["mg", "Mg", "Mn", "Na"],  # milligram, magnesium
+    ["Aa", "aa", "AA", "aA"],
+])
+def test_options_differing_only_in_case_are_different_options(options):
+    reply = "Question: Which one?\n" + "\n".join(f"{k}. {v}" for k, v in zip("ABCDE", options)) + "\nAnswer: B"
+    item, reason = parse_question(reply)
+    assert reason is None and item["options"] == dict(zip("ABCDE", options)) and item["answer_idx"] == "B"
+
+
+@pytest.mark.parametrize("a, b", [("ice cream", "icecream"), ("阿司 匹林", "阿司匹林"), ("Aspirin.", "Aspirin"),
+                                  ("ＣＯ", "CO"), ("C\u200bO", "CO"), ("Mg 。", "Mg"), ("Bb 和 Bb", "Bb和Bb")])
+def test_options_differing_in_width_spaces_or_a_final_period_are_one_option(a, b):
+    item, reason = parse_question(f"Question: Which one?\nA. {a}\nB. x\nC. {b}\nAnswer: A")
+    assert item is None and reason == "duplicate_options"
+
+
+def test_the_text_after_the_answer_letter_names_its_option_with_case_deciding_between_case_twins():
+    base = "Question: Which genotype is homozygous recessive?\nA. GG\nB. gg\nC. Gg\n"
+    assert parse_question(base + "Answer: B. gg")[0]["answer_idx"] == "B"
+    assert parse_question(base + "Answer: B. GG") == (None, "no_answer")  # names option A, not B
+    assert parse_question("Question: Which?\nA. Metoprolol\nB. Aspirin\nAnswer: A. metoprolol")[0] is not None

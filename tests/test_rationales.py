@@ -191,9 +191,9 @@ def test_reasons_are_stored_per_token_and_the_loss_follows_the_stored_top_k(tmp_
 # ----------------------------------------------------------------------------- both, in main.py on the demo
 
 def test_demo_loop_trains_on_replayed_and_explained_items(tmp_path):
-    """One small round of main.py with replay and rationales: the share of replay items is the one set, every
-    training item (generated or replayed) has the teacher's reason, E stores it token by token and F trains
-    on all of it with token-level KD."""
+    """One small round of main.py with replay and rationales: D3 explains the validated items, then D2 adds the
+    set share of the final training items (replay items train on their letter), E stores the reasons token by
+    token and F trains on all of it, with token-level KD on the reasons."""
     import os
     import subprocess
     import sys
@@ -213,25 +213,27 @@ def test_demo_loop_trains_on_replayed_and_explained_items(tmp_path):
     assert "[run] D2_replay" in proc.stdout and "[run] D3_rationales" in proc.stdout
     it = paths.IterationPaths(tmp_path / "wf", tmp_path / "models", 1)
 
+    from atkd.replay import replay_count
+
     mix = read_jsonl(it.replay_mix)
     validated = read_jsonl(it.validated)
-    replayed = [r for r in mix if r.get("source") == "replay"]
-    assert len(mix) == len(validated) + len(replayed) and len(replayed) == round(0.25 * len(validated) / 0.75)
     explained = read_jsonl(it.explained)
+    replayed = [r for r in mix if r.get("source") == "replay"]
+    assert len(mix) == len(explained) + len(replayed) and len(replayed) == replay_count(len(explained), 0.25)
     report = json.loads(paths.report_path(it.explained).read_text())
-    assert report["total"] == len(mix) and report["kept"] == len(explained) >= 0.8 * len(mix)
+    assert report["total"] == len(validated) and report["kept"] == len(explained) >= 0.8 * len(validated)
     assert report["from_teacher"] == len(explained) and {r["explanation_source"] for r in explained} == {"teacher"}
-    assert any(r.get("source") == "replay" for r in explained)
+    assert not any(r.get("source") == "replay" for r in explained) and not any("explanation" in r for r in replayed)
     assert sum(r["explanation"] == demo_reason(r) for r in explained) >= 0.9 * len(explained)  # the templated reason
 
     store = LogitsStore.open(it.logits_dir)
-    assert set(store.items) == {str(r["id"]) for r in explained}
+    assert set(store.items) == {str(r["id"]) for r in mix}
     assert store.index["summary"]["token_level_items"] == len(explained)
     state = json.loads((it.final_model / "trainer_state.json").read_text())
-    assert state["examples"]["n_items"] == len(explained) and state["examples"]["token_level"] == len(explained)
+    assert state["examples"]["n_items"] == len(mix) and state["examples"]["token_level"] == len(explained)
     text = (tmp_path / "wf" / "report.md").read_text()
     assert f"- replayed from the round's questions: {len(replayed)} items" in text
-    assert f"- items with a rationale: {len(explained)} of {len(mix)}" in text
+    assert f"- items with a rationale: {len(explained)} of {len(validated)}" in text
 
 
 def demo_reason(record: dict) -> str:

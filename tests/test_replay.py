@@ -1,5 +1,6 @@
 """Replay (step D2): a set share of the training items comes from the round's own questions, with their
-gold answers, drawn in favour of the abilities the student already answers well; seeded and recorded."""
+gold answers, drawn in favour of the abilities the student already answers well; seeded and recorded.
+The share is of the final training items (D2 runs after D3's drops), its count the nearest share."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from atkd import paths
 from atkd.io import iter_jsonl, write_jsonl
 from atkd.replay import replay_count
 from atkd.tree import tree_from_nested
+from test_rationales import OPTS, items, teacher  # noqa: F401  (teacher: the scripted teacher fixture)
 
 
 def read_jsonl(path):
@@ -62,6 +64,7 @@ def test_replay_items_make_the_set_share_with_gold_answers_favouring_known_abili
     assert known >= 8, known  # weights 0.95 against 0.05: the known ability dominates the draw
     record = json.loads(paths.replay_record_path(out).read_text())
     assert record["generated"] == 30 and record["replay"] == 10 and record["share"] == 0.25 and record["seed"] == 3
+    assert record["training_items"] == 40
     assert record["by_ability"]["Root > Area > Known"] == {"available": 20, "weight": 0.95, "drawn": known}
     assert record["replay_ids"] == [r["replay_of"] for r in replayed]
 
@@ -103,3 +106,78 @@ def test_bad_paths_and_fractions_exit_2_without_output(tmp_path, run):
     res = run("add_replay.py", "--validated_file", "v", "--dataset_path", "d", "--ability_class_path", "p",
               "--ability_tree_path", "t", "--output_path", out, "--replay_fraction", "1")
     assert res.returncode == 2 and "--replay_fraction must be in [0, 1) (got 1.0)" in res.stderr
+
+
+def test_the_count_gives_the_share_nearest_the_fraction():
+    # 2 items at 0.2: f n / (1 - f) = 0.5; 0 replayed is a share of 0 (0.2 off), 1 a share of 1/3 (0.133 off).
+    assert replay_count(2, 0.2) == 1
+    # 30 at 0.25: exactly 10. 5 at 0.2: 1.25 -> 1 (1/6, 0.033 off) rather than 2 (2/7, 0.086 off).
+    assert replay_count(30, 0.25) == 10 and replay_count(5, 0.2) == 1
+    # 10 at 0.01: 0.101 -> 0 (0.01 off) rather than 1 (1/11, 0.081 off); none without items or fraction.
+    assert replay_count(10, 0.01) == 0 and replay_count(0, 0.2) == 0 and replay_count(7, 0.0) == 0
+    # A tie goes up: 1 item at 0.25 is 0.25 off with none (share 0) and with one (share 1/2).
+    assert replay_count(1, 0.25) == 1
+    for n in range(1, 60):
+        for f in (0.05, 0.1, 0.2, 0.25, 0.3, 0.5, 0.75):
+            r = replay_count(n, f)
+            assert all(abs(r / (n + r) - f) <= abs(k / (n + k) - f) + 1e-12 for k in range(0, 4 * n)), (n, f)
+
+
+def test_two_items_at_a_fifth_get_one_replayed(tmp_path, run):
+    inputs(tmp_path, n_generated=2)
+    mix = replay(run, tmp_path, tmp_path / "two.jsonl", "--replay_fraction", "0.2")
+    assert sum(r.get("source") == "replay" for r in mix) == 1 and len(mix) == 3
+    record = json.loads(paths.replay_record_path(tmp_path / "two.jsonl").read_text())
+    assert record["replay"] == 1 and record["share"] == 1 / 3 and record["training_items"] == 3
+
+
+def chain(run, tmp_path, server, fraction: float, use_dataset_explanation: bool) -> tuple[list[dict], dict]:
+    """D3 then D2 as main.py chains them in rationale style with replay, on 5 validated items of which the
+    scripted teacher's replies keep 2; returns the file E and F read, and replay.json."""
+    import main
+    from dataclasses import replace
+
+    from atkd.cli import parse_config, to_argv
+    from atkd.workflow import WorkflowConfig, training_data_steps, training_items
+
+    it = paths.IterationPaths(tmp_path / "wf", tmp_path / "models", 1)
+    write_jsonl(it.validated, items())
+    # The round's questions: the teacher would explain each ("OK:"); half carry the dataset's own explanation.
+    dataset = [{"id": f"d{k}", "question": f"OK: question {k}?", "options": OPTS, "answer_idx": "C",
+                **({"explanation": f"Dataset reason {k}."} if k % 2 else {})} for k in range(12)]
+    write_jsonl(tmp_path / "data.jsonl", dataset)
+    write_jsonl(tmp_path / "paths.jsonl", [{"id": q["id"], "ability_path": ["Med", "Cardio"]} for q in dataset])
+    tree = tree_from_nested({"Cardio": 0, "Resp": 0}, domain="Med")
+    for node in tree.nodes():
+        node.stats = {"n": 10, "correct": 5, "accuracy": 0.5, "smoothed_accuracy": 0.5, "weakness": 0.5}
+    tree.save_scored(it.scored_tree)
+    cfg = replace(parse_config(WorkflowConfig, [], defaults=main.defaults()), response_style="rationale",
+                  replay_fraction=fraction, use_dataset_explanation=use_dataset_explanation,
+                  teacher_api_base=server.url, teacher_api_model="teacher")
+    env = {"OMP_NUM_THREADS": "1", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    for step in training_data_steps(cfg, it, str(tmp_path / "data.jsonl"), str(tmp_path / "paths.jsonl"), 0, []):
+        res = run(step.script, *to_argv(step.cfg), env=env)
+        assert res.returncode == 0, res.stderr
+    return read_jsonl(training_items(cfg, it)), json.loads(paths.replay_record_path(it.replay_mix).read_text())
+
+
+def test_the_share_is_exact_over_the_items_left_after_rationales(tmp_path, run, teacher):
+    final, record = chain(run, tmp_path, teacher, 0.5, use_dataset_explanation=True)
+    replayed = [r for r in final if r.get("source") == "replay"]
+    # D3 kept 2 of the 5 (ok; own, with the dataset's explanation): 2 replayed make exactly half.
+    assert [r["id"] for r in final if r.get("source") != "replay"] == ["ok", "own"]
+    assert len(replayed) == 2 and len(final) == 4
+    assert record["generated"] == 2 and record["replay"] == 2 and record["share"] == 0.5
+    # The teacher is not asked about replay items: they keep the letter, or the dataset's own explanation.
+    assert sorted(teacher.asked) == ["BARE", "MUTE", "OK", "WRONG"]
+    for r in replayed:
+        own = int(r["replay_of"][1:]) % 2 == 1
+        assert r.get("explanation") == (f"Dataset reason {r['replay_of'][1:]}." if own else None)
+
+
+def test_without_dataset_explanations_replay_items_train_on_their_letter(tmp_path, run, teacher):
+    final, record = chain(run, tmp_path, teacher, 0.2, use_dataset_explanation=False)
+    replayed = [r for r in final if r.get("source") == "replay"]
+    # D3 kept ok and own (the teacher's words this time); 2 items at 0.2: 1 replayed, a third of 3.
+    assert len(final) == 3 and len(replayed) == 1 and record["share"] == 1 / 3
+    assert "explanation" not in replayed[0]

@@ -177,12 +177,17 @@ def test_the_distillation_signal_settings_reach_their_steps(tmp_path):
                      reason_weight=0.5)
     order = [s.name for s in iteration_steps(richer, it, "s", tmp_path / "tree.json", [], files)]
     steps = {s.name: s for s in iteration_steps(richer, it, "s", tmp_path / "tree.json", [], files)}
-    assert order.index("D_validated_data") < order.index("D2_replay") < order.index("D3_rationales") < order.index(
+    # D3 first, then D2 on what D3 kept: the replay share is of the final training items.
+    assert order.index("D_validated_data") < order.index("D3_rationales") < order.index("D2_replay") < order.index(
         "E_teacher_logits")
     replay, rationales = steps["D2_replay"].cfg, steps["D3_rationales"].cfg
-    assert replay.validated_file == str(it.validated) and replay.replay_fraction == 0.2
+    assert rationales.input_file == str(it.validated) and rationales.use_dataset_explanation is False
+    assert replay.validated_file == rationales.output_file and replay.replay_fraction == 0.2
     assert replay.ability_tree_path == str(it.scored_tree) and replay.dataset_path == plain.dataset_files_per_iteration[0]
-    assert rationales.input_file == replay.output_path and rationales.use_dataset_explanation is False
-    assert steps["E_teacher_logits"].cfg.dataset_path == steps["F_train"].cfg.train_file_path == rationales.output_file
+    assert replay.drop_field == "explanation"  # no dataset explanations: replay items train on their letter
+    assert steps["E_teacher_logits"].cfg.dataset_path == steps["F_train"].cfg.train_file_path == replay.output_path
     assert steps["E_teacher_logits"].cfg.response_field == rationales.explanation_field == "explanation"
+    kept = {s.name: s.cfg for s in iteration_steps(replace(richer, use_dataset_explanation=True), it, "s",
+                                                   tmp_path / "tree.json", [], files)}
+    assert kept["D2_replay"].drop_field == ""  # the dataset's own explanations stay on replay items
     assert steps["F_train"].cfg.reason_weight == 0.5
