@@ -1,16 +1,7 @@
 """Create the initial ability tree by asking an LLM for sub-abilities, level by level.
 
-    python create_initial_tree.py --model_path /models/Qwen2.5-7B-Instruct --domain 临床医学 --nodes_per_level 6,4
-
-or against an OpenAI-compatible server (vLLM, SGLang, `transformers serve`, a hosted API; the key
-is read from the environment variable named by --api_key_env):
-
-    python create_initial_tree.py --api_base http://127.0.0.1:8000/v1 --api_model Qwen2.5-7B-Instruct --domain 临床医学
-
-The constants below are the defaults of their flags (GPU_ID is --gpu_ids; -1 is the CPU); the
-other settings and their defaults are listed by --help. The tree is written (atomically) to
-OUTPUT_DIR/OUTPUT_FILENAME in the nested form `{"domain": {"level 1": {"level 2": {}}}}`, with its
-done-record beside it.
+An alias of `python -m atkd tree` whose flags default to the constants below (GPU_ID is --gpu_ids;
+-1 is the CPU); `python create_initial_tree.py --help` shows a command to copy and every flag.
 """
 
 MODEL_PATH = "./models/teacher"          # local Hugging Face model folder of the LLM that writes the tree
@@ -21,12 +12,11 @@ GPU_ID = 0                               # CUDA device of the local model; -1 (o
 
 
 def main(argv=None) -> int:
-    from atkd.cli import stage_main
-    from atkd.tree_building import TreeConfig, run
+    from atkd.__main__ import run_stage
 
     defaults = dict(model_path=MODEL_PATH, domain=DOMAIN, output_dir=OUTPUT_DIR, output_filename=OUTPUT_FILENAME,
                     gpu_ids=[GPU_ID] if GPU_ID >= 0 else [])
-    return stage_main(TreeConfig, run, argv, __doc__, defaults)
+    return run_stage("tree", argv, defaults)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,14 @@
 """The teacher's rationale for each training item: the answer line first, then a short reason (step D3).
 
-    python generate_rationales.py --teacher_model_path data/demo/models/teacher --input_file output/workflow/iteration_1/D_validated_data/validated.jsonl --output_file output/workflow/iteration_1/D3_rationales/explained.jsonl
-
-An item is kept when the teacher's answer line gives the item's labelled answer and a reason
-follows; the reason goes into the `explanation` field, which generate_logits.py
-(--response_field explanation) and train.py turn into token-level distillation. Items that
-already have an explanation keep it (--no-use_dataset_explanation asks the teacher anyway).
-Writes explained.jsonl, dropped.jsonl and report.json; a killed run resumes.
+An alias of `python -m atkd rationales`: `python generate_rationales.py --help` shows a command to copy and every flag
+(the text is the stage's entry in atkd/stages.py).
 """
 
-from atkd.cli import stage_main
-from atkd.rationale_writing import RationaleConfig, run
+from atkd.__main__ import run_stage
 
 
 def main(argv=None) -> int:
-    return stage_main(RationaleConfig, run, argv, __doc__)
+    return run_stage("rationales", argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ take the teacher's logits, distil; repeat. Each stage runs as a subprocess; reru
     python main.py --num_iterations 1 --num_distill_samples 500 --gpus_to_use 0,1
 
 Edit the constants below to distil your own teacher into your own student; every constant can
-also be overridden on the command line by its lower-case name (lists comma-separated).
+also be overridden on the command line by its lower-case name (lists comma-separated). A constant
+that feeds a stage has that stage's check and help (the table: atkd/plan.py, FEEDS).
 The defaults run the embedded demo (see README.md); values for a real 7B -> 0.5B run are in the comments.
 """
 
@@ -35,8 +36,8 @@ GPUS_TO_USE = [0]  # e.g. [0, 1, 2, 3]; on a machine without CUDA everything run
 SEED = 0  # iteration N uses SEED + N - 1
 
 # ===================================================================== stage knobs
-INFERENCE_BATCH_SIZE = 16  # questions per forward pass (steps A, D, E, G)
-GENERATION_BATCH_SIZE = 16  # prompts per generate call when the teacher writes questions (step C)
+INFERENCE_BATCH_SIZE = 16  # questions per forward pass (steps A, D, E, G, L)
+GENERATION_BATCH_SIZE = 16  # prompts per generate call (steps C, D3, D4)
 MAX_RETRIES = 3  # extra generation rounds for abilities short of their target
 GEN_TEMPERATURE = 0.8  # the teacher's sampling temperature when writing questions
 MIN_CONFIDENCE = 0.0  # both agents must give the labelled answer at least this probability (0: off)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .tree import AbilityTree, Node
+
 
 @dataclass
 class Allocation:
@@ -91,3 +93,16 @@ def _water_fill(weights: dict[int, float], total: int, floor: int) -> dict[int, 
                 shares.update({i: float(floor) for i in low})
             return shares
         clamped.update(low)
+
+
+def leaf_weakness(node: Node, tree: AbilityTree) -> float:
+    """The leaf's weakness in a scored tree (step B's), else its nearest scored ancestor's, else 1 (unscored):
+    what its share of the questions is computed from (step C) and what replay weighs against (step D2)."""
+    path = node.path
+    while path:
+        found = tree.node(path)
+        w = found.stats.get("weakness") if found is not None else None
+        if isinstance(w, (int, float)) and not isinstance(w, bool):
+            return float(w)
+        path = path[:-1]
+    return 1.0

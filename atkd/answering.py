@@ -69,15 +69,31 @@ class Answerer:
     api_max_attempts: int = 4  # endpoint: tries per request
     spread_over: tuple[int, ...] = ()  # local: GPUs one copy is spread over (`models.placement_plan`)
 
+    @classmethod
+    def of(cls, source, **how) -> "Answerer":
+        """`source` (an `atkd.model_source.ModelSource`) answering: its folder, or its endpoint (no folder then)."""
+        return cls(model_path="" if source.is_served else source.model_path, api_base=source.api_base,
+                   api_model=source.api_model, api_key_env=source.api_key_env, dtype=source.dtype,
+                   trust_remote_code=source.trust_remote_code, api_concurrency=source.api_concurrency,
+                   api_timeout_s=source.api_timeout_s, api_max_attempts=source.api_max_attempts, **how)
+
+    @property
+    def source(self):
+        """Where this answerer's model is (`atkd.model_source.ModelSource`)."""
+        from .model_source import ModelSource
+
+        return ModelSource(model_path=self.model_path, api_base=self.api_base, api_model=self.api_model,
+                           api_key_env=self.api_key_env, api_concurrency=self.api_concurrency,
+                           api_timeout_s=self.api_timeout_s, api_max_attempts=self.api_max_attempts, dtype=self.dtype,
+                           trust_remote_code=self.trust_remote_code)
+
     @property
     def name(self) -> str:
-        return f"{self.api_model} @ {self.api_base}" if self.api_base else self.model_path
+        return self.source.name
 
     def client(self):
         """The endpoint's client (`atkd.api.ChatAPI`)."""
-        from .api import endpoint
-
-        return endpoint(self.api_base, self.api_model, self)
+        return self.source.client()
 
 
 def answer_record(key: str, pred_letter: str | None, option_probs: dict | None = None,

@@ -52,8 +52,8 @@ class ChatAPI:
             headers["Authorization"] = f"Bearer {key}"
         return headers
 
-    def _post(self, payload: dict, stop: threading.Event | None = None) -> dict:
-        url = self.base_url.rstrip("/") + "/chat/completions"
+    def _post(self, payload: dict, stop: threading.Event | None = None, path: str = "/chat/completions") -> dict:
+        url = self.base_url.rstrip("/") + path
         body = json.dumps(payload).encode("utf-8")
         stop = stop or threading.Event()
         delay = 1.0  # seconds before the second try; doubled after each failure
@@ -128,8 +128,16 @@ class ChatAPI:
             replies[i] = text
         return replies
 
+    def post_each(self, path: str, payloads: list[dict]) -> Iterator[tuple[int, dict]]:
+        """(index, response JSON) for each payload POSTed to `path` ("/chat/completions", "/completions"), in
+        the order the responses arrive, with `chat_each`'s concurrency, retries and stop-on-failure."""
+        stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=max(1, self.concurrency))
+        try:
+            futures = {pool.submit(self._post, payload, stop, path): i for i, payload in enumerate(payloads)}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        finally:
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
 
-def endpoint(base_url: str, model: str, cfg) -> ChatAPI:
-    """The client of a stage's endpoint, with the stage's key variable, timeout, tries and concurrency."""
-    return ChatAPI(base_url, model, api_key_env=cfg.api_key_env, timeout_s=cfg.api_timeout_s,
-                   max_attempts=cfg.api_max_attempts, concurrency=cfg.api_concurrency)

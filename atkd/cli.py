@@ -77,6 +77,15 @@ def setting(default: Any = MISSING, *, help: str, check: Check | None = None, ch
     return field(default=default, metadata=meta)
 
 
+def fed(cls, name: str, help: str | None = None) -> Any:
+    """A setting that feeds `cls.<name>` (main.py's, whose constants are its values): that field's check,
+    choices, role, whether it changes results, and help (unless `help` says it in main.py's terms); no
+    default. One declaration: the check cannot drift from the stage's."""
+    meta = next(f for f in fields(cls) if f.name == name).metadata
+    return setting(help=help or meta["help"], check=meta["check"], choices=meta["choices"], role=meta["role"],
+                   affects_output=meta["affects_output"])
+
+
 @dataclass(kw_only=True)
 class StageConfig:
     """Base of every stage's settings: checks on construction, outputs, where its record goes."""
@@ -332,16 +341,6 @@ def api_max_attempts() -> int:
 
 
 PLACEMENTS = ("auto", "per_gpu", "spread")
-
-
-def endpoint_problems(model_path: str, api_base: str, api_model: str, model_flag: str = "--teacher_model_path"
-                      ) -> list[str]:
-    """A model is a local folder or an endpoint with a model name: what is missing, if anything."""
-    if api_base and not api_model:
-        return ["--api_base needs --api_model (the model name the server serves)"]
-    if not api_base and not model_path:
-        return [f"give {model_flag} (or --api_base and --api_model)"]
-    return []
 
 
 def model_placement() -> str:

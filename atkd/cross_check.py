@@ -28,14 +28,14 @@ from typing import ClassVar
 
 from . import paths
 from .answering import MODES, Answerer, answer_all, plan_batches
-from .cli import (INPUT, MODEL, OUTPUT, StageConfig, api_concurrency, api_key_env, api_max_attempts, api_timeout_s,
-                  at_least, between, dtype, gpu_ids, lang, model_placement, setting, trust_remote_code)
+from .cli import INPUT, OUTPUT, StageConfig, at_least, between, lang, setting
 from .errors import InputError
 from .fingerprint import MISSING_PATH, DoneRecord, fingerprint, signature
 from .io import PartLog, write_json, write_jsonl
-from .models import check_model_dir, load_tokenizer, placement_plan, usable_gpu_ids
+from .model_source import AGENT_FLAGS
+from .models import load_tokenizer
 from .prompts import language_of
-from .records import Question, load_questions
+from .records import Question, ability_name, load_questions
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,9 @@ class CrossCheckConfig(StageConfig):
     """evaluate_distilled_data.py: two agents validate generated questions."""
 
     version: ClassVar[int] = 2  # 2: letter logits in float32 through the verified head; tied_top
-    agent_model_1_path: str = setting("", role=MODEL, help="first agent's model folder")
-    agent_model_2_path: str = setting("", role=MODEL, help="second agent's model folder (a different model)")
+    agent_model_1_path: str = AGENT_FLAGS[1].setting("model_path", help="first agent's model folder")
+    agent_model_2_path: str = AGENT_FLAGS[2].setting("model_path", help="second agent's model folder (a different "
+                                                                        "model)")
     input_file: str = setting(role=INPUT, help="generated questions .jsonl (step C)")
     output_file: str = setting(role=OUTPUT,
                                help="kept questions .jsonl (report.json and rejected.jsonl go beside it)")
@@ -65,22 +66,21 @@ class CrossCheckConfig(StageConfig):
                               help="questions per forward pass / generate call")
     max_new_tokens: int = setting(256, check=at_least(1), help="generate mode: reply length limit, in tokens")
     lang: str = lang()
-    agent_1_api_base: str = setting("", affects_output=False,
-                                    help="agent 1 at this OpenAI-compatible endpoint instead of a folder "
-                                         "(it answers in generate mode)")
-    agent_1_api_model: str = setting("", help="model name of agent 1 at its endpoint")
-    agent_2_api_base: str = setting("", affects_output=False,
-                                    help="agent 2 at this OpenAI-compatible endpoint instead of a folder "
-                                         "(it answers in generate mode)")
-    agent_2_api_model: str = setting("", help="model name of agent 2 at its endpoint")
-    api_key_env: str = api_key_env()
-    api_concurrency: int = api_concurrency()
-    api_timeout_s: float = api_timeout_s()
-    api_max_attempts: int = api_max_attempts()
-    gpu_ids: list[int] = gpu_ids()
-    model_placement: str = model_placement()
-    dtype: str = dtype()
-    trust_remote_code: bool = trust_remote_code()
+    # where each agent is (atkd.model_source): its own folder or endpoint; the rest is shared
+    agent_1_api_base: str = AGENT_FLAGS[1].setting("api_base", help="agent 1 at this OpenAI-compatible endpoint "
+                                                                    "instead of a folder (it answers in generate mode)")
+    agent_1_api_model: str = AGENT_FLAGS[1].setting("api_model", help="model name of agent 1 at its endpoint")
+    agent_2_api_base: str = AGENT_FLAGS[2].setting("api_base", help="agent 2 at this OpenAI-compatible endpoint "
+                                                                    "instead of a folder (it answers in generate mode)")
+    agent_2_api_model: str = AGENT_FLAGS[2].setting("api_model", help="model name of agent 2 at its endpoint")
+    api_key_env: str = AGENT_FLAGS[1].setting("api_key_env")
+    api_concurrency: int = AGENT_FLAGS[1].setting("api_concurrency")
+    api_timeout_s: float = AGENT_FLAGS[1].setting("api_timeout_s")
+    api_max_attempts: int = AGENT_FLAGS[1].setting("api_max_attempts")
+    gpu_ids: list[int] = AGENT_FLAGS[1].setting("gpu_ids")
+    model_placement: str = AGENT_FLAGS[1].setting("model_placement")
+    dtype: str = AGENT_FLAGS[1].setting("dtype")
+    trust_remote_code: bool = AGENT_FLAGS[1].setting("trust_remote_code")
 
     def problems(self) -> list[str]:
         out = []
@@ -91,11 +91,7 @@ class CrossCheckConfig(StageConfig):
             out.append("--min_confidence needs a local agent in score mode (agents at endpoints answer in "
                        "generate mode, without probabilities)")
         for n in AGENTS:
-            base, name = getattr(self, f"agent_{n}_api_base"), getattr(self, f"agent_{n}_api_model")
-            if base and not name:
-                out.append(f"--agent_{n}_api_base needs --agent_{n}_api_model")
-            elif not base and not getattr(self, f"agent_model_{n}_path"):
-                out.append(f"give --agent_model_{n}_path (or --agent_{n}_api_base and --agent_{n}_api_model)")
+            out += AGENT_FLAGS[n].problems(self)
         return out
 
     def agent_mode(self, n: int) -> str:
@@ -107,16 +103,12 @@ class CrossCheckConfig(StageConfig):
 
 
 def agent_fields(n: int) -> tuple[str, ...]:
-    return (f"agent_model_{n}_path", f"agent_{n}_api_base", f"agent_{n}_api_model")
+    """Agent n's own settings (its source's folder and endpoint)."""
+    return tuple(AGENT_FLAGS[n].flag(name) for name in ("model_path", "api_base", "api_model"))
 
 
 def answerer(cfg: CrossCheckConfig, n: int, lang: str) -> Answerer:
-    base = getattr(cfg, f"agent_{n}_api_base")
-    return Answerer(model_path="" if base else getattr(cfg, f"agent_model_{n}_path"), api_base=base,
-                    api_model=getattr(cfg, f"agent_{n}_api_model"), api_key_env=cfg.api_key_env,
-                    mode=cfg.agent_mode(n), lang=lang, max_new_tokens=cfg.max_new_tokens, dtype=cfg.dtype,
-                    trust_remote_code=cfg.trust_remote_code, api_concurrency=cfg.api_concurrency,
-                    api_timeout_s=cfg.api_timeout_s, api_max_attempts=cfg.api_max_attempts)
+    return Answerer.of(AGENT_FLAGS[n].of(cfg), mode=cfg.agent_mode(n), lang=lang, max_new_tokens=cfg.max_new_tokens)
 
 
 def same_model(a: Answerer, b: Answerer) -> bool:
@@ -143,13 +135,6 @@ def verdict(label: str, pred_1: str | None, pred_2: str | None, prob_1: float | 
     if min_confidence > 0 and any(p is not None and p < min_confidence for p in (prob_1, prob_2)):
         return "low_confidence"
     return None
-
-
-def ability_name(q: Question) -> str:
-    path = q.extra.get("ability_path")
-    if isinstance(path, list) and path:
-        return " > ".join(str(p) for p in path)
-    return "(no ability_path)"
 
 
 def label_prob(answer: dict, label: str) -> float | None:
@@ -252,14 +237,12 @@ def run(cfg: CrossCheckConfig) -> dict | None:
     items = load_questions(path)
     lang = language_of(items, cfg.lang)
     agents = [answerer(cfg, n, lang) for n in AGENTS]
-    gpus = usable_gpu_ids(cfg.gpu_ids)
     workers = {}  # agent -> GPUs with one local worker each
     for n, who in zip(AGENTS, agents):
-        if who.api_base:
-            who.client().check_reachable()
-        else:
-            check_model_dir(who.model_path)
-            workers[n], spread = placement_plan(who.model_path, gpus, cfg.model_placement)
+        source = AGENT_FLAGS[n].of(cfg)
+        source.check()
+        if not source.is_served:
+            workers[n], spread = source.placement()
             who.spread_over = tuple(spread)
     is_same = same_model(*agents)
     if is_same:

@@ -4,7 +4,9 @@ A stage's fingerprint holds everything that can change what it writes:
 - every setting of its config except those declared `affects_output=False` and output paths;
 - for each model folder and input file or folder, a hash of its *contents* (never its path or
   mtime: retrained weights written to the same path, even with the old size and mtime, change it);
-- the stage's code version (`StageConfig.version`) and the version of the prompts.
+- the stage's code version (`StageConfig.version`) and the version of the prompts it renders (the
+  stage table's `prompts`, `atkd.stages`: none for B, H and D2; every prompt for a config outside
+  the table), so editing one prompt reruns only the stages that render it, and those after them.
 
 When a stage finishes it writes its done-record (`<stem>.done.json` beside its outputs): the
 fingerprint, the command line it ran with and the library versions. The stage is done when its
@@ -126,7 +128,10 @@ def fingerprint(cfg: StageConfig, exclude: tuple[str, ...] = ()) -> dict:
     """
     from .prompts import prompts_version
 
-    out: dict = {"stage": type(cfg).__name__, "version": cfg.version, "prompts": prompts_version()}
+    out: dict = {"stage": type(cfg).__name__, "version": cfg.version}
+    rendered = rendered_prompts(cfg)
+    if rendered:  # a stage that renders no prompt (B, H, D2) does not depend on any
+        out["prompts"] = prompts_version(rendered)
     exclude = (*exclude, *cfg.unused_settings())
     for f in fields(cfg):
         meta = f.metadata
@@ -135,6 +140,15 @@ def fingerprint(cfg: StageConfig, exclude: tuple[str, ...] = ()) -> dict:
         value = getattr(cfg, f.name)
         out[f.name] = signature(value) if meta.get("role") in (MODEL, INPUT) and value else value
     return out
+
+
+def rendered_prompts(cfg: StageConfig) -> tuple[str, ...]:
+    """The prompts `cfg`'s stage renders (`atkd.stages`); every prompt for a config outside the table."""
+    from .prompts import PROMPT_NAMES
+    from .stages import prompts_of
+
+    named = prompts_of(type(cfg).__name__)
+    return PROMPT_NAMES if named is None else named
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:

@@ -45,15 +45,16 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, ClassVar
 
 from . import paths
 from .answering import Answerer, LoadedModel, answer_all, plan_batches
-from .cli import INPUT, MODEL, OUTPUT, StageConfig, at_least, dtype, gpu_ids, lang, setting, trust_remote_code
+from .cli import INPUT, OUTPUT, StageConfig, at_least, lang, setting
 from .errors import InputError
 from .fingerprint import DoneRecord
+from .model_source import TREE_FLAGS
 from .io import PartLog, write_json, write_jsonl
 from .prompts import ABILITY_SEP, ability_question
 from .records import LETTERS, Question, load_questions
@@ -71,7 +72,8 @@ class LabelConfig(StageConfig):
     """label_abilities.py: place each question in the ability tree with a model, level by level."""
 
     version: ClassVar[int] = 2  # 2: children in canonical order, each choice asked under rotations of it
-    model_path: str = setting(role=MODEL, help="local Hugging Face model folder (the teacher)")
+    model_path: str = TREE_FLAGS.setting("model_path", default=MISSING, help="local Hugging Face model folder (the "
+                                                                             "teacher)")
     ability_tree_path: str = setting(role=INPUT, help="ability tree JSON (nested, with or without the domain "
                                                       "key, or a scored tree)")
     dataset_path: str = setting(role=INPUT, help="questions .jsonl to label (id, question, options, answer_idx)")
@@ -81,9 +83,10 @@ class LabelConfig(StageConfig):
                              help="option orders each choice among k children is asked in: 0 = all k cyclic shifts "
                                   "(every child at every position once; k prompts); n = n evenly spaced shifts")
     lang: str = lang()
-    gpu_ids: list[int] = gpu_ids()
-    dtype: str = dtype()
-    trust_remote_code: bool = trust_remote_code()
+    # where the teacher is (atkd.model_source): a local folder only (scoring needs its logits)
+    gpu_ids: list[int] = TREE_FLAGS.setting("gpu_ids")
+    dtype: str = TREE_FLAGS.setting("dtype")
+    trust_remote_code: bool = TREE_FLAGS.setting("trust_remote_code")
 
     def outputs(self) -> list[Path]:
         return [Path(self.output_path), paths.labels_summary_path(self.output_path)]
@@ -256,8 +259,7 @@ def run(cfg: LabelConfig) -> dict | None:
     gpus = usable_gpu_ids(cfg.gpu_ids)
     device = device_for(gpus[0] if gpus else None)
     tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
-    who = Answerer(model_path=cfg.model_path, mode="score", lang=language_of(questions, cfg.lang), dtype=cfg.dtype,
-                   trust_remote_code=cfg.trust_remote_code)
+    who = Answerer.of(TREE_FLAGS.of(cfg), mode="score", lang=language_of(questions, cfg.lang))
     widest = max(len(n.children) for n in tree.nodes())
     letter_token_ids(tokenizer, list(LETTERS[:min(widest, MAX_CHOICES)]), who.lang, source=cfg.model_path)
     record.start()

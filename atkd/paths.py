@@ -2,13 +2,16 @@
 
 main.py builds its commands from these, and a person running a stage by hand gets the same
 names: each stage derives its side files (summary, stats, plan, report, args) from its main
-output path with the helpers at the bottom.
+output path with the helpers at the bottom. The step folders' names are the stage table's
+(`atkd.stages.STEPS`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from .stages import step_folder
 
 INITIAL_TREE = "initial_ability_tree.json"
 REPORT_MD = "report.md"
@@ -32,7 +35,7 @@ class IterationPaths:
     # A: student answers
     @property
     def replies_dir(self) -> Path:
-        return self.dir / "A_student_reply"
+        return self.dir / step_folder("A")
 
     @property
     def replies(self) -> Path:
@@ -41,7 +44,7 @@ class IterationPaths:
     # B: ability analysis
     @property
     def tree_dir(self) -> Path:
-        return self.dir / "B_student_tree"
+        return self.dir / step_folder("B")
 
     @property
     def scored_tree(self) -> Path:
@@ -54,7 +57,7 @@ class IterationPaths:
     # C: distillation data
     @property
     def distill_dir(self) -> Path:
-        return self.dir / "C_distill_data"
+        return self.dir / step_folder("C")
 
     @property
     def generated(self) -> Path:
@@ -63,7 +66,7 @@ class IterationPaths:
     # D: validated data
     @property
     def validated_dir(self) -> Path:
-        return self.dir / "D_validated_data"
+        return self.dir / step_folder("D")
 
     @property
     def validated(self) -> Path:
@@ -72,7 +75,7 @@ class IterationPaths:
     # D2 (REPLAY_FRACTION > 0): validated items plus replayed dataset questions
     @property
     def replay_dir(self) -> Path:
-        return self.dir / "D2_replay"
+        return self.dir / step_folder("D2")
 
     @property
     def replay_mix(self) -> Path:
@@ -81,7 +84,7 @@ class IterationPaths:
     # D3 (RESPONSE_STYLE rationale): the teacher's rationale for each training item
     @property
     def rationale_dir(self) -> Path:
-        return self.dir / "D3_rationales"
+        return self.dir / step_folder("D3")
 
     @property
     def explained(self) -> Path:
@@ -90,7 +93,7 @@ class IterationPaths:
     # D4 (RESPONSES student | mixed): the student's own rationale replies for the items it practises
     @property
     def on_policy_dir(self) -> Path:
-        return self.dir / "D4_student_responses"
+        return self.dir / step_folder("D4")
 
     @property
     def on_policy_items(self) -> Path:
@@ -99,7 +102,7 @@ class IterationPaths:
     # E: teacher logits
     @property
     def logits_dir(self) -> Path:
-        return self.dir / "E_teacher_logits"
+        return self.dir / step_folder("E")
 
     # F: training
     @property
@@ -113,7 +116,7 @@ class IterationPaths:
     # before A, when the iteration's questions come without ability paths: the teacher's labels
     @property
     def labels_dir(self) -> Path:
-        return self.dir / "L_ability_labels"
+        return self.dir / step_folder("L")
 
     @property
     def labels(self) -> Path:
@@ -153,7 +156,7 @@ class EvalPaths:
 
     @property
     def replies_dir(self) -> Path:
-        return self.base / "G_eval_reply"
+        return self.base / step_folder("G")
 
     @property
     def replies(self) -> Path:
@@ -161,7 +164,7 @@ class EvalPaths:
 
     @property
     def tree_dir(self) -> Path:
-        return self.base / "H_eval_tree"
+        return self.base / step_folder("H")
 
     @property
     def scored_tree(self) -> Path:

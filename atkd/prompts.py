@@ -27,13 +27,13 @@ Rendering is made to depend on nothing but the text and the tokenizer:
   followed by the letter's are the tokenizer's ids of the template's prompt followed by the letter,
   never a lone space token the model never saw before a letter.
 
-`prompts_version()` is a short hash of every text here; fingerprints include it so that changing
-a prompt reruns the stages that used it.
+`prompts_version(names)` is a short hash of what the named prompts render; a stage's fingerprint
+includes it for the prompts that stage renders (`atkd.stages`), so changing a prompt reruns the
+stages that render it and no other.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import functools
 import hashlib
@@ -51,7 +51,7 @@ _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 
 # The "today" of every rendered prompt. 26 Jul 2024 is the date Llama-3.1/3.2 templates fall back
 # to themselves when no date is available, so pinned prompts equal what those templates render
-# offline; changing it changes `prompts_version()` and so reruns every stage.
+# offline; changing it changes `prompts_version()` and so reruns every stage that renders a prompt.
 PINNED_DATE = datetime.date(2024, 7, 26)
 DATE_STRING_FORMAT = "%d %b %Y"  # how Llama-3.x templates write date_string ("26 Jul 2024")
 
@@ -166,6 +166,13 @@ def rationale_user_text(q: Question, lang: str) -> str:
 def rationale_reply(letter: str, reason: str, lang: str) -> str:
     """A rationale reply as the prompt asks for it: the answer line, then the reason on the next line(s)."""
     return f"{answer_line(letter, lang)}\n{reason.strip()}"
+
+
+def reason_of(reply: str) -> str:
+    """The reason of a rationale reply (the inverse of `rationale_reply`): what follows its first non-empty
+    line (the answer line), stripped."""
+    lines = reply.strip().splitlines()
+    return "\n".join(lines[1:]).strip()
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -410,27 +417,45 @@ def tree_level_user_text(domain: str, ability_path: list[str] | tuple[str, ...],
     return LABELS[lang].tree_task.format(n=n, domain=domain, ability=ABILITY_SEP.join(ability_path))
 
 
-def prompts_version() -> str:
-    """12 hex digits identifying every prompt text and format of this module and the pinned date.
+# The prompts a stage can render, by the names the stage table gives them (`atkd.stages`).
+PROMPT_NAMES = ("mcq", "rationale", "write", "tree", "label")
 
-    Hashes what the functions produce for fixed sample inputs (in both languages), so an edit to a
-    label or to how a block is laid out changes it, and an edit to a comment does not.
-    """
+
+def prompt_probes(name: str, lang: str) -> list[str]:
+    """What prompt `name` renders on fixed probe inputs in `lang`, its reply format included: a change to any
+    label, layout or function it goes through changes these texts, a change to a comment does not."""
     sample = Question(id=0, question="Q?", options={"A": "a", "B": "b"}, answer_idx="B")
-    produced = {
-        "labels": {lang: dataclasses.asdict(lab) for lang, lab in LABELS.items()},
-        "ability_sep": ABILITY_SEP,
+    if name == "mcq":  # plain and chain of thought, the answer line, the plain-text cue
+        return [mcq_user_text(sample, lang), mcq_user_text(sample, lang, cot=True), answer_line("C", lang),
+                render(None, "u", LABELS[lang].answer)]
+    if name == "rationale":
+        return [rationale_user_text(sample, lang), rationale_reply("B", "why", lang), reason_of("Answer: B\nwhy")]
+    if name == "write":  # the reply is parsed as question_block(..., with_answer=True) (atkd.qparse)
+        return [write_question_user_text(["D", "E"], [sample], 4, lang, "dom"),
+                question_block(sample, lang, with_answer=True)]
+    if name == "tree":
+        return [tree_level_user_text("dom", ["D"], 3, lang)]
+    if name == "label":  # an MCQ over ability names: rendered through the MCQ prompt
+        return [mcq_user_text(ability_question(sample, ["x", "y"], lang), lang)]
+    raise ValueError(f"unknown prompt {name!r}; the prompts: {', '.join(PROMPT_NAMES)}")
+
+
+def prompts_version(names: tuple[str, ...] | list[str] = PROMPT_NAMES) -> str:
+    """12 hex digits identifying the prompts `names` (every prompt by default), in both languages, and how
+    any prompt is rendered through a chat template (the pinned date, the think block, the joined whitespace).
+
+    A stage's fingerprint holds the version of the prompts it renders only (`atkd.stages`), so editing
+    the question-writing prompt reruns step C onward and not the steps before it.
+    """
+    produced: dict = {
         "date": PINNED_DATE.isoformat(),
         "date_format": DATE_STRING_FORMAT,
         "think": [THINK_OPEN, THINK_CLOSE, CLOSE_THINK],
         "template_kwargs": sorted(template_kwargs()),
         "joined_whitespace": JOINED_WHITESPACE_RULE,
+        "ability_sep": ABILITY_SEP,
     }
-    for lang in LABELS:
-        produced[lang] = [mcq_user_text(sample, lang), mcq_user_text(sample, lang, cot=True),
-                          question_block(sample, lang, with_answer=True), answer_line("C", lang),
-                          write_question_user_text(["D", "E"], [sample], 4, lang, "dom"),
-                          tree_level_user_text("dom", ["D"], 3, lang), render(None, "u", LABELS[lang].answer)]
-        produced[lang + "_rationale"] = [rationale_user_text(sample, lang), rationale_reply("B", "why", lang)]
+    for name in sorted(set(names)):
+        produced[name] = {lang: prompt_probes(name, lang) for lang in LABELS}
     blob = json.dumps(produced, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:12]

@@ -53,7 +53,7 @@ def option_key(text: str) -> str:
     """What two options must differ in, case included: the text after NFKC (width) with invisible
     format characters, every space and a trailing period removed ("ice cream" and "icecream",
     "阿司 匹林" and "阿司匹林", "ＣＯ" and "CO" are one option; "CO" and "Co" are two). The one rule
-    for repeated options: step C's acceptance here, the converters in `atkd.datasets`."""
+    for repeated options: step C's acceptance here, the converters in `atkd.convert.datasets`."""
     if not text.isascii():  # ASCII holds no Cf character and NFKC keeps it
         text = unicodedata.normalize("NFKC", "".join(ch for ch in text if unicodedata.category(ch) != "Cf"))
     return re.sub(r"\s+", "", text).rstrip(".。;；")

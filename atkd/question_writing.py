@@ -8,10 +8,11 @@ The work is split so that everything random is decided once, in the main process
    an unseeded RNG before seeding, and its GPU workers disagreed on the tasks);
 3. `make_batches` fixes each round's batches and a sampling seed per batch, so a batch that is
    regenerated after a kill gives exactly the text an uninterrupted run got;
-4. workers (`write_worker`, one per GPU, or an HTTP endpoint) only turn batches into text;
+4. the teacher (`atkd.model_source.ModelSource.texts`: a local model, one worker per GPU, or an
+   HTTP endpoint) only turns batches into text;
 5. `Acceptor` reads the texts in task order: strict parse, repeats of evaluation questions
    dropped (`atkd.leakage`, with --eval_dataset_path), near-duplicate check against the dataset
-   and earlier accepted items, the options shuffled with a seeded RNG (`shuffle_options`:
+   and earlier accepted items, the options shuffled with a seeded RNG (`atkd.option_order`:
    options that name other options by letter or place keep the item's order, all/none of the
    above stays last).
 
@@ -26,25 +27,24 @@ import hashlib
 import logging
 import math
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from . import paths
-from .allocation import allocate
-from .cli import (INPUT, MODEL, OUTPUT, Check, StageConfig, above, api_concurrency, api_key_env, api_max_attempts,
-                  api_timeout_s, at_least, dtype, endpoint_problems, gpu_ids, lang, model_placement, setting,
-                  trust_remote_code)
+from .allocation import allocate, leaf_weakness
+from .cli import INPUT, OUTPUT, Check, StageConfig, above, at_least, lang, setting
 from .dedup import DEFAULT_THRESHOLD, NearDupIndex, features, rarest_first
 from .errors import InputError
 from .fingerprint import DoneRecord
 from .io import PartLog, iter_jsonl, write_json, write_jsonl
 from .leakage import EvalIndex
+from .model_source import TEACHER_FLAGS, LocalModel, ModelSource, Prompt, PromptBatch
+from .option_order import shuffle_options
 from .qparse import parse_question
-from .records import LETTERS, Question, load_ability_paths, load_questions
-from .tree import AbilityTree, Node, load_tree
+from .records import Question, load_ability_paths, load_questions
+from .tree import AbilityTree, load_tree
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class QuestionWritingConfig(StageConfig):
 
     version = 2  # 2: position-bound options keep their place; repeats of evaluation questions are dropped
 
-    teacher_model_path: str = setting("", role=MODEL, help="teacher model folder (unless --api_base)")
+    teacher_model_path: str = TEACHER_FLAGS.setting("model_path", help="teacher model folder (unless --api_base)")
     ability_tree_path: str = setting(role=INPUT, help="scored tree (B's tree.json) or a nested initial tree")
     full_dataset_path: str = setting(role=INPUT, help="question .jsonl the seeds come from")
     ability_class_path: str = setting(role=INPUT, help="ability paths .jsonl of those questions")
@@ -121,42 +121,34 @@ class QuestionWritingConfig(StageConfig):
                              help="ids are <prefix>-<leaf index>-<n>; use one prefix per iteration")
     lang: str = lang()
     domain: str | None = setting(None, help="domain name when the tree file has several top-level abilities")
-    api_base: str = setting("", affects_output=False,
-                            help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (instead of a folder)")
-    api_model: str = setting("", help="model name at --api_base")
-    api_key_env: str = api_key_env()
-    api_concurrency: int = api_concurrency()
-    api_timeout_s: float = api_timeout_s()
-    api_max_attempts: int = api_max_attempts()
-    gpu_ids: list[int] = gpu_ids()
-    model_placement: str = model_placement()
-    dtype: str = dtype()
-    trust_remote_code: bool = trust_remote_code()
+    # where the teacher is (atkd.model_source)
+    api_base: str = TEACHER_FLAGS.setting("api_base")
+    api_model: str = TEACHER_FLAGS.setting("api_model", help="model name at --api_base")
+    api_key_env: str = TEACHER_FLAGS.setting("api_key_env")
+    api_concurrency: int = TEACHER_FLAGS.setting("api_concurrency")
+    api_timeout_s: float = TEACHER_FLAGS.setting("api_timeout_s")
+    api_max_attempts: int = TEACHER_FLAGS.setting("api_max_attempts")
+    gpu_ids: list[int] = TEACHER_FLAGS.setting("gpu_ids")
+    model_placement: str = TEACHER_FLAGS.setting("model_placement")
+    dtype: str = TEACHER_FLAGS.setting("dtype")
+    trust_remote_code: bool = TEACHER_FLAGS.setting("trust_remote_code")
 
     def problems(self) -> list[str]:
-        return endpoint_problems(self.teacher_model_path, self.api_base, self.api_model)
+        return TEACHER_FLAGS.problems(self)
+
+    @property
+    def teacher(self) -> ModelSource:
+        return TEACHER_FLAGS.of(self)
 
     def outputs(self) -> list[Path]:
         return [Path(self.output_path), paths.plan_path(self.output_path)]
 
     @property
     def teacher_name(self) -> str:
-        return self.api_model if self.api_base else self.teacher_model_path
+        return self.teacher.identity
 
 
 # --------------------------------------------------------------------------- leaves and seeds
-
-def leaf_weakness(node: Node, tree: AbilityTree) -> float:
-    """The leaf's weakness from a scored tree, else its nearest scored ancestor's, else 1 (unscored)."""
-    path = node.path
-    while path:
-        found = tree.node(path)
-        w = found.stats.get("weakness") if found is not None else None
-        if isinstance(w, (int, float)) and not isinstance(w, bool):
-            return float(w)
-        path = path[:-1]
-    return 1.0
-
 
 def leaves_with_seeds(tree: AbilityTree, questions: list[Question], ability_file: str | Path) -> list[LeafSeeds]:
     """Every leaf with its seed questions; an ability path naming no node is an `InputError`."""
@@ -238,77 +230,6 @@ def make_batches(tasks: list[Task], batch_size: int, seed: int, round_: int) -> 
 
 
 # --------------------------------------------------------------------------- acceptance
-
-_TOKEN = re.compile(r"[A-Za-z]+|\d+|[\u3400-\u9fff]|\S")
-_ABOVE_EN = re.compile(r"(?:(?:all|none|any|neither) (?:of )?(?:the )?(?:above|these|those|them|preceding)"
-                       r"(?: (?:options|answers|choices|statements))?(?: (?:is|are) (?:correct|true|right))?"
-                       r"|(?:all|none) (?:is|are) (?:correct|true|right))")
-_ABOVE_ZH = re.compile(r"(?:以上|上述)(?:各项|选项|答案|说法|各选项|几项)?(?:都|均|皆|全|全部|全都)?"
-                       r"(?:是|对|正确|不是|不对|不正确|非|错误|错)的?")
-_FILLER_EN = {"both", "and", "or", "nor", "neither", "either", "only", "all", "except", "but", "not", "option",
-              "options", "choice", "choices", "answer", "answers", "are", "is", "correct", "true", "right", "the",
-              "of"}
-_PLACE_EN = {"above", "below", "preceding", "former", "latter", "first", "second", "third", "fourth", "last",
-             "two", "three"}
-_FILLER_ZH = set("和与及或都均皆对是正确项选答案除外以之的者全部")
-_PLACE_ZH = set("上述前后两三")
-
-
-def option_position_kind(text: str, letters: str) -> str | None:
-    """Whether an option's meaning depends on where the options stand (`letters`: the item's letters).
-
-    "refers": it names other options by letter or by place, and so only means something in the
-    order it was written in. It is made of option letters, place words and connectives alone,
-    with two letters, or one letter and a word:
-      English: "Both A and B", "A and C", "A, B and C only", "A,B", "A & B", "(A) and (C)",
-               "Only A", "All except C", "Neither A nor B", "Option C", "Both of the above",
-               "The first two";
-      Chinese: "A和C", "A和C都对", "A、B", "A与B", "A及B", "A+B", "AB", "ACD", "除C外", "以上两项".
-    A letter inside other words is not a reference: "Vitamin A and C", "Hepatitis B", "维生素A和C".
-    "above": an all-of or none-of-the-above option, which stays last:
-      English: "All of the above", "None of the above", "All the above", "None of these",
-               "Neither of the above", "All are correct", "None is correct";
-      Chinese: 以上都是, 以上均是, 以上皆是, 以上都对, 以上全是, 以上均非, 以上皆非, 以上都不是,
-               以上都不对, 以上均不正确, 上述选项都不正确, ...
-    None for every other option.
-    """
-    flat = re.sub(r"\s+", " ", text.strip().rstrip(".。!！")).strip()
-    if _ABOVE_EN.fullmatch(flat.lower()) or _ABOVE_ZH.fullmatch(flat.replace(" ", "")):
-        return "above"
-    n_letters, words, places = 0, 0, 0
-    for tok in _TOKEN.findall(flat):
-        if tok.isupper() and len(set(tok)) == len(tok) and all(c in letters for c in tok) and list(tok) == sorted(tok):
-            n_letters += len(tok)  # "A", or a run of letters in order: "AB", "ACD"
-        elif tok.lower() in _FILLER_EN or tok in _FILLER_ZH:
-            words += 1
-        elif tok.lower() in _PLACE_EN or tok in _PLACE_ZH:
-            places += 1
-        elif tok.isalnum():
-            return None  # a word of its own: the option says something
-    if n_letters >= 2 or (n_letters == 1 and words + places) or (places and not n_letters):
-        return "refers"
-    return None
-
-
-def shuffle_options(item: dict, rng: random.Random) -> tuple[dict[str, str], str]:
-    """Options in a random order and the correct option's new letter (no position bias).
-
-    Except where the order carries meaning (`option_position_kind`): an item with an option that
-    names other options by letter or place keeps its order, and all/none-of-the-above options stay
-    last (the others are shuffled above them).
-    """
-    letters = "".join(item["options"])
-    texts = list(item["options"].values())
-    kinds = [option_position_kind(t, letters) for t in texts]
-    if "refers" in kinds:
-        return dict(item["options"]), item["answer_idx"]
-    order = [i for i, kind in enumerate(kinds) if kind != "above"]
-    rng.shuffle(order)  # new position i holds old option order[i]
-    order += [i for i, kind in enumerate(kinds) if kind == "above"]
-    options = {LETTERS[i]: texts[j] for i, j in enumerate(order)}
-    answer = LETTERS[order.index(list(item["options"]).index(item["answer_idx"]))]
-    return options, answer
-
 
 @dataclass
 class LeafTally:
@@ -458,96 +379,21 @@ def plan_report(leaves: list[LeafSeeds], targets: list[int], acc: Acceptor | Non
 
 # --------------------------------------------------------------------------- the teacher
 
-class Teacher:
-    """Turns a batch's prompts into a local teacher's replies (the model is loaded on first use,
-    once per process). Sent to spawned GPU workers unloaded."""
-
-    def __init__(self, cfg: QuestionWritingConfig, spread: list[int] | None = None):
-        self.cfg = cfg
-        self.spread = spread or []  # GPUs one copy is spread over (a single worker); [] = a copy per worker
-        self._loaded = None  # (model, tokenizer) in the process that uses it
-
-    def __getstate__(self) -> dict:
-        return {"cfg": self.cfg, "spread": self.spread, "_loaded": None}
-
-    def texts(self, batch: Batch, gpu_id: int | None) -> list[str]:
-        from .generation import generate_batch
-        from .models import device_for, load
-        from .prompts import LABELS, encode_prompt, has_chat_template, render
-
-        cfg = self.cfg
-        if self._loaded is None:
-            self._loaded = load(cfg.teacher_model_path, device_for(gpu_id), cfg.dtype, cfg.trust_remote_code,
-                                spread_over=self.spread)
-        model, tok = self._loaded
-        # Without a chat template the prompt ends with the format's first label, so the model starts
-        # writing the question itself; the label is put back in front of the reply before parsing.
-        cue = "" if has_chat_template(tok) else LABELS[cfg.lang].question
-        ids = [encode_prompt(tok, render(tok, t.user_text, plain_cue=cue)) for t in batch.tasks]
-        texts = generate_batch(model, tok, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=batch.seed)
-        return [cue + x for x in texts]
-
-    def release(self) -> None:
-        self._loaded = None
-
-
-def write_worker(rank: int, gpu_id: int | None, batches: list[Batch], writer, teacher: Teacher) -> None:
-    """Generate every batch and append `{"id": task id, "text": reply}` records, one batch at a time."""
-    from .console import progress_bar as tqdm
-
-    for batch in tqdm(batches, desc="writing questions", unit="batch", disable=rank != 0):
-        texts = teacher.texts(batch, gpu_id)
-        writer.write([{"id": t.id, "text": x} for t, x in zip(batch.tasks, texts)])
-
-
-def api_requests(batches: list[Batch], done: dict) -> list[tuple[Task, int]]:
-    """(task, sampler seed) of every task not in the part log yet. An endpoint samples each request on
-    its own, so a task's seed (its batch's seed + its place in the batch) alone fixes its text."""
-    return [(t, b.seed + i) for b in batches for i, t in enumerate(b.tasks) if t.id not in done]
-
-
-def write_by_api(cfg: QuestionWritingConfig, todo: list[tuple[Task, int]], writer) -> None:
-    """Send every prompt to the endpoint and log each reply the moment it arrives: a kill loses only
-    the requests in flight, and the rerun asks exactly those again, with the same seeds."""
-    from .console import progress_bar as tqdm
-
-    from .api import endpoint
-
-    api = endpoint(cfg.api_base, cfg.api_model, cfg)
-    with tqdm(total=len(todo), desc="writing questions", unit="q") as bar:
-        for i, text in api.chat_each([(task.user_text, seed) for task, seed in todo], cfg.max_new_tokens,
-                                     cfg.temperature):
-            writer.write([{"id": todo[i][0].id, "text": text}])
-            bar.update(1)
-
-
-def part_log_producer(part_log: PartLog, gpu_ids: list[int], teacher: Teacher) -> Produce:
-    """A `produce` that skips the work already in the part log and does the rest.
-
-    Local model: a batch counts as done only when all its tasks are logged; a batch cut short by a
-    kill is regenerated whole, with its own seed, so its text is what the uninterrupted run wrote.
-    Endpoint: each task is its own request with its own seed, so each logged reply counts.
-    """
-    from .workers import run_workers
+def teacher_producer(teacher: ModelSource, cfg: QuestionWritingConfig, part_log: PartLog, local: LocalModel,
+                     workers: list[int]) -> Produce:
+    """A `produce` that sends a round's batches through the teacher (`ModelSource.texts`), skipping the
+    work already in the part log. A local batch is one generate call with its batch's seed; at an
+    endpoint each task is its own request, seeded with its batch's seed + its place in the batch, so
+    its seed alone fixes its text. Without a chat template a local prompt ends with the format's first
+    label, so the model starts writing the question itself (the label is put back in front of the reply)."""
+    from .prompts import LABELS
 
     def produce(round_: int, batches: list[Batch]) -> dict[str, str]:
-        done = part_log.done()
-        n_tasks = sum(len(b.tasks) for b in batches)
-        if teacher.cfg.api_base:
-            todo = api_requests(batches, done)
-            if len(todo) < n_tasks:
-                log.info("round %d: %d of %d replies already written by an earlier run", round_,
-                         n_tasks - len(todo), n_tasks)
-            if todo:
-                write_by_api(teacher.cfg, todo, part_log.writer(0))
-        else:
-            todo = [b for b in batches if not all(t.id in done for t in b.tasks)]
-            if len(todo) < len(batches):
-                log.info("round %d: %d of %d batches already written by an earlier run", round_,
-                         len(batches) - len(todo), len(batches))
-            run_workers(write_worker, todo, gpu_ids, part_log, teacher)
-        done = part_log.done()
-        return {t.id: done[t.id]["text"] for b in batches for t in b.tasks}
+        prompts = [PromptBatch([Prompt(t.id, t.user_text, b.seed + i) for i, t in enumerate(b.tasks)], seed=b.seed,
+                               cue=LABELS[cfg.lang].question) for b in batches]
+        return teacher.texts(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                             top_p=cfg.top_p, part_log=part_log, local=local, workers=workers,
+                             desc=f"writing questions (round {round_})")
 
     return produce
 
@@ -556,18 +402,13 @@ def part_log_producer(part_log: PartLog, gpu_ids: list[int], teacher: Teacher) -
 
 def run(cfg: QuestionWritingConfig) -> dict | None:
     """Allocate, write, accept; write generated.jsonl and plan.json (returned)."""
-    from .api import endpoint
-    from .models import check_model_dir, placement_plan, usable_gpu_ids
     from .prompts import language_of
 
     record = DoneRecord(cfg)
     if record.is_done():
         return None
-    if cfg.api_base:
-        endpoint(cfg.api_base, cfg.api_model, cfg).check_reachable()
-    else:
-        check_model_dir(cfg.teacher_model_path)
-    gpus = usable_gpu_ids(cfg.gpu_ids)
+    teacher = cfg.teacher
+    teacher.check()
     tree = load_tree(cfg.ability_tree_path, domain=cfg.domain)
     dataset = load_questions(cfg.full_dataset_path)
     load_ability_paths(cfg.ability_class_path)  # field and duplicate-id checks, with line numbers
@@ -577,7 +418,7 @@ def run(cfg: QuestionWritingConfig) -> dict | None:
         raise InputError(cfg.ability_class_path, "no question of the dataset is labelled with a leaf of "
                                                  "the ability tree: there is nothing to write from")
     resolved = replace(cfg, lang=language_of(dataset, cfg.lang), domain=tree.domain)
-    workers, spread = ([], []) if cfg.api_base else placement_plan(cfg.teacher_model_path, gpus, cfg.model_placement)
+    workers, spread = teacher.placement()
     record.start()
 
     alloc = allocate([leaf.weakness for leaf in leaves], [len(leaf.seeds) for leaf in leaves],
@@ -593,10 +434,10 @@ def run(cfg: QuestionWritingConfig) -> dict | None:
 
     part_log = PartLog(cfg.output_path, record.fingerprint)
     part_log.open()
-    teacher = Teacher(resolved, spread)
-    acc, rounds = run_rounds(leaves, alloc.targets, resolved, dataset, part_log_producer(part_log, workers, teacher),
-                             eval_questions)
-    teacher.release()
+    local = LocalModel(teacher, spread)  # loaded once, kept over the rounds
+    acc, rounds = run_rounds(leaves, alloc.targets, resolved, dataset,
+                             teacher_producer(teacher, resolved, part_log, local, workers), eval_questions)
+    local.release()
 
     plan = plan_report(leaves, alloc.targets, acc, cfg.num_samples, rounds, allocation)
     write_jsonl(cfg.output_path, acc.all_records())

@@ -31,15 +31,14 @@ from pathlib import Path
 
 from . import paths
 from .answering import EXPLAIN, Answerer, answer_all, plan_batches
-from .cli import (INPUT, MODEL, OUTPUT, StageConfig, api_concurrency, api_key_env, api_max_attempts, api_timeout_s,
-                  at_least, dtype, endpoint_problems, gpu_ids, lang, model_placement, setting, trust_remote_code)
-from .cross_check import ability_name
+from .cli import INPUT, OUTPUT, StageConfig, at_least, lang, setting
 from .errors import StageFailed
 from .fingerprint import DoneRecord
 from .io import PartLog, write_json, write_jsonl
-from .models import check_model_dir, load_tokenizer, placement_plan, usable_gpu_ids
-from .prompts import language_of
-from .records import Question, load_questions
+from .model_source import TEACHER_FLAGS
+from .models import load_tokenizer
+from .prompts import language_of, reason_of
+from .records import Question, ability_name, load_questions
 from .sequence import response_text
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ DROP_REASONS = ("unparsed", "disagrees", "no_reason")
 class RationaleConfig(StageConfig):
     """generate_rationales.py: the teacher's rationale (answer first, then why) for each item."""
 
-    teacher_model_path: str = setting("", role=MODEL, help="teacher model folder (unless --api_base)")
+    teacher_model_path: str = TEACHER_FLAGS.setting("model_path", help="teacher model folder (unless --api_base)")
     input_file: str = setting(role=INPUT, help="questions .jsonl to explain (step D's validated items, or D2's mix)")
     output_file: str = setting(role=OUTPUT, help="explained questions .jsonl (report.json and dropped.jsonl go "
                                                  "beside it)")
@@ -62,29 +61,23 @@ class RationaleConfig(StageConfig):
     max_new_tokens: int = setting(128, check=at_least(1), help="reply length limit, in tokens")
     batch_size: int = setting(16, check=at_least(1), affects_output=False, help="prompts per generate call")
     lang: str = lang()
-    api_base: str = setting("", affects_output=False,
-                            help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (instead of a folder)")
-    api_model: str = setting("", help="model name at --api_base")
-    api_key_env: str = api_key_env()
-    api_concurrency: int = api_concurrency()
-    api_timeout_s: float = api_timeout_s()
-    api_max_attempts: int = api_max_attempts()
-    gpu_ids: list[int] = gpu_ids()
-    model_placement: str = model_placement()
-    dtype: str = dtype()
-    trust_remote_code: bool = trust_remote_code()
+    # where the teacher is (atkd.model_source)
+    api_base: str = TEACHER_FLAGS.setting("api_base")
+    api_model: str = TEACHER_FLAGS.setting("api_model", help="model name at --api_base")
+    api_key_env: str = TEACHER_FLAGS.setting("api_key_env")
+    api_concurrency: int = TEACHER_FLAGS.setting("api_concurrency")
+    api_timeout_s: float = TEACHER_FLAGS.setting("api_timeout_s")
+    api_max_attempts: int = TEACHER_FLAGS.setting("api_max_attempts")
+    gpu_ids: list[int] = TEACHER_FLAGS.setting("gpu_ids")
+    model_placement: str = TEACHER_FLAGS.setting("model_placement")
+    dtype: str = TEACHER_FLAGS.setting("dtype")
+    trust_remote_code: bool = TEACHER_FLAGS.setting("trust_remote_code")
 
     def problems(self) -> list[str]:
-        return endpoint_problems(self.teacher_model_path, self.api_base, self.api_model)
+        return TEACHER_FLAGS.problems(self)
 
     def outputs(self) -> list[Path]:
         return [Path(self.output_file), paths.report_path(self.output_file), paths.dropped_path(self.output_file)]
-
-
-def reason_of(reply: str) -> str:
-    """What follows the reply's first non-empty line (the answer line), stripped."""
-    lines = reply.strip().splitlines()
-    return "\n".join(lines[1:]).strip()
 
 
 def judge(q: Question, answer: dict) -> tuple[str | None, str]:
@@ -145,17 +138,13 @@ def run(cfg: RationaleConfig) -> dict | None:
     if cfg.use_dataset_explanation:
         own = {q.key: text for q in items if (text := response_text(q, cfg.explanation_field, cfg.input_file))}
     ask = [q for q in items if q.key not in own]
-    who = Answerer(model_path="" if cfg.api_base else cfg.teacher_model_path, api_base=cfg.api_base,
-                   api_model=cfg.api_model, api_key_env=cfg.api_key_env, api_concurrency=cfg.api_concurrency,
-                   api_timeout_s=cfg.api_timeout_s, api_max_attempts=cfg.api_max_attempts, mode=EXPLAIN, lang=lang,
-                   max_new_tokens=cfg.max_new_tokens, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    teacher = TEACHER_FLAGS.of(cfg)
+    who = Answerer.of(teacher, mode=EXPLAIN, lang=lang, max_new_tokens=cfg.max_new_tokens)
+    teacher.check()
     tokenizer, gpus = None, []
-    if cfg.api_base:
-        who.client().check_reachable()
-    else:
-        check_model_dir(cfg.teacher_model_path)
-        tokenizer = load_tokenizer(cfg.teacher_model_path, cfg.trust_remote_code)
-        gpus, spread = placement_plan(cfg.teacher_model_path, usable_gpu_ids(cfg.gpu_ids), cfg.model_placement)
+    if not teacher.is_served:
+        tokenizer = load_tokenizer(teacher.model_path, teacher.trust_remote_code)
+        gpus, spread = teacher.placement()
         who.spread_over = tuple(spread)
     batches = plan_batches(who, ask, cfg.batch_size, tokenizer) if ask else []
     record.start()

@@ -129,3 +129,16 @@ def load_replies(path: str | Path) -> dict[str, dict]:
             raise InputError(path, f"duplicate id {obj['id']!r}", lineno)
         replies[key] = obj
     return replies
+
+
+# --------------------------------------------------------------------------- names several stages share
+
+REPLAY_PREFIX = "replay-"  # a replayed question's id (step D2); D4 never has the student practise those items
+
+
+def ability_name(q: Question) -> str:
+    """A question's ability path as one name ("A > B"): the row key of D's, D3's and D4's per-ability reports."""
+    path = q.extra.get("ability_path")
+    if isinstance(path, list) and path:
+        return " > ".join(str(p) for p in path)
+    return "(no ability_path)"

@@ -39,18 +39,15 @@ from fractions import Fraction
 from pathlib import Path
 
 from . import paths
+from .allocation import leaf_weakness
 from .cli import INPUT, OUTPUT, Check, StageConfig, setting
 from .errors import InputError
 from .fingerprint import DoneRecord
 from .io import iter_jsonl, write_json, write_jsonl
-from .question_writing import leaf_weakness
-from .records import Question, load_questions
+from .records import REPLAY_PREFIX, Question, load_questions
 from .tree import load_tree
 
 log = logging.getLogger(__name__)
-
-REPLAY_PREFIX = "replay-"
-
 
 @dataclass(kw_only=True)
 class ReplayConfig(StageConfig):

@@ -1,9 +1,10 @@
-"""Running one step of main.py's workflow: a stage script as a subprocess, unless it is done.
+"""Running one step of main.py's workflow: a stage as a subprocess, unless it is done.
 
-A step is a stage script and its config. Whether it is done is decided by the stage's own
+A step is a stage (`atkd.stages`) and its config. Whether it is done is decided by the stage's own
 done-record (`atkd.fingerprint.DoneRecord`), the same one the script reads when run by hand, so
 main.py and a person at the shell always agree. A step that is not done runs as
-`python <script> <config as flags>`: the command is printed first (it reruns the stage by hand),
+`python -m atkd <stage> <config as flags>`, so it runs from an installed package in any folder (the
+checkout's top-level script is the same command): the command is printed first (it reruns the stage by hand),
 its output streams to the console and to the step's log file (as lines: a progress bar's
 carriage-return redraws keep only their last state there), the stage writes its record when it
 finishes, and main.py ends the step with one summary line (`[done] <step> in <s> s ...`). Stale or partial work is the stage's business: partial work made under the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import site
 import subprocess
 import sys
 import time
@@ -22,8 +24,7 @@ from pathlib import Path
 
 from .cli import StageConfig, to_argv
 from .fingerprint import DoneRecord
-
-ROOT = Path(__file__).resolve().parent.parent  # the stage scripts live at the repository root
+from .stages import Stage, stage_named
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Step:
     """One subprocess of the workflow."""
 
     name: str  # e.g. "A_student_reply"; also the log file's stem
-    script: str  # a stage script at the repository root, e.g. "inference.py"
+    script: str  # the stage: its name ("answer") or its top-level script ("inference.py"), see atkd.stages
     cfg: StageConfig  # its settings: the flags it runs with, and what decides whether it is done
     log_path: Path | None = None
     launcher: list[str] = field(default_factory=list)  # e.g. accelerate launch ...
@@ -41,8 +42,13 @@ class Step:
     precheck_flags: list[str] = field(default_factory=list)
 
     @property
+    def stage(self) -> Stage:
+        return stage_named(self.script)
+
+    @property
     def argv(self) -> list[str]:
-        return [str(ROOT / self.script), *to_argv(self.cfg)]
+        """What follows the interpreter: `-m atkd <stage> <flags>` (`accelerate launch` takes `-m` too)."""
+        return ["-m", "atkd", self.stage.name, *to_argv(self.cfg)]
 
     @property
     def command(self) -> list[str]:
@@ -106,7 +112,7 @@ def has_partial_work(cfg: StageConfig) -> bool:
 
 def stream(command: list[str], log_path: Path | None, env: dict[str, str]) -> int:
     """Run `command`, copying its output (stdout and stderr) to the console and to `log_path`."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **env)
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **library_path(), **env)
     log_fh = None
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,6 +133,18 @@ def stream(command: list[str], log_path: Path | None, env: dict[str, str]) -> in
             proc.kill()
         if log_fh:
             log_fh.close()
+
+
+def library_path() -> dict[str, str]:
+    """PYTHONPATH that makes a step import the `atkd` this process imported (a checkout run without
+    installing, or a checkout beside an older installed copy); nothing when it is installed in a
+    site-packages folder (putting that ahead of the standard library could shadow it)."""
+    here = str(Path(__file__).resolve().parent.parent)
+    installed = {str(Path(p).resolve()) for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    if here in installed:
+        return {}
+    rest = os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": here + (os.pathsep + rest if rest else "")}
 
 
 class LogLines:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 
 import torch
@@ -35,16 +35,14 @@ import torch
 from . import paths
 from .answering import EXPLAIN, Answerer, prompt_ids, reply_letter
 from .batching import length_sorted_batches
-from .cli import INPUT, MODEL, OUTPUT, StageConfig, at_least, between, dtype, gpu_ids, lang, setting, trust_remote_code
-from .cross_check import ability_name
+from .cli import INPUT, OUTPUT, StageConfig, at_least, between, lang, setting
 from .fingerprint import DoneRecord
+from .model_source import STUDENT_FLAGS
 from .io import PartLog, write_json, write_jsonl
 from .models import check_model_dir, device_for, load, load_tokenizer, usable_gpu_ids
 from .on_policy import STUDENT_CORRECT, STUDENT_LETTER, STUDENT_REASON, STUDENT_REPLY
-from .prompts import language_of
-from .rationale_writing import reason_of
-from .records import Question, load_questions
-from .replay import REPLAY_PREFIX
+from .prompts import language_of, reason_of
+from .records import REPLAY_PREFIX, Question, ability_name, load_questions
 from .workers import run_workers
 
 log = logging.getLogger(__name__)
@@ -56,7 +54,8 @@ BATCH_SEED_STRIDE = 1_000_003  # batch b of seed s samples with torch seed s * s
 class StudentSamplingConfig(StageConfig):
     """sample_student_responses.py: the student's own sampled rationale reply for each practice item."""
 
-    student_model_path: str = setting(role=MODEL, help="the iteration's input student (model folder)")
+    student_model_path: str = STUDENT_FLAGS.setting("model_path", default=MISSING,
+                                                    help="the iteration's input student (model folder)")
     input_file: str = setting(role=INPUT, help="training items .jsonl (D's validated items, D2's mix or D3's "
                                                "explained items)")
     output_file: str = setting(role=OUTPUT, help="training items .jsonl with the student's replies on the chosen "
@@ -70,9 +69,9 @@ class StudentSamplingConfig(StageConfig):
     batch_size: int = setting(16, check=at_least(1),
                               help="prompts per generate call (sampled replies depend on the batch's padding)")
     lang: str = lang()
-    gpu_ids: list[int] = gpu_ids()
-    dtype: str = dtype()
-    trust_remote_code: bool = trust_remote_code()
+    gpu_ids: list[int] = STUDENT_FLAGS.setting("gpu_ids")
+    dtype: str = STUDENT_FLAGS.setting("dtype")
+    trust_remote_code: bool = STUDENT_FLAGS.setting("trust_remote_code")
 
     def outputs(self) -> list[Path]:
         return [Path(self.output_file), paths.report_path(self.output_file)]

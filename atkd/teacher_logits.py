@@ -18,17 +18,17 @@ written last.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
 from .batching import left_pad, length_sorted_batches
-from .cli import (INPUT, MODEL, OUTPUT, StageConfig, at_least, dtype, gpu_ids, lang, model_placement, setting,
-                  trust_remote_code)
+from .cli import INPUT, OUTPUT, StageConfig, at_least, lang, setting
 from .errors import InputError
 from .fingerprint import DoneRecord
+from .model_source import TREE_FLAGS
 from .head import HeadAtPositions
 from .io import PartLog, write_bytes
 from .logits_store import FORMAT, assemble, pack, shard_name
@@ -47,7 +47,8 @@ class LogitsConfig(StageConfig):
 
     # 2: letter logits in float32, ties recorded, head verified; responses end with the end-of-turn token
     version: ClassVar[int] = 2
-    model_path: str = setting(role=MODEL, help="the teacher: a local Hugging Face model folder")
+    model_path: str = TREE_FLAGS.setting("model_path", default=MISSING,
+                                         help="the teacher: a local Hugging Face model folder")
     dataset_path: str = setting(role=INPUT, help="questions .jsonl (the data the student trains on)")
     output_dir: str = setting(role=OUTPUT, help="folder for index.json, summary.json and the shards")
     top_k: int = setting(20, check=at_least(1), help="token-level KD: teacher log-probs kept per response token")
@@ -56,10 +57,10 @@ class LogitsConfig(StageConfig):
     response_field: str | None = setting(None, help="record field holding a longer response (e.g. an explanation) "
                                                     "for token-level KD; unset: option-level only")
     shard_size: int = setting(500, check=at_least(1), help="items per safetensors shard (the unit of resume)")
-    gpu_ids: list[int] = gpu_ids()
-    model_placement: str = model_placement()
-    dtype: str = dtype()
-    trust_remote_code: bool = trust_remote_code()
+    gpu_ids: list[int] = TREE_FLAGS.setting("gpu_ids")
+    model_placement: str = TREE_FLAGS.setting("model_placement")
+    dtype: str = TREE_FLAGS.setting("dtype")
+    trust_remote_code: bool = TREE_FLAGS.setting("trust_remote_code")
 
     def outputs(self) -> list[Path]:
         return [logits_index(self.output_dir), logits_summary(self.output_dir)]

@@ -28,14 +28,14 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .cli import (MODEL, OUTPUT, Check, StageConfig, api_concurrency, api_key_env, api_max_attempts, api_timeout_s,
-                  at_least, dtype, endpoint_problems, gpu_ids, model_placement, setting, trust_remote_code)
+from .cli import OUTPUT, Check, StageConfig, at_least, setting
 from .errors import StageFailed
 from .fingerprint import DoneRecord
+from .model_source import TREE_FLAGS, LocalModel, ModelSource, Prompt, PromptBatch
 from .prompts import ABILITY_SEP, tree_level_user_text
 from .qparse import normalize_text
 from .tree import AbilityTree, Node
@@ -230,13 +230,14 @@ class TreeConfig(StageConfig):
     no default here: create_initial_tree.py's UPPER_CASE constants are their defaults.
     """
 
-    model_path: str = setting(role=MODEL, help="local model folder of the LLM that writes the tree (ignored "
-                                               "with --api_base)")
+    model_path: str = TREE_FLAGS.setting("model_path", default=MISSING,
+                                         help="local model folder of the LLM that writes the tree (ignored with "
+                                              "--api_base)")
     domain: str = setting(check=Check(lambda v: bool(v.strip()), "non-empty"),
                           help="the domain: the tree's root and the prompts' subject")
     output_dir: str = setting(role=OUTPUT, help="folder of the tree file")
     output_filename: str = setting(role=OUTPUT, help="the tree file's name")
-    gpu_ids: list[int] = gpu_ids()
+    gpu_ids: list[int] = TREE_FLAGS.setting("gpu_ids")
     nodes_per_level: list[int] = setting([6, 4], check=Check(lambda v: bool(v) and min(v) >= 1,
                                                              "positive integers like 6,4"),
                                          help="children per node at each level (the tree's depth is the list's length)")
@@ -248,16 +249,16 @@ class TreeConfig(StageConfig):
     temperature: float = setting(0.0, check=at_least(0),
                                  help=f"0 = greedy (retries then sample at {RETRY_TEMPERATURE})")
     seed: int = setting(0, help="sampling seed")
-    dtype: str = dtype()
-    trust_remote_code: bool = trust_remote_code()
-    api_base: str = setting("", affects_output=False,
-                            help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (instead of a folder)")
-    api_model: str = setting("", help="model name the server knows (required with --api_base)")
-    api_key_env: str = api_key_env()
-    api_concurrency: int = api_concurrency()
-    api_timeout_s: float = api_timeout_s()
-    api_max_attempts: int = api_max_attempts()
-    model_placement: str = model_placement()
+    dtype: str = TREE_FLAGS.setting("dtype")
+    trust_remote_code: bool = TREE_FLAGS.setting("trust_remote_code")
+    api_base: str = TREE_FLAGS.setting("api_base", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 "
+                                                        "(instead of a folder)")
+    api_model: str = TREE_FLAGS.setting("api_model", help="model name the server knows (required with --api_base)")
+    api_key_env: str = TREE_FLAGS.setting("api_key_env")
+    api_concurrency: int = TREE_FLAGS.setting("api_concurrency")
+    api_timeout_s: float = TREE_FLAGS.setting("api_timeout_s")
+    api_max_attempts: int = TREE_FLAGS.setting("api_max_attempts")
+    model_placement: str = TREE_FLAGS.setting("model_placement")
 
     def __post_init__(self) -> None:
         if self.api_base:
@@ -265,7 +266,11 @@ class TreeConfig(StageConfig):
         super().__post_init__()
 
     def problems(self) -> list[str]:
-        return endpoint_problems(self.model_path, self.api_base, self.api_model, "--model_path")
+        return TREE_FLAGS.problems(self)
+
+    @property
+    def writer(self) -> ModelSource:
+        return TREE_FLAGS.of(self)
 
     def outputs(self) -> list[Path]:
         return [Path(self.output_dir) / self.output_filename]
@@ -275,54 +280,39 @@ def retry_temperature(temperature: float, attempt: int) -> float:
     return temperature if attempt == 0 or temperature > 0 else RETRY_TEMPERATURE
 
 
-def api_asker(cfg: TreeConfig) -> Ask:
-    """ask(prompts, attempt) through an OpenAI-compatible server (the server applies the chat template)."""
-    from .api import endpoint
-
-    api = endpoint(cfg.api_base, cfg.api_model, cfg)
-    log.info("asking %s (model %s)", cfg.api_base, cfg.api_model)
-
-    def ask(prompts: list[str], attempt: int) -> list[str]:
-        return api.chat_many(prompts, cfg.max_new_tokens, retry_temperature(cfg.temperature, attempt),
-                             seeds=[cfg.seed + attempt] * len(prompts))
-    return ask
-
-
-def local_asker(cfg: TreeConfig) -> Ask:
-    """ask(prompts, attempt) with a local model: one batched generate call per level, chat template."""
-    from .generation import generate_batch
-    from .models import device_for, load, placement_plan, usable_gpu_ids
-    from .prompts import encode_prompt, render
-
-    per_gpu, spread = placement_plan(cfg.model_path, usable_gpu_ids(cfg.gpu_ids), cfg.model_placement)
-    device = device_for(per_gpu[0] if per_gpu else None)  # one copy: the first GPU, or spread, or the CPU
-    model, tok = load(cfg.model_path, device, cfg.dtype, cfg.trust_remote_code, spread_over=spread)
-    log.info("loaded %s on %s", cfg.model_path, f"GPUs {spread}" if spread else device)
+def asker(cfg: TreeConfig) -> tuple[Ask, LocalModel]:
+    """ask(prompts, attempt) through the tree's writer (`ModelSource.texts`): a local model (one copy: the
+    first GPU, or spread, or the CPU; chat template) answers a level's prompts in one generate call, an
+    endpoint gets one request per prompt; each try has its own seed. Returns the local model too, to free."""
+    writer = cfg.writer
+    per_gpu, spread = writer.placement()
+    local = LocalModel(writer, spread)
+    log.info("asking %s", writer.name if writer.is_served else f"{writer.model_path} on "
+             f"{f'GPUs {spread}' if spread else f'GPU {per_gpu[0]}' if per_gpu else 'the CPU'}")
 
     def ask(prompts: list[str], attempt: int) -> list[str]:
-        ids = [encode_prompt(tok, render(tok, p)) for p in prompts]
-        return generate_batch(model, tok, ids, cfg.max_new_tokens, retry_temperature(cfg.temperature, attempt),
-                              seed=cfg.seed + attempt)
-    return ask
+        seed = cfg.seed + attempt
+        batch = PromptBatch([Prompt(str(i), p, seed) for i, p in enumerate(prompts)], seed=seed)
+        texts = writer.texts([batch], max_new_tokens=cfg.max_new_tokens,
+                             temperature=retry_temperature(cfg.temperature, attempt), local=local,
+                             workers=per_gpu[:1], desc=f"tree level, try {attempt + 1}")
+        return [texts[str(i)] for i in range(len(prompts))]
+    return ask, local
 
 
 def run(cfg: TreeConfig) -> AbilityTree | None:
     """Ask the model level by level and write the nested tree; None when it was already written."""
-    from .api import endpoint
-    from .models import check_model_dir
     from .prompts import detect_language
 
     record = DoneRecord(cfg)
     if record.is_done():
         return None
     lang = detect_language([cfg.domain]) if cfg.lang == "auto" else cfg.lang
-    if cfg.api_base:
-        endpoint(cfg.api_base, cfg.api_model, cfg).check_reachable()
-    else:
-        check_model_dir(cfg.model_path)
+    cfg.writer.check()
     record.start()
-    ask = api_asker(cfg) if cfg.api_base else local_asker(cfg)
+    ask, local = asker(cfg)
     tree, shortfalls = build_tree(ask, cfg.domain.strip(), cfg.nodes_per_level, lang, cfg.max_retries)
+    local.release()
     out_path = cfg.outputs()[0]
     tree.save_nested(out_path)
     record.write()

@@ -1,42 +1,35 @@
-"""main.py's workflow: its settings, the checks before any work, and the steps of each iteration.
+"""main.py's workflow: its settings, the checks before any work, and the loop that runs the plan.
 
-`WorkflowConfig` declares every workflow setting once (help and check); main.py's UPPER_CASE
-constants are its values. `iteration_steps` turns it into the stage configs of steps A-H (and L,
-the teacher labelling questions that came without ability paths), and each stage's command line
-is generated from its config (`atkd.cli.to_argv`), so what main.py runs, prints and fingerprints
-is exactly what a person would run by hand. `run` checks everything first (no work starts on a bad
-configuration: every file, every ability path against the tree, the tree's root against DOMAIN,
-no evaluation question in an iteration file), then runs the steps in order, skipping those
-already done (`atkd.steps`), and rewrites the report after every iteration.
+`WorkflowConfig` declares every workflow setting once; main.py's UPPER_CASE constants are its
+values. A setting that feeds a stage field (`atkd.plan.FEEDS`) is declared from that field (its
+type, check and help: `fed`); the others are main.py's own. `atkd.plan` turns the settings into
+the stage configs of steps A-H (and L, D2-D4, the tree), and each stage's command line is generated
+from its config (`atkd.cli.to_argv`), so what main.py runs, prints and fingerprints is exactly what
+a person would run by hand. `run` checks everything first (no work starts on a bad configuration:
+every file, every ability path against the tree, the tree's root against DOMAIN, no evaluation
+question in an iteration file), then runs the steps in order, skipping those already done
+(`atkd.steps`), and rewrites the report after every iteration.
 """
 
 from __future__ import annotations
 
-import socket
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import model_card, paths, tracking
-from .answering import InferenceConfig
-from .cli import PLACEMENTS, Check, StageConfig, above, at_least, between, setting
-from .cross_check import CrossCheckConfig
+from .cli import StageConfig, at_least, setting
+from .cli import fed as _fed_by
 from .errors import InputError
 from .io import iter_jsonl, read_json, write_json, write_jsonl
-from .kd_loss import KD_KINDS
-from .labelling import LabelConfig
 from .leakage import Repeat, check_iteration_files
-from .question_writing import QuestionWritingConfig
-from .rationale_writing import RationaleConfig
+from .plan import (FEEDS, RoundFiles, ability_file, eval_files, eval_steps, free_port, iteration_steps,  # noqa: F401
+                   model_source, round_files, teacher_eval_steps, train_step, training_data_steps, training_items,
+                   tree_step)
 from .records import load_ability_paths, load_questions
-from .replay import ReplayConfig
-from .student_sampling import StudentSamplingConfig
 from .steps import Step, StepFailed, run_step
-from .teacher_logits import LogitsConfig
 from .trainer import TrainConfig
 from .tree import check_paths_file, is_scored, load_tree, single_top_key
-from .tree_building import TreeConfig
-from .weakness import AnalyzerConfig
 
 RESPONSE_STYLES = ("letter", "rationale")
 RESPONSE_SOURCES = ("teacher", "student", "mixed")  # RESPONSES: who writes the responses the student trains on
@@ -45,112 +38,108 @@ ENDPOINTS = ("teacher", "agent_1", "agent_2")  # <who>_api_base / <who>_api_mode
 SERVED_AGENTS = {"agent_model_1_path": "agent_1_api_base", "agent_model_2_path": "agent_2_api_base"}
 
 
+def fed(name: str, help: str | None = None):
+    """main.py's setting `name`, declared from the first stage field it feeds (`atkd.plan.FEEDS`)."""
+    stage, field_name = FEEDS[name][0]
+    return _fed_by(stage, field_name, help)
+
+
 @dataclass(kw_only=True)
 class WorkflowConfig(StageConfig):
     """Everything main.py decides. No defaults here: main.py's constants are the values."""
 
     source = "main.py"
     # models
-    teacher_model_path: str = setting(help="Hugging Face folder of the teacher: writes questions, gives logits")
-    student_model_path: str = setting(help="Hugging Face folder of the student of iteration 1")
-    agent_model_1_path: str = setting(help="first validation agent (model folder)")
-    agent_model_2_path: str = setting(help="second validation agent; a different model from the first")
+    teacher_model_path: str = fed("teacher_model_path", "Hugging Face folder of the teacher: writes questions, "
+                                                        "gives logits")
+    student_model_path: str = fed("student_model_path", "Hugging Face folder of the student of iteration 1")
+    agent_model_1_path: str = fed("agent_model_1_path", "first validation agent (model folder)")
+    agent_model_2_path: str = fed("agent_model_2_path", "second validation agent; a different model from the first")
     # data
-    domain: str = setting(help="domain name, the root of the ability tree")
+    domain: str = setting(help="domain name, the root of the ability tree (needed when the teacher builds the tree)")
     existing_ability_tree_path: str = setting(help="initial ability tree (nested JSON); empty: the teacher builds "
                                                    "one with create_initial_tree.py")
     dataset_files_per_iteration: list[str] = setting(help="question .jsonl per iteration")
     ability_class_files_per_iteration: list[str] = setting(help="ability-path .jsonl per iteration, same length; "
                                                                 "an empty entry (an empty list: every iteration): "
                                                                 "the teacher labels the questions (label_abilities.py)")
-    eval_dataset_path: str = setting(help="held-out question .jsonl scored before and after each iteration; "
-                                          "empty: none")
+    eval_dataset_path: str = fed("eval_dataset_path", "held-out question .jsonl scored before and after each "
+                                                      "iteration (generated questions repeating one are dropped); "
+                                                      "empty: none")
     eval_ability_class_path: str = setting(help="ability paths of the evaluation set; empty: the teacher labels it")
     drop_eval_overlap: bool = setting(help="iteration questions that repeat an evaluation question (atkd/leakage.py) "
                                            "are left out of filtered copies the steps read; off: such questions "
                                            "stop the run before any work")
     # the loop
     num_iterations: int = setting(check=at_least(1), help="rounds of measure -> generate -> validate -> distil")
-    num_distill_samples: int = setting(check=at_least(1),
-                                       help="questions the teacher writes per round (before validation)")
-    gpus_to_use: list[int] = setting(help="GPU ids; ignored (CPU) when the machine has no CUDA")
-    seed: int = setting(help="seed of every stage (sampling, shuffles, training); iteration N uses seed + N - 1")
+    num_distill_samples: int = fed("num_distill_samples", "questions the teacher writes per round (before validation)")
+    gpus_to_use: list[int] = fed("gpus_to_use", "GPU ids; ignored (CPU) when the machine has no CUDA")
+    seed: int = fed("seed", "seed of every stage (sampling, shuffles, training); iteration N uses seed + N - 1")
     # stage knobs
-    inference_batch_size: int = setting(check=at_least(1), help="questions per forward pass when scoring")
-    generation_batch_size: int = setting(check=at_least(1), help="prompts per generate call when writing questions")
-    max_retries: int = setting(check=at_least(0), help="extra generation rounds for abilities short of their target")
-    gen_temperature: float = setting(check=at_least(0), help="sampling temperature of the teacher writing questions")
-    min_confidence: float = setting(check=between(0.0, 1.0), help="both agents must give the labelled answer at "
-                                                                  "least this probability (0: off)")
-    top_k: int = setting(check=at_least(1), help="teacher log-probs kept per response token (token-level KD)")
-    prior_strength: float = setting(check=at_least(0), help="pseudo-count of the Beta prior that shrinks a node's "
-                                                            "accuracy toward its parent's")
+    inference_batch_size: int = fed("inference_batch_size", "questions per forward pass when scoring (A, D, E, G, L)")
+    generation_batch_size: int = fed("generation_batch_size", "prompts per generate call when writing (C, D3, D4)")
+    max_retries: int = fed("max_retries")
+    gen_temperature: float = fed("gen_temperature", "sampling temperature of the teacher writing questions")
+    min_confidence: float = fed("min_confidence", "both agents must give the labelled answer at least this "
+                                                  "probability (0: off)")
+    top_k: int = fed("top_k")
+    prior_strength: float = fed("prior_strength")
     # training
-    train_epochs: int = setting(check=at_least(1), help="epochs over the validated data per round")
-    learning_rate: float = setting(check=above(0), help="peak learning rate")
-    batch_size: int = setting(check=at_least(1), help="training micro-batch per process")
-    gradient_accumulation_steps: int = setting(check=at_least(1), help="micro-batches per optimizer step")
-    temperature: float = setting(check=above(0), help="distillation temperature T (the KD term is scaled by T^2)")
-    alpha_ce: float = setting(check=between(0.0, 1.0), help="weight of the CE loss; 1 - ALPHA_CE weighs the KD loss")
-    kd_loss: str = setting(choices=KD_KINDS, help="forward_kl | reverse_kl | jsd")
-    save_steps: int = setting(check=at_least(1), help="optimizer steps between checkpoints")
-    save_total_limit: int = setting(help="checkpoints kept (oldest deleted; <= 0 keeps all)")
+    train_epochs: int = fed("train_epochs", "epochs over the round's training items")
+    learning_rate: float = fed("learning_rate")
+    batch_size: int = fed("batch_size")
+    gradient_accumulation_steps: int = fed("gradient_accumulation_steps")
+    temperature: float = fed("temperature")
+    alpha_ce: float = fed("alpha_ce")
+    kd_loss: str = fed("kd_loss")
+    save_steps: int = fed("save_steps")
+    save_total_limit: int = fed("save_total_limit")
     accelerate_config_file: str = setting(help="accelerate config for training (empty: one process per GPU)")
     # serving engines (OpenAI-compatible endpoints) and placement on GPUs
-    teacher_api_base: str = setting(affects_output=False,
-                                    help="endpoint of the served teacher, e.g. http://127.0.0.1:8000/v1: it builds "
-                                         "the tree and writes the questions; its logits (step E) still come from "
-                                         "TEACHER_MODEL_PATH; empty: the local folder does all")
-    teacher_api_model: str = setting(help="the teacher's model name at TEACHER_API_BASE")
-    agent_1_api_base: str = setting(affects_output=False,
-                                    help="endpoint of agent 1 (it then answers in generate mode); empty: "
-                                         "AGENT_MODEL_1_PATH, locally, in score mode")
-    agent_1_api_model: str = setting(help="agent 1's model name at AGENT_1_API_BASE")
-    agent_2_api_base: str = setting(affects_output=False, help="endpoint of agent 2, like AGENT_1_API_BASE")
-    agent_2_api_model: str = setting(help="agent 2's model name at AGENT_2_API_BASE")
-    api_key_env: str = setting(affects_output=False, help="environment variable holding the endpoints' API key")
-    api_concurrency: int = setting(check=at_least(1), affects_output=False,
-                                   help="requests in flight at once per endpoint")
-    api_timeout_s: float = setting(check=above(0), affects_output=False,
-                                   help="seconds one request may take before it is retried")
-    api_max_attempts: int = setting(check=at_least(1), affects_output=False,
-                                    help="tries per request (waits of 1 s, 2 s, 4 s, ... between) before the step fails")
-    model_placement: str = setting(choices=PLACEMENTS, affects_output=False,
-                                   help="local teacher and agents on several GPUs: per_gpu (a copy per GPU), spread "
-                                        "(one copy over all of them), auto (spread when it does not fit one GPU)")
-    lora_r: int = setting(check=at_least(0), help="LoRA rank of training (0: full fine-tuning; > 0 needs peft)")
-    lora_alpha: float = setting(check=above(0), help="LoRA alpha: adapter updates are scaled by alpha / r")
-    lora_dropout: float = setting(check=between(0.0, 0.99), help="dropout probability on the LoRA adapters' input")
-    lora_target_modules: list[str] = setting(help="modules that get LoRA adapters, or all-linear")
+    teacher_api_base: str = fed("teacher_api_base", "endpoint of the served teacher, e.g. http://127.0.0.1:8000/v1: "
+                                                    "it builds the tree and writes the questions; its logits (step "
+                                                    "E) still come from TEACHER_MODEL_PATH; empty: the local folder "
+                                                    "does all")
+    teacher_api_model: str = fed("teacher_api_model", "the teacher's model name at TEACHER_API_BASE")
+    agent_1_api_base: str = fed("agent_1_api_base", "endpoint of agent 1 (it then answers in generate mode); empty: "
+                                                    "AGENT_MODEL_1_PATH, locally, in score mode")
+    agent_1_api_model: str = fed("agent_1_api_model", "agent 1's model name at AGENT_1_API_BASE")
+    agent_2_api_base: str = fed("agent_2_api_base", "endpoint of agent 2, like AGENT_1_API_BASE")
+    agent_2_api_model: str = fed("agent_2_api_model", "agent 2's model name at AGENT_2_API_BASE")
+    api_key_env: str = fed("api_key_env")
+    api_concurrency: int = fed("api_concurrency", "requests in flight at once per endpoint")
+    api_timeout_s: float = fed("api_timeout_s")
+    api_max_attempts: int = fed("api_max_attempts")
+    model_placement: str = fed("model_placement")
+    lora_r: int = fed("lora_r")
+    lora_alpha: float = fed("lora_alpha")
+    lora_dropout: float = fed("lora_dropout")
+    lora_target_modules: list[str] = fed("lora_target_modules")
     # the distillation signal
-    alloc_temperature: float = setting(check=above(0), help="step C: samples per ability ~ weakness^(1/T); 1: "
-                                                            "proportional, 1e6: uniform over the abilities")
+    alloc_temperature: float = fed("alloc_temperature")
     response_style: str = setting(choices=RESPONSE_STYLES, help="letter: the student learns the answer letter; "
                                                                 "rationale: the letter, then the teacher's reason "
                                                                 "(step D3; token-level KD)")
-    use_dataset_explanation: bool = setting(help="rationale style: an item with its own explanation keeps it "
-                                                 "instead of asking the teacher")
-    reason_weight: float = setting(check=at_least(0), help="rationale style: weight of an item's reason tokens "
-                                                           "together against its letter's 1 (0: every token weighs 1)")
-    replay_fraction: float = setting(check=Check(lambda v: 0 <= v < 1, "in [0, 1)"),
-                                     help="share of each round's training items replayed from the round's own "
-                                          "questions, favouring abilities the student knows (step D2; 0: none)")
+    use_dataset_explanation: bool = fed("use_dataset_explanation", "rationale style: an item with its own "
+                                                                   "explanation keeps it instead of asking the teacher")
+    reason_weight: float = fed("reason_weight")
+    replay_fraction: float = fed("replay_fraction", "share of each round's training items replayed from the round's "
+                                                    "own questions, favouring abilities the student knows (step D2; "
+                                                    "0: none)")
     responses: str = setting(choices=RESPONSE_SOURCES,
                              help="teacher: the student trains on the teacher's responses; student: on its own "
                                   "sampled rationale replies to the round's written items, scored token by token "
                                   "by the teacher (step D4, on-policy distillation); mixed: a seeded "
                                   "ON_POLICY_SHARE of them")
-    on_policy_share: float = setting(check=Check(lambda v: 0 < v <= 1, "in (0, 1]"),
-                                     help="RESPONSES mixed: share of the round's written items the student practises "
-                                          "on-policy")
-    on_policy_kd_loss: str = setting(choices=KD_KINDS, help="the divergence on the tokens of the student's own "
-                                                            "responses (forward_kl | reverse_kl | jsd)")
-    on_policy_temperature: float = setting(check=at_least(0), help="the student's sampling temperature in step D4 "
-                                                                   "(1: its own distribution)")
+    on_policy_share: float = fed("on_policy_share", "RESPONSES mixed: share of the round's written items the student "
+                                                    "practises on-policy")
+    on_policy_kd_loss: str = fed("on_policy_kd_loss")
+    on_policy_temperature: float = fed("on_policy_temperature", "the student's sampling temperature in step D4 "
+                                                                "(1: its own distribution)")
     # outputs
     workflow_output_dir: str = setting(help="intermediate data, logs, the report")
     models_output_dir: str = setting(help="checkpoints and final models per iteration")
-    report_to: str = tracking.report_to_setting(default=None)
+    report_to: str = fed("report_to")
     dry_run: bool = setting(False, affects_output=False, help="print the plan and every command; run nothing")
 
     @classmethod
@@ -178,6 +167,8 @@ class WorkflowConfig(StageConfig):
             out.append("EVAL_ABILITY_CLASS_PATH is set but EVAL_DATASET_PATH is not: set both, or neither")
         if not self.existing_ability_tree_path and not self.domain:
             out.append("set EXISTING_ABILITY_TREE_PATH, or DOMAIN so create_initial_tree.py can build one")
+        if self.on_policy_share == 0:  # D4's --share may be 0; main.py's mixed responses need some on-policy items
+            out.append("ON_POLICY_SHARE (--on_policy_share) must be above 0 (none on-policy: RESPONSES = \"teacher\")")
         return out
 
     def served(self, model_setting: str) -> bool:
@@ -193,12 +184,6 @@ class WorkflowConfig(StageConfig):
         return [] if self.dry_run else [Path(self.workflow_output_dir), Path(self.models_output_dir)]
 
 
-def ability_file(cfg: WorkflowConfig, k: int) -> str:
-    """The ability paths of iteration k+1's questions; "" when the teacher is to label them."""
-    files = cfg.ability_class_files_per_iteration
-    return files[k] if files else ""
-
-
 def given_ability_files(cfg: WorkflowConfig) -> list[str]:
     """Every ability-path file the user gave (iterations, then the evaluation set)."""
     given = [ability_file(cfg, k) for k in range(cfg.num_iterations)] + [cfg.eval_ability_class_path]
@@ -207,15 +192,15 @@ def given_ability_files(cfg: WorkflowConfig) -> list[str]:
 
 def check_inputs(cfg: WorkflowConfig) -> list[int]:
     """Every file and folder the run will read, before any work; returns the usable GPU ids ([] = CPU)."""
-    from .api import endpoint
     from .models import check_model_dir, usable_gpu_ids
 
     for name in MODEL_SETTINGS:
         if not cfg.served(name):
             check_model_dir(getattr(cfg, name))
     for who in ENDPOINTS:
-        if getattr(cfg, f"{who}_api_base") and not cfg.dry_run:  # a dry run may come before the servers
-            endpoint(getattr(cfg, f"{who}_api_base"), getattr(cfg, f"{who}_api_model"), cfg).check_reachable()
+        source = model_source(cfg, who, [])
+        if source.is_served and not cfg.dry_run:  # a dry run may come before the servers
+            source.check()
     for data in cfg.dataset_files_per_iteration:
         load_questions(data)
     for ability in given_ability_files(cfg):
@@ -263,231 +248,6 @@ def check_eval_overlap(cfg: WorkflowConfig) -> dict[str, list[Repeat]]:
     return check_iteration_files(cfg.eval_dataset_path, load_questions(cfg.eval_dataset_path), files,
                                  cfg.drop_eval_overlap, "set DROP_EVAL_OVERLAP = True in main.py "
                                                         "(--drop_eval_overlap) to drop them from the iteration files")
-
-
-# ---------------------------------------------------------------------------------- the plan
-
-def api_settings(cfg: WorkflowConfig) -> dict:
-    """How the stages talk to endpoints: key variable, concurrency, timeout, tries."""
-    return dict(api_key_env=cfg.api_key_env, api_concurrency=cfg.api_concurrency, api_timeout_s=cfg.api_timeout_s,
-                api_max_attempts=cfg.api_max_attempts)
-
-
-def teacher_settings(cfg: WorkflowConfig) -> dict:
-    """Where the generating teacher is: its endpoint (then no folder: the endpoint's model name is its
-    identity in the fingerprint), else its folder, placed on the GPUs by MODEL_PLACEMENT."""
-    if cfg.teacher_api_base:
-        return dict(api_base=cfg.teacher_api_base, api_model=cfg.teacher_api_model, **api_settings(cfg))
-    return dict(model_placement=cfg.model_placement)
-
-
-def agent_settings(cfg: WorkflowConfig) -> dict:
-    """Each agent: its endpoint (generate mode) or its folder (score mode), and how to reach or place it."""
-    out = dict(model_placement=cfg.model_placement, **api_settings(cfg))
-    for n in (1, 2):
-        base = getattr(cfg, f"agent_{n}_api_base")
-        out[f"agent_model_{n}_path"] = "" if base else getattr(cfg, f"agent_model_{n}_path")
-        out[f"agent_{n}_api_base"] = base
-        out[f"agent_{n}_api_model"] = getattr(cfg, f"agent_{n}_api_model") if base else ""
-    return out
-
-
-def tree_step(cfg: WorkflowConfig, workflow: Path, gpus: list[int]) -> Step:
-    """Build the initial tree with the teacher when no tree file is given."""
-    out = workflow / "initial_tree"
-    tree_cfg = TreeConfig(model_path=cfg.teacher_model_path, domain=cfg.domain, output_dir=str(out),
-                          output_filename=paths.INITIAL_TREE, seed=cfg.seed, gpu_ids=gpus, **teacher_settings(cfg))
-    return Step("initial_tree", "create_initial_tree.py", tree_cfg, log_path=workflow / "initial_tree.log")
-
-
-@dataclass
-class RoundFiles:
-    """The question and ability-path files a set of steps reads, and the step that writes the paths
-    when the user gave none (the teacher labels the questions)."""
-
-    questions: str
-    ability_paths: str
-    label_step: Step | None = None
-
-
-def label_step(cfg: WorkflowConfig, name: str, questions: str, output: Path, tree: Path, gpus: list[int],
-               log_path: Path) -> Step:
-    """L: the teacher places questions that came without ability paths in the tree."""
-    labels = LabelConfig(model_path=cfg.teacher_model_path, ability_tree_path=str(tree), dataset_path=questions,
-                         output_path=str(output), batch_size=cfg.inference_batch_size, gpu_ids=gpus)
-    return Step(name, "label_abilities.py", labels, log_path=log_path)
-
-
-def round_files(cfg: WorkflowConfig, it: paths.IterationPaths, tree: Path, gpus: list[int],
-                dropped: bool) -> RoundFiles:
-    """Iteration N's files: the user's, or their copies without repeats of evaluation questions
-    (`dropped`), with the teacher's labels where no ability-path file was given."""
-    k = it.iteration - 1
-    questions, ability = cfg.dataset_files_per_iteration[k], ability_file(cfg, k)
-    if dropped:
-        questions, ability = str(it.kept_questions), str(it.kept_ability_paths) if ability else ""
-    if ability:
-        return RoundFiles(questions, ability)
-    return RoundFiles(questions, str(it.labels), label_step(cfg, "L_ability_labels", questions, it.labels, tree, gpus,
-                                                            it.log_file("L_ability_labels")))
-
-
-def eval_files(cfg: WorkflowConfig, workflow: Path, tree: Path, gpus: list[int]) -> RoundFiles:
-    """The evaluation set's files, with the teacher's labels when EVAL_ABILITY_CLASS_PATH is empty."""
-    if cfg.eval_ability_class_path:
-        return RoundFiles(cfg.eval_dataset_path, cfg.eval_ability_class_path)
-    out = paths.eval_labels(workflow)
-    return RoundFiles(cfg.eval_dataset_path, str(out), label_step(cfg, "L_eval_ability_labels", cfg.eval_dataset_path,
-                                                                  out, tree, gpus, workflow / "L_eval_ability_labels.log"))
-
-
-def eval_steps(cfg: WorkflowConfig, ev: paths.EvalPaths, student: str, tree: Path, gpus: list[int],
-               log_dir: Path, ability_paths: str) -> list[Step]:
-    """G, H: the student's answers on the evaluation set, then their per-ability scores."""
-    reply = InferenceConfig(model_path=student, dataset_path=cfg.eval_dataset_path, output_path=str(ev.replies),
-                            batch_size=cfg.inference_batch_size, seed=cfg.seed, gpu_ids=gpus)
-    scored = AnalyzerConfig(initial_tree_path=str(tree), paths_file=ability_paths,
-                            answers_file=cfg.eval_dataset_path, student_responses_file=str(ev.replies),
-                            output_tree_path=str(ev.scored_tree), output_stats_path=str(ev.stats),
-                            prior_strength=cfg.prior_strength)
-    return [Step("G_eval_reply", "inference.py", reply, log_path=log_dir / "G_eval_reply.log"),
-            Step("H_eval_tree", "student_data_analyzer.py", scored, log_path=log_dir / "H_eval_tree.log")]
-
-
-def teacher_eval_steps(cfg: WorkflowConfig, workflow: Path, tree: Path, gpus: list[int],
-                       ability_paths: str) -> list[Step]:
-    """G, H for the teacher, once per run: its accuracy per ability bounds what distillation can teach."""
-    steps = eval_steps(cfg, paths.teacher_eval(workflow), cfg.teacher_model_path, tree, gpus, workflow, ability_paths)
-    return [replace(s, name=name, log_path=workflow / f"{name}.log")
-            for s, name in zip(steps, ("G_teacher_eval_reply", "H_teacher_eval_tree"))]
-
-
-def iteration_steps(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, tree: Path,
-                    gpus: list[int], files: RoundFiles) -> list[Step]:
-    """(L,) A-F for one iteration: (label,) measure, score, write, validate, take the teacher's logits, train."""
-    k = it.iteration - 1
-    data, ability = files.questions, files.ability_paths
-    seed = cfg.seed + k  # each round samples afresh, reproducibly
-    return ([files.label_step] if files.label_step else []) + [
-        Step("A_student_reply", "inference.py", InferenceConfig(
-            model_path=student, dataset_path=data, output_path=str(it.replies),
-            batch_size=cfg.inference_batch_size, seed=seed, gpu_ids=gpus), log_path=it.log_file("A_student_reply")),
-        Step("B_student_tree", "student_data_analyzer.py", AnalyzerConfig(
-            initial_tree_path=str(tree), paths_file=ability, answers_file=data,
-            student_responses_file=str(it.replies), output_tree_path=str(it.scored_tree),
-            output_stats_path=str(it.tree_stats), prior_strength=cfg.prior_strength),
-            log_path=it.log_file("B_student_tree")),
-        Step("C_distill_data", "generate_distill_data.py", QuestionWritingConfig(
-            teacher_model_path="" if cfg.teacher_api_base else cfg.teacher_model_path,
-            ability_tree_path=str(it.scored_tree),
-            full_dataset_path=data, ability_class_path=ability, output_path=str(it.generated),
-            eval_dataset_path=cfg.eval_dataset_path,
-            num_samples=cfg.num_distill_samples, max_retries=cfg.max_retries, batch_size=cfg.generation_batch_size,
-            temperature=cfg.gen_temperature, seed=seed, id_prefix=f"it{it.iteration}", gpu_ids=gpus,
-            alloc_temperature=cfg.alloc_temperature, **teacher_settings(cfg)), log_path=it.log_file("C_distill_data")),
-        Step("D_validated_data", "evaluate_distilled_data.py", CrossCheckConfig(
-            input_file=str(it.generated), output_file=str(it.validated), min_confidence=cfg.min_confidence,
-            batch_size=cfg.inference_batch_size, gpu_ids=gpus, **agent_settings(cfg)),
-            log_path=it.log_file("D_validated_data")),
-        *training_data_steps(cfg, it, data, ability, seed, gpus),
-        *on_policy_steps(cfg, it, student, seed, gpus),
-        Step("E_teacher_logits", "generate_logits.py", LogitsConfig(
-            model_path=cfg.teacher_model_path, dataset_path=str(training_items(cfg, it)), output_dir=str(it.logits_dir),
-            top_k=cfg.top_k, batch_size=cfg.inference_batch_size, gpu_ids=gpus, model_placement=cfg.model_placement,
-            response_field=EXPLANATION_FIELD if cfg.response_style == "rationale" else None),
-            log_path=it.log_file("E_teacher_logits")),
-        train_step(cfg, it, student, gpus),
-    ]
-
-
-EXPLANATION_FIELD = "explanation"  # where D3 writes the reason (data/convert.py keeps datasets' own there too)
-
-
-def training_items(cfg: WorkflowConfig, it: paths.IterationPaths) -> Path:
-    """The file E and F read: D's validated items, plus D2's replay items, with D3's rationales, with D4's
-    student responses."""
-    if cfg.responses != "teacher":
-        return it.on_policy_items
-    return teacher_items(cfg, it)
-
-
-def on_policy_steps(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, seed: int,
-                    gpus: list[int]) -> list[Step]:
-    """D4 (RESPONSES student | mixed): the iteration's input student answers its practice items itself."""
-    if cfg.responses == "teacher":
-        return []
-    return [Step("D4_student_responses", "sample_student_responses.py", StudentSamplingConfig(
-        student_model_path=student, input_file=str(teacher_items(cfg, it)), output_file=str(it.on_policy_items),
-        share=1.0 if cfg.responses == "student" else cfg.on_policy_share, seed=seed,
-        temperature=cfg.on_policy_temperature, batch_size=cfg.generation_batch_size, gpu_ids=gpus),
-        log_path=it.log_file("D4_student_responses"))]
-
-
-def teacher_items(cfg: WorkflowConfig, it: paths.IterationPaths) -> Path:
-    """The training items with the teacher's responses: the last of D (validated), D3 (rationales) and D2
-    (replay) that runs."""
-    if cfg.replay_fraction > 0:
-        return it.replay_mix
-    return it.explained if cfg.response_style == "rationale" else it.validated
-
-
-def training_data_steps(cfg: WorkflowConfig, it: paths.IterationPaths, data: str, ability: str, seed: int,
-                        gpus: list[int]) -> list[Step]:
-    """D3 (rationales, when RESPONSE_STYLE is rationale) on D's validated items, then D2 (replay, when
-    REPLAY_FRACTION > 0) on what D3 kept: D3 drops items, and replay's share is of the final training items.
-    Replay items keep their letter target, or the dataset's own explanation when USE_DATASET_EXPLANATION."""
-    steps, items = [], it.validated
-    rationale = cfg.response_style == "rationale"
-    if rationale:
-        steps.append(Step("D3_rationales", "generate_rationales.py", RationaleConfig(
-            teacher_model_path="" if cfg.teacher_api_base else cfg.teacher_model_path, input_file=str(items),
-            output_file=str(it.explained), explanation_field=EXPLANATION_FIELD,
-            use_dataset_explanation=cfg.use_dataset_explanation, batch_size=cfg.generation_batch_size, gpu_ids=gpus,
-            **teacher_settings(cfg)), log_path=it.log_file("D3_rationales")))
-        items = it.explained
-    if cfg.replay_fraction > 0:
-        steps.append(Step("D2_replay", "add_replay.py", ReplayConfig(
-            validated_file=str(items), dataset_path=data, ability_class_path=ability,
-            ability_tree_path=str(it.scored_tree), output_path=str(it.replay_mix),
-            replay_fraction=cfg.replay_fraction, seed=seed,
-            drop_field=EXPLANATION_FIELD if rationale and not cfg.use_dataset_explanation else ""),
-            log_path=it.log_file("D2_replay")))
-    return steps
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train_step(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, gpus: list[int]) -> Step:
-    """F: train.py under `accelerate launch`, one process per GPU (or one CPU process).
-
-    With the user's accelerate config file, the file decides processes, precision and the
-    distributed backend (command-line values would override it); only the port stays ours, a
-    free one, so two runs on one machine do not collide.
-    """
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]
-    if cfg.accelerate_config_file:
-        launcher += ["--config_file", cfg.accelerate_config_file]
-    else:
-        launcher += ["--num_machines", "1", "--dynamo_backend", "no", "--num_processes", str(max(1, len(gpus)))]
-        launcher += ["--mixed_precision", "bf16"] if gpus else ["--cpu", "--mixed_precision", "no"]
-        if len(gpus) > 1:
-            launcher += ["--multi_gpu"]
-    env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {}
-    train_cfg = TrainConfig(
-        student_model_path=student, train_file_path=str(training_items(cfg, it)), teacher_logits_dir=str(it.logits_dir),
-        output_dir=str(it.student_dir), temperature=cfg.temperature, alpha_ce=cfg.alpha_ce, kd_loss=cfg.kd_loss,
-        num_epochs=cfg.train_epochs, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, seed=cfg.seed + it.iteration - 1, lora_r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, lora_target_modules=cfg.lora_target_modules,
-        reason_weight=cfg.reason_weight if cfg.response_style == "rationale" or cfg.responses != "teacher" else 0.0,
-        on_policy_kd_loss=cfg.on_policy_kd_loss)
-    return Step("F_train", "train.py", train_cfg, log_path=it.log_file("F_train"), launcher=launcher, env=env,
-                precheck_flags=["--check_only"])
 
 
 # ---------------------------------------------------------------------------------- running

@@ -3,7 +3,7 @@ r"""Convert a public medical multiple-choice dataset to AT-KD's question and abi
     python data/convert.py --format medmcqa --input medmcqa/train.json medmcqa/dev.json \
         --output_dir data/medmcqa --iterations 2 --eval_fraction 0.1 --seed 0
 
-Formats: medqa, medmcqa, cmexam, mmlu, cmmlu (their published layouts, see atkd/datasets.py) and
+Formats: medqa, medmcqa, cmexam, mmlu, cmmlu (their published layouts, see atkd/convert/datasets.py) and
 jsonl / csv (any layout, fields named by flags, e.g. `--format csv --question_field stem
 --option_fields A,B,C,D --answer_field key --answer_format letter --path_fields chapter,section`).
 
@@ -28,11 +28,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from atkd import conversion, datasets
 from atkd.cli import setup_logging
+from atkd.convert import conversion, datasets
+from atkd.convert.splitting import split_questions
 from atkd.errors import InputError, exit_on_input_error
 from atkd.io import write_json, write_jsonl
-from atkd.splitting import split_questions
 
 log = logging.getLogger("convert")
 

@@ -508,7 +508,7 @@ def pass_counts(replies: list[str], leaf: DemoLeaf, agents: list, seed: int = 0)
 
     `agents` is a list of (model, tokenizer); their answers come from the pipeline's scoring.
     """
-    from atkd.question_writing import shuffle_options
+    from atkd.option_order import shuffle_options
     from atkd.qparse import parse_question
     from atkd.scoring import score_questions
 
@@ -530,21 +530,23 @@ def pass_counts(replies: list[str], leaf: DemoLeaf, agents: list, seed: int = 0)
             "passed": sum(agreed)}
 
 
-def rationale_counts(teacher, tokenizer, questions, batch_size: int = 32) -> dict[str, int]:
-    """How the teacher's replies to the rationale prompt fare in step D3 (`atkd.rationale_writing.judge`):
-    n, kept (answer line = label, a reason follows) and exact (the reason is `demo_reason`)."""
+def rationale_counts(model, tokenizer, questions, batch_size: int = 32) -> dict[str, int]:
+    """How a model's replies to the rationale prompt fare in step D3 (`atkd.rationale_writing.judge`):
+    n, kept (answer line = label, a reason follows), exact (the reason is `demo_reason`) and wrong (the
+    answer line names another letter)."""
     from atkd.answering import EXPLAIN, Answerer, answer_local
     from atkd.rationale_writing import judge
 
     who = Answerer(mode=EXPLAIN, lang=LANG, max_new_tokens=48)
-    out = {"n": 0, "kept": 0, "exact": 0}
+    out = {"n": 0, "kept": 0, "exact": 0, "wrong": 0}
     for b in range(0, len(questions), batch_size):
         batch = questions[b:b + batch_size]
-        for q, answer in zip(batch, answer_local(teacher, tokenizer, batch, who)):
+        for q, answer in zip(batch, answer_local(model, tokenizer, batch, who)):
             why, reason = judge(q, answer)
             out["n"] += 1
             out["kept"] += why is None
             out["exact"] += why is None and reason == demo_reason(q.to_dict())
+            out["wrong"] += why == "disagrees"
     return out
 
 
@@ -612,7 +614,10 @@ MODEL_SPECS = {
     "teacher": ModelSpec(seed=1, hidden=96, layers=4, heads=4, intermediate=384, steps=2000,
                          answer_batch=64, write_batch=16, rationale_batch=8, label_batch=8),
     "agent": ModelSpec(seed=2, hidden=64, layers=4, heads=4, intermediate=256, steps=2500, answer_batch=64),
+    # The student also answers the rationale prompt (on its own leaves only), so that on-policy practice
+    # (RESPONSES student: step D4 samples its replies) has letters to practise on the demo.
     "student": ModelSpec(seed=3, hidden=64, layers=4, heads=4, intermediate=256, steps=2500, answer_batch=64,
+                         rationale_batch=8,
                          leaves=tuple(leaf.name for leaf in LEAVES if leaf.name not in STUDENT_WEAK_LEAVES)),
 }
 
@@ -655,7 +660,8 @@ def demo_figures(models_dir: str | Path = MODELS_DIR, data_dir: str | Path = DAT
     questions the teacher writes (seeds from iteration 1) and how many parse, are truly valid
     and pass both agents (teacher and agent) after the answer's position is shuffled;
     rationales: per leaf, the teacher's replies to the rationale prompt on the evaluation set that
-    step D3 keeps, and how many give exactly the templated reason; labelling: per level, the
+    step D3 keeps, and how many give exactly the templated reason; student_rationales: the same for the
+    student's replies (greedy; kept = its answer line names the right letter); labelling: per level, the
     teacher's [correct, n] on "which ability does this question test" over the evaluation set.
     """
     from atkd.models import load_model, load_tokenizer
@@ -672,32 +678,38 @@ def demo_figures(models_dir: str | Path = MODELS_DIR, data_dir: str | Path = DAT
                for leaf in LEAVES}
     by_leaf = {leaf.name: [q for q in evalq if eval_paths[q.key][-1] == leaf.name] for leaf in LEAVES}
     rationales = {name: rationale_counts(models["teacher"], tok, qs) for name, qs in by_leaf.items()}
+    student_rationales = {name: rationale_counts(models["student"], tok, qs) for name, qs in by_leaf.items()}
     labelling = {f"level_{level + 1}": labelling_accuracy(models["teacher"], tok, evalq, eval_paths, level)
                  for level in (0, 1)}
     return {"accuracy": accuracy, "writing": writing, "per_leaf": per_leaf, "temperature": temperature,
-            "rationales": rationales, "labelling": labelling}
+            "rationales": rationales, "student_rationales": student_rationales, "labelling": labelling}
 
 
 def figures_table(fig: dict) -> str:
     """A plain-text table of `demo_figures` (what data/build_demo.py prints)."""
-    acc, wr, ra = fig["accuracy"], fig["writing"], fig.get("rationales")
+    acc, wr, ra, sr = fig["accuracy"], fig["writing"], fig.get("rationales"), fig.get("student_rationales")
     lines = [f"{'leaf':<26}{'teacher':>8}{'agent':>8}{'student':>8}{'written':>9}{'valid':>7}{'passed':>8}"
-             + (f"{'reason':>8}" if ra else "")]
+             + (f"{'reason':>8}" if ra else "") + (f"{'s.reason':>9}" if sr else "")]
     for leaf in LEAVES:
         cells = [acc[m][leaf.name][0] / acc[m][leaf.name][1] for m in MODEL_NAMES]
         w = wr[leaf.name]
         weak = " *" if leaf.name in STUDENT_WEAK_LEAVES else ""
         lines.append(f"{leaf.name + weak:<26}" + "".join(f"{c:>8.2f}" for c in cells)
                      + f"{w['n']:>9}{w['valid'] / w['n']:>7.2f}{w['passed'] / w['n']:>8.2f}"
-                     + (f"{ra[leaf.name]['kept'] / ra[leaf.name]['n']:>8.2f}" if ra else ""))
+                     + (f"{ra[leaf.name]['kept'] / ra[leaf.name]['n']:>8.2f}" if ra else "")
+                     + (f"{sr[leaf.name]['kept'] / sr[leaf.name]['n']:>9.2f}" if sr else ""))
     tot = {k: sum(w[k] for w in wr.values()) for k in ("n", "parsed", "valid", "passed")}
-    kept = sum(r["kept"] for r in ra.values()) / sum(r["n"] for r in ra.values()) if ra else None
+
+    def kept(counts: dict) -> float:
+        return sum(r["kept"] for r in counts.values()) / sum(r["n"] for r in counts.values())
+
     lines.append(f"{'all':<26}" + "".join(f"{overall(acc[m]):>8.2f}" for m in MODEL_NAMES)
                  + f"{tot['n']:>9}{tot['valid'] / tot['n']:>7.2f}{tot['passed'] / tot['n']:>8.2f}"
-                 + (f"{kept:>8.2f}" if ra else ""))
+                 + (f"{kept(ra):>8.2f}" if ra else "") + (f"{kept(sr):>9.2f}" if sr else ""))
     lines.append("(* = left out of the student's training; accuracy on the evaluation set; written = "
                  "questions the teacher wrote, valid = truly correct, passed = both agents agree; reason = "
-                 "the teacher's rationale for an evaluation question kept by step D3)")
+                 "the teacher's rationale for an evaluation question kept by step D3; s.reason = the same "
+                 "for the student's)")
     for level, (c, n) in (fig.get("labelling") or {}).items():
         lines.append(f"teacher labelling, {level.replace('_', ' ')} (which {'area' if level == 'level_1' else 'leaf'}"
                      f" a question tests): {c}/{n} = {c / n:.2f}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import typing
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from atkd.labelling import LabelConfig
 from atkd.question_writing import QuestionWritingConfig
 from atkd.rationale_writing import RationaleConfig
 from atkd.replay import ReplayConfig
+from atkd.stages import STAGES, STEPS
 from atkd.student_sampling import StudentSamplingConfig
 from atkd.teacher_logits import LogitsConfig
 from atkd.trainer import TrainConfig
@@ -23,12 +25,13 @@ from atkd.tree_building import TreeConfig
 from atkd.weakness import AnalyzerConfig
 from atkd.workflow import WorkflowConfig
 
-SCRIPTS = {"main.py": WorkflowConfig, "create_initial_tree.py": TreeConfig, "inference.py": InferenceConfig,
-           "student_data_analyzer.py": AnalyzerConfig, "generate_distill_data.py": QuestionWritingConfig,
-           "evaluate_distilled_data.py": CrossCheckConfig, "generate_logits.py": LogitsConfig, "train.py": TrainConfig,
-           "label_abilities.py": LabelConfig}
-SCRIPTS.update({"add_replay.py": ReplayConfig, "generate_rationales.py": RationaleConfig,
-                "sample_student_responses.py": StudentSamplingConfig})
+ROOT = Path(__file__).resolve().parent.parent
+# Every top-level script: main.py and the stage table's aliases.
+SCRIPTS = {"main.py": WorkflowConfig, **{stage.script: stage.load()[0] for stage in STAGES}}
+
+
+def test_every_top_level_script_is_in_the_table():
+    assert {p.name for p in ROOT.glob("*.py")} == set(SCRIPTS)
 
 
 def flags_in_help(text: str) -> set[str]:
@@ -126,3 +129,52 @@ def test_an_output_that_names_an_input_is_refused_before_any_work(run, tmp_path,
     in_flag = args[args.index("{q}") - 1]
     assert proc.stderr.strip().splitlines()[-1] == f"error: {out_flag} is {in_flag} itself; it would be overwritten"
     assert q.read_text() == '{"id": "1"}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["q.jsonl"]
+
+
+# ------------------------------------------------------------------ the docs' stage tables list the stage table
+
+def table_rows(path: Path, header: str) -> list[list[str]]:
+    """The cells of the Markdown table whose header row starts with `header`."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def letters_of(cell: str) -> list[str]:
+    return [part.split()[0] for part in cell.split(",")]
+
+
+def ticked(cell: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", cell)
+
+
+STEP = {step.letter: step for step in STEPS}
+
+
+def test_architecture_module_map_lists_every_step_with_its_script_and_module():
+    rows = [r for r in table_rows(ROOT / "docs" / "ARCHITECTURE.md", "| step | script | module |") if r[0] != "all"]
+    seen = []
+    for row in rows:
+        for letter in letters_of(row[0]):
+            seen.append(letter)
+            assert ticked(row[1]) == [STEP[letter].stage.script], row
+            assert ticked(row[2]) == [STEP[letter].stage.module], row
+    assert sorted(seen) == sorted(STEP)
+
+
+def test_readme_iteration_table_lists_every_step_with_its_script_and_folder():
+    rows = table_rows(ROOT / "README.md", "| step | script | writes")
+    seen = []
+    for row in rows:
+        letters = letters_of(row[0])
+        seen += letters
+        assert [s for s in ticked(row[1]) if s.endswith(".py")] == list(dict.fromkeys(
+            STEP[letter].stage.script for letter in letters)), row
+        if len(letters) == 1 and letters[0] != "F":  # F writes to the models folder
+            assert any(t.startswith(STEP[letters[0]].folder + "/") for t in ticked(row[2])), row
+    assert sorted(seen) == sorted(set(STEP) - {"tree"})  # the tree is built once per run, not per iteration

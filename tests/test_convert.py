@@ -15,7 +15,7 @@ import pytest
 
 from atkd.errors import InputError
 from atkd.records import question_problem
-from atkd.splitting import split_questions, split_sizes
+from atkd.convert.splitting import split_questions, split_sizes
 from atkd.tree import load_tree
 
 ROOT = Path(__file__).resolve().parent.parent

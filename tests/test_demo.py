@@ -145,6 +145,20 @@ def test_teacher_explains_with_the_rationale_prompt(shipped, eval_split):
     assert counts["kept"] >= 0.9 * counts["n"] and counts["exact"] >= 0.85 * counts["n"], counts
 
 
+def test_student_explains_with_the_rationale_prompt_only_where_it_knows(shipped, eval_split):
+    """The student answers the rationale prompt like the teacher on the leaves it was trained on, and commits
+    to a letter (mostly a wrong one) on its left-out leaves: on-policy practice (RESPONSES student, step D4)
+    then has the student's own letters to practise, right where it knows and wrong where it is weak."""
+    tok, models = shipped
+    questions, paths = eval_split
+    known = [q for q in questions if paths[q.key][-1] not in WEAK][::4]  # 40 questions on its own leaves
+    weak = [q for q in questions if paths[q.key][-1] in WEAK][::2]  # 40 on the leaves it never saw
+    on_known = demo.rationale_counts(models["student"], tok, known)
+    on_weak = demo.rationale_counts(models["student"], tok, weak)
+    assert on_known["kept"] >= 0.85 * on_known["n"] and on_known["exact"] >= 0.8 * on_known["n"], on_known
+    assert on_weak["kept"] <= 0.45 * on_weak["n"] and on_weak["wrong"] >= 0.5 * on_weak["n"], on_weak
+
+
 @pytest.mark.parametrize("level", [0, 1])
 def test_teacher_answers_which_ability_a_question_tests(shipped, eval_split, level):
     """`atkd.prompts.ability_question` over the tree's areas (level 0), then the leaves of the area (level 1).

@@ -18,6 +18,7 @@ import pytest
 from atkd import question_writing as qw
 from atkd.allocation import allocate
 from atkd.io import PartLog, parts_dir_for, write_jsonl
+from atkd.model_source import LocalModel
 from atkd.paths import plan_path
 from atkd.records import load_questions, question_problem
 from atkd.tree import load_tree, tree_from_nested
@@ -224,9 +225,8 @@ def test_local_teacher_regenerates_a_batch_identically_on_its_own(inputs, llama_
     def texts(batch_list, name):
         log = PartLog(tmp_path / name, {"t": 1})
         log.open()
-        teacher = qw.Teacher(cfg)  # a fresh teacher each time, as in a resumed run's new process
-        qw.write_worker(0, None, batch_list, log.writer(0), teacher)
-        teacher.release()
+        # A fresh teacher each time, as in a resumed run's new process.
+        qw.teacher_producer(cfg.teacher, cfg, log, LocalModel(cfg.teacher), [])(0, batch_list)
         return {k: v["text"] for k, v in log.done().items()}
 
     full = texts(batches, "full.jsonl")

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from atkd.question_writing import option_position_kind, shuffle_options
+from atkd.option_order import option_position_kind, shuffle_options
 
 REFERS = ["Both A and B", "A and C", "A, B and C only", "A,B", "A & B", "(A) and (C)", "Only A", "All except C",
           "Neither A nor B", "Option C", "Both of the above", "The first two", "A和C", "A和C都对", "A、B", "A与B",

@@ -107,9 +107,11 @@ def test_main_plans_the_endpoints_and_refuses_bad_endpoint_settings(tmp_path):
                           capture_output=True, text=True, env=env(), cwd=ROOT, timeout=120)
     assert plan.returncode == 0, plan.stderr
     lines = plan.stdout.splitlines()
-    command = {script: shlex.split(line.strip()) for line in lines for script in
-               ("create_initial_tree.py", "generate_distill_data.py", "evaluate_distilled_data.py",
-                "generate_logits.py") if f"/{script} " in line}
+    # Each step's command runs its stage as `python -m atkd <stage>`: keyed here by the stage's script alias.
+    stages = {"tree": "create_initial_tree.py", "write_questions": "generate_distill_data.py",
+              "cross_check": "evaluate_distilled_data.py", "logits": "generate_logits.py"}
+    command = {script: shlex.split(line.strip()) for line in lines for stage, script in stages.items()
+               if f" -m atkd {stage} " in line}
     for script in ("create_initial_tree.py", "generate_distill_data.py"):
         cmd = command[script]
         assert cmd[cmd.index("--api_base") + 1] == url and cmd[cmd.index("--api_model") + 1] == "big"

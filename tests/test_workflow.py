@@ -54,7 +54,7 @@ def test_runs_once_then_skips_and_the_record_holds_the_command(step, capsys):
     assert Path(step.cfg.output_stats_path).stat().st_mtime_ns == mtime
     out = capsys.readouterr().out
     assert "[run] B_student_tree" in out and "[skip] B_student_tree: outputs are up to date" in out
-    assert "student_data_analyzer.py" in step.log_path.read_text()
+    assert "-m atkd analyze --initial_tree_path" in step.log_path.read_text()  # the command, as it ran
 
 
 def test_changed_setting_reruns_and_says_which(step, capsys):

@@ -1,6 +1,6 @@
 """data/convert.py's work: read a public dataset's files, plan the output files, report the counts.
 
-The readers are `atkd.datasets` (one per layout), the split is `atkd.splitting`; this module puts
+The readers are `atkd.convert.datasets` (one per layout), the split is `atkd.convert.splitting`; this module puts
 them together the way the script does, so the script holds only its command line. Output files
 (`planned_files`): questions.jsonl and ability_paths.jsonl, and with a split eval.jsonl,
 iteration_K.jsonl and their *_ability_paths.jsonl; files that would be empty are left out. When

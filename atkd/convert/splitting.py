@@ -12,8 +12,8 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from .allocation import largest_remainder
-from .errors import InputError
+from ..allocation import largest_remainder
+from ..errors import InputError
 
 @dataclass
 class Split:

@@ -1,7 +1,7 @@
 """Public medical multiple-choice datasets read into AT-KD's question format (data/convert.py).
 
-The split into iteration pools and an evaluation set is `atkd.splitting`; the files and the report
-data/convert.py writes are `atkd.conversion`.
+The split into iteration pools and an evaluation set is `atkd.convert.splitting`; the files and the report
+data/convert.py writes are `atkd.convert.conversion`.
 
 One reader per source layout. Each returns a `Converted`: the question records
 (`{"id", "question", "options": {"A": ...}, "answer_idx", "meta_info", ...}`, every one valid
@@ -45,10 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .errors import InputError
-from .io import iter_jsonl
-from .qparse import option_key, option_named
-from .records import LETTERS, MAX_OPTIONS, MIN_OPTIONS, question_problem
+from ..errors import InputError
+from ..io import iter_jsonl
+from ..qparse import option_key, option_named
+from ..records import LETTERS, MAX_OPTIONS, MIN_OPTIONS, question_problem
 
 NO_ANSWER = "no answer"
 MULTI_ANSWER = "multi-answer"
