@@ -18,13 +18,13 @@ are yielded as they arrive, so a stage logs each one at once and a kill loses on
   ids; an item that does not align gets None (the caller keeps its option-level target and counts it).
 
 **llama-cpp-python's echo is off by one position when the prompt does not start with BOS**
-(0.3.36, `Llama._create_completion`): it pairs the echoed prompt tokens (its leading BOS removed)
-with the logits rows from row 0. With a BOS first, token i is read from the row after token i-1
-(right); without one (Qwen, Llama-3 GGUFs converted without `add_bos_token`), token i is read from
-the row after token i itself, i.e. the distribution of the NEXT token. The first echoed entry is
-always null, so it cannot tell the two apart; `echo_shift` detects the shift instead by comparing
-the echo with a plain completion's logprobs of the same prompt (the generated token's logprobs are
-right on every engine), and `served_prompt_targets_each` takes `shift` explicitly.
+(0.3.36, `Llama._create_completion`): it pairs the echoed tokens (a leading BOS removed) with the
+logits rows from row 0. With a BOS first, token i is read from the row after token i-1 (right);
+without one (a template that writes no BOS and a GGUF that adds none: Qwen's), token i is read from
+the row after token i itself, the distribution of the NEXT token, and the generated token's entry is
+lost. The first echoed entry is null either way, so it cannot tell the two apart: `echo_shift` asks
+the plain completion of a prompt (the generated token's logprobs are right on every engine) and finds
+which echoed entry holds the same top-k; `served_prompt_targets_each` takes that `shift`.
 """
 
 from __future__ import annotations
@@ -234,15 +234,25 @@ class TokenTargets:
     tail_logprobs: list[float]  # log of 1 - their summed probability (unmapped returned tokens are tail too)
 
 
+def lossy_text(text: str) -> str:
+    """A token's text as servers key their top-k by it: without the U+FFFD of bytes that are not a whole
+    character (llama-cpp-python decodes with errors="ignore"; others print "\ufffd")."""
+    return text.replace("\ufffd", "")
+
+
 def token_text_ids(tokenizer) -> dict[str, int]:
-    """Each single token's decoded text -> its id, for texts exactly one token decodes to (byte pieces
-    of a character that decode to the same "�" are left out: their mass stays in the tail)."""
+    """Each single token's text (`lossy_text` of its decoding) -> its id, for texts exactly one token has.
+
+    A token holding a whole character and a few bytes of the next one ("ー" + 2 bytes) has the same
+    lossy text as the token of the character alone ("ー"): such texts are left out, and what the
+    server returns under them stays in the tail (assigning it to either id could be wrong)."""
     n = len(tokenizer)
     texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False,
                                    clean_up_tokenization_spaces=False)
     out: dict[str, int] = {}
     dup: set[str] = set()
     for i, t in enumerate(texts):
+        t = lossy_text(t)
         if t in out:
             dup.add(t)
         out[t] = i
@@ -327,8 +337,8 @@ def align_echo(tokenizer, ids: list[int], first: int, tokens: list[str], tops: l
         top = entries[at] if 0 <= at < len(entries) else None
         if not top:
             return None
-        pairs = sorted(((text_ids[s], float(v)) for s, v in top.items() if s in text_ids and v is not None),
-                       key=lambda p: -p[1])
+        pairs = sorted(((text_ids[lossy_text(s)], float(v)) for s, v in top.items()
+                        if lossy_text(s) in text_ids and v is not None), key=lambda p: -p[1])
         _add_position(out, pairs, k)
     return out
 

@@ -24,6 +24,12 @@ from atkd.tiny import build_model, save_model, train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Workers run side by side, one per core: torch on one thread each, as every stage subprocess the tests start.
+    import torch
+
+    torch.set_num_threads(1)
+
 WORDS = ("heart lung liver kidney aspirin insulin metoprolol amoxicillin femur tibia nerve muscle virus "
          "bacteria fungus enzyme protein vein artery cell blood bone skin brain").split()
 
@@ -47,6 +53,27 @@ def corpus(questions: list[dict]) -> list[str]:
     for q in questions:
         texts.append(question_block(question_from_dict(q), "en", with_answer=True))
     return texts
+
+
+def main_in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """main.py's `main(argv)` in this process, from the repository root (its default paths are relative to it),
+    its printed output captured: for refusals and plans, which do no model work and need no interpreter start-up."""
+    import io
+
+    import main as main_py
+
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main_py.main([str(a) for a in argv])
+            except SystemExit as exit_:
+                code = exit_.code
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(["main.py", *map(str, argv)], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

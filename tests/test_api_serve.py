@@ -19,6 +19,7 @@ def served_model(tmp_path, llama_dir):
         yield server
 
 
+@pytest.mark.e2e
 def test_create_tree_through_transformers_serve(tmp_path, run, served_model):
     res = run("create_initial_tree.py", "--api_base", served_model["base"], "--api_model", served_model["model"],
               "--domain", "Clinical medicine", "--nodes_per_level", "2,2", "--max_new_tokens", "12",

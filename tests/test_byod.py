@@ -15,6 +15,7 @@ import pytest
 from atkd.io import write_jsonl
 from atkd.leakage import exact_key
 from atkd.records import load_questions
+from conftest import main_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "demo"
@@ -25,10 +26,19 @@ def env() -> dict:
                 PYTHONPATH=str(ROOT))
 
 
+def main_args(base: Path, *args: str) -> list[str]:
+    return ["--workflow_output_dir", str(base / "workflow"), "--models_output_dir", str(base / "models"),
+            "--gpus_to_use", "", *map(str, args)]
+
+
 def main_py(base: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "main.py"), "--workflow_output_dir", str(base / "workflow"),
-           "--models_output_dir", str(base / "models"), "--gpus_to_use", "", *map(str, args)]
+    cmd = [sys.executable, str(ROOT / "main.py"), *main_args(base, *args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=timeout)
+
+
+def checked(base: Path, *args: str) -> subprocess.CompletedProcess:
+    """main.py in this process: its checks before any work and its plan (no model work, no subprocess)."""
+    return main_in_process(main_args(base, *args))
 
 
 def one_iteration(data: Path, paths: Path | str) -> list[str]:
@@ -55,7 +65,7 @@ def test_an_ability_path_not_in_the_tree_names_file_line_and_closest_names(tmp_p
     rows = jsonl(DEMO / "iteration_1_ability_paths.jsonl")
     rows[4]["ability_path"] = ["Clinical medicine", "Pharmacology", "Antibiotic"]
     write_jsonl(tmp_path / "paths.jsonl", rows)
-    line = refused(main_py(tmp_path, *one_iteration(DEMO / "iteration_1.jsonl", tmp_path / "paths.jsonl")), tmp_path)
+    line = refused(checked(tmp_path, *one_iteration(DEMO / "iteration_1.jsonl", tmp_path / "paths.jsonl")), tmp_path)
     assert line == (f"error: {tmp_path / 'paths.jsonl'}:5: ability path 'Clinical medicine > Pharmacology > "
                     "Antibiotic' names no node of the ability tree (ability_trees/demo_tree.json, domain "
                     "'Clinical medicine'): 'Antibiotic' is not under Clinical medicine > Pharmacology; "
@@ -64,7 +74,7 @@ def test_an_ability_path_not_in_the_tree_names_file_line_and_closest_names(tmp_p
     evals = jsonl(DEMO / "eval_ability_paths.jsonl")
     evals[9]["ability_path"] = ["Pharmacolgy", "Antibiotics"]  # the evaluation set's paths are checked too
     write_jsonl(tmp_path / "eval_paths.jsonl", evals)
-    line = refused(main_py(tmp_path, *one_iteration(DEMO / "iteration_1.jsonl", DEMO / "iteration_1_ability_paths.jsonl"),
+    line = refused(checked(tmp_path, *one_iteration(DEMO / "iteration_1.jsonl", DEMO / "iteration_1_ability_paths.jsonl"),
                            "--eval_ability_class_path", tmp_path / "eval_paths.jsonl"), tmp_path)
     assert line.startswith(f"error: {tmp_path / 'eval_paths.jsonl'}:10: ability path 'Pharmacolgy > Antibiotics'")
     assert line.endswith("'Pharmacolgy' is not among the level-1 abilities; closest: Pharmacology")
@@ -72,7 +82,7 @@ def test_an_ability_path_not_in_the_tree_names_file_line_and_closest_names(tmp_p
 
 def test_a_tree_rooted_at_another_name_than_domain_says_which_to_change(tmp_path):
     small = one_iteration(DEMO / "iteration_1.jsonl", DEMO / "iteration_1_ability_paths.jsonl")
-    line = refused(main_py(tmp_path, *small, "--domain", "临床医学"), tmp_path)
+    line = refused(checked(tmp_path, *small, "--domain", "临床医学"), tmp_path)
     assert line.startswith("error: ability_trees/demo_tree.json: the tree's root (its one top key) is "
                            "'Clinical medicine' but DOMAIN is '临床医学': set DOMAIN = 'Clinical medicine' in main.py "
                            "(--domain), or rename the tree's top key to '临床医学'")
@@ -80,7 +90,7 @@ def test_a_tree_rooted_at_another_name_than_domain_says_which_to_change(tmp_path
     # A tree file that lists the level-1 abilities directly is rooted at DOMAIN, as documented.
     nested = json.loads((ROOT / "ability_trees" / "demo_tree.json").read_text(encoding="utf-8"))
     (tmp_path / "flat.json").write_text(json.dumps(nested["Clinical medicine"]), encoding="utf-8")
-    proc = main_py(tmp_path, *small, "--existing_ability_tree_path", tmp_path / "flat.json", "--dry_run")
+    proc = checked(tmp_path, *small, "--existing_ability_tree_path", tmp_path / "flat.json", "--dry_run")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[plan] A_student_reply" in proc.stdout
 
@@ -97,13 +107,13 @@ def test_evaluation_questions_in_an_iteration_file_stop_the_run_or_are_dropped(t
     write_jsonl(tmp_path / "it1_paths.jsonl", paths)
     small = one_iteration(tmp_path / "it1.jsonl", tmp_path / "it1_paths.jsonl")
 
-    line = refused(main_py(tmp_path, *small), tmp_path)
+    line = refused(checked(tmp_path, *small), tmp_path)
     assert line == (f"error: {tmp_path / 'it1.jsonl'}:11: question 'copied-eval-3' repeats evaluation question "
                     f"'demo-eval-0003' (data/demo/eval.jsonl:4): the same question. Questions repeating the "
                     f"evaluation set: 1 of 193 in {tmp_path / 'it1.jsonl'}. Remove them, or set DROP_EVAL_OVERLAP = "
                     "True in main.py (--drop_eval_overlap) to drop them from the iteration files")
 
-    proc = main_py(tmp_path, *small, "--drop_eval_overlap", "--dry_run")
+    proc = checked(tmp_path, *small, "--drop_eval_overlap", "--dry_run")
     assert proc.returncode == 0, proc.stderr[-2000:]
     kept = tmp_path / "workflow" / "iteration_1" / "data"
     assert (f"[plan] dropping 1 of 193 questions of {tmp_path / 'it1.jsonl'} that repeat evaluation questions; "
@@ -149,6 +159,7 @@ def byod_run(tmp_path_factory):
     return base, data, conv, proc
 
 
+@pytest.mark.e2e
 def test_a_converted_dataset_without_ability_paths_is_labelled_and_distilled(byod_run):
     base, data, conv, proc = byod_run
     report = json.loads((data / "convert_report.json").read_text(encoding="utf-8"))
@@ -192,6 +203,7 @@ def test_a_converted_dataset_without_ability_paths_is_labelled_and_distilled(byo
     assert "| ability (evaluation set) |" in (base / "workflow" / "report.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.e2e
 def test_the_labelling_steps_are_skipped_when_done(byod_run):
     base, data, _, _ = byod_run
     again = main_py(base, "--num_iterations", "1", "--dataset_files_per_iteration", data / "iteration_1.jsonl",

@@ -156,6 +156,7 @@ def test_practice_items_are_a_seeded_share_of_the_written_ones_never_the_replaye
 
 # ----------------------------------------------------------------------------- main.py: kill during D4, resume
 
+@pytest.mark.e2e
 def test_main_with_student_responses_killed_during_sampling_resumes_to_the_same_outputs(tmp_path):
     """RESPONSES student end to end, the demo teacher standing in as a student that can write the rationale
     reply (the demo student never learned that prompt): D4 samples, E scores the student's own tokens, F

@@ -190,6 +190,7 @@ def test_reasons_are_stored_per_token_and_the_loss_follows_the_stored_top_k(tmp_
 
 # ----------------------------------------------------------------------------- both, in main.py on the demo
 
+@pytest.mark.e2e
 def test_demo_loop_trains_on_replayed_and_explained_items(tmp_path):
     """One small round of main.py with replay and rationales: D3 explains the validated items, then D2 adds the
     set share of the final training items (replay items train on their letter), E stores the reasons token by

@@ -51,6 +51,7 @@ def sampling_copy(model_dir: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.e2e
 def test_main_with_the_teacher_and_agent_1_behind_transformers_serve(tmp_path):
     served_teacher = sampling_copy(DEMO / "models" / "teacher", tmp_path / "served_teacher")
     with transformers_serve(served_teacher, tmp_path) as server:
@@ -184,6 +185,7 @@ def validate_cmd(data: Path, out: Path, url: str, agent_2: Path) -> list[str]:
             "--agent_model_2_path", str(agent_2), "--batch_size", "8", "--api_concurrency", "2"]
 
 
+@pytest.mark.e2e
 def test_endpoint_agent_generates_beside_a_scoring_agent_and_resumes_per_answer(tmp_path, llama_dir):
     rows = make_questions(20, seed=3, id_prefix="g")
     write_jsonl(tmp_path / "gen.jsonl", rows)

@@ -211,6 +211,7 @@ def test_rerun_is_a_no_op_and_other_settings_retrain(tmp_path, uninterrupted, ll
     assert (out / "final_model" / "model.safetensors").stat().st_mtime_ns == new_stamp
 
 
+@pytest.mark.distributed
 def test_two_processes_give_the_weights_of_one(tmp_path, uninterrupted, llama_dir, data_file, store_dir):
     """Loss normalised over the window's tokens on all processes: 2 x batch 1 == 1 x batch 2."""
     out = tmp_path / "ddp"

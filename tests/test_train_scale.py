@@ -217,6 +217,7 @@ def single_run(tmp_path_factory, llama_dir, data_file, store_dir):
     return out
 
 
+@pytest.mark.distributed
 def test_fsdp2_shards_checkpoints_and_gathers_a_plain_final_model(fsdp_run, single_run):
     out, _, log = fsdp_run
     assert "training (fsdp2" in log
@@ -234,6 +235,7 @@ def test_fsdp2_shards_checkpoints_and_gathers_a_plain_final_model(fsdp_run, sing
     assert max_diff(weights(final), weights(single_run / "final_model")) < 1e-5
 
 
+@pytest.mark.distributed
 def test_fsdp2_resume_after_sigkill_equals_an_uninterrupted_fsdp2_run(tmp_path, fsdp_run):
     out_ref, args_ref, _ = fsdp_run
     out = tmp_path / "killed"
@@ -267,6 +269,7 @@ def zero3_run(tmp_path_factory, llama_dir, data_file, store_dir):
     return out, args, finish(launch(args, config=CONFIGS / "zero3.yaml"))
 
 
+@pytest.mark.distributed
 def test_zero3_partitions_checkpoints_and_gathers_a_plain_final_model(zero3_run, single_run):
     out, _, log = zero3_run
     assert "training (deepspeed-zero3" in log
@@ -278,6 +281,7 @@ def test_zero3_partitions_checkpoints_and_gathers_a_plain_final_model(zero3_run,
     assert max_diff(weights(out / "final_model"), weights(single_run / "final_model")) < 1e-5
 
 
+@pytest.mark.distributed
 def test_zero3_resume_after_sigkill_equals_an_uninterrupted_zero3_run(tmp_path, zero3_run):
     out_ref, args_ref, _ = zero3_run
     out = tmp_path / "killed"
@@ -288,6 +292,7 @@ def test_zero3_resume_after_sigkill_equals_an_uninterrupted_zero3_run(tmp_path, 
     assert max_diff(weights(out / "final_model"), weights(out_ref / "final_model")) < 1e-6
 
 
+@pytest.mark.distributed
 def test_zero2_with_accumulation_equals_one_process(tmp_path, single_run, llama_dir, data_file, store_dir):
     """ZeRO-2, and a DeepSpeed config whose own accumulation steps (1, as `accelerate config` writes) train.py overrides."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
@@ -310,6 +315,7 @@ def lora_single(tmp_path_factory, llama_dir, data_file, store_dir):
     return out
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("config", ["fsdp2.yaml", "zero3.yaml"])
 def test_lora_sharded_equals_lora_in_one_process(tmp_path, config, lora_single, llama_dir, data_file, store_dir):
     """LoRA through FSDP2 / ZeRO-3: adapters trained on shards, gathered, merged on the main process."""
