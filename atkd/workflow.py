@@ -23,9 +23,8 @@ from .cli import fed as _fed_by
 from .errors import InputError
 from .io import iter_jsonl, read_json, write_json, write_jsonl
 from .leakage import Repeat, check_iteration_files
-from .plan import (FEEDS, RoundFiles, ability_file, eval_files, eval_steps, free_port, iteration_steps,  # noqa: F401
-                   model_source, round_files, teacher_eval_steps, train_step, training_data_steps, training_items,
-                   tree_step)
+from .plan import (FEEDS, ability_file, eval_files, eval_steps, iteration_steps, model_source, round_files,
+                   teacher_eval_steps, tree_step)
 from .records import load_ability_paths, load_questions
 from .steps import Step, StepFailed, run_step
 from .trainer import TrainConfig

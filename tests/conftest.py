@@ -167,20 +167,21 @@ def tail(path: Path, chars: int = 3000) -> str:
     return path.read_text(encoding="utf-8", errors="replace")[-chars:] if path.exists() else ""
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, err_log: Path) -> None:
-    """Poll /health until it answers 200; fail with the server's stderr tail if it dies or times out."""
-    deadline = time.monotonic() + SERVE_STARTUP_TIMEOUT_S
+def wait_until_serving(proc: subprocess.Popen, url: str, err_log: Path, name: str,
+                       timeout_s: float = SERVE_STARTUP_TIMEOUT_S) -> None:
+    """Poll `url` until it answers 200; fail with the server's stderr tail if it dies or times out."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"transformers serve exited with {proc.returncode} during startup:\n{tail(err_log)}")
+            pytest.fail(f"{name} exited with {proc.returncode} during startup:\n{tail(err_log)}")
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
-        time.sleep(0.5)
-    pytest.fail(f"transformers serve did not answer {url} within {SERVE_STARTUP_TIMEOUT_S}s:\n{tail(err_log)}")
+        time.sleep(0.3)
+    pytest.fail(f"{name} did not answer {url} within {timeout_s}s:\n{tail(err_log)}")
 
 
 @contextlib.contextmanager
@@ -199,7 +200,7 @@ def transformers_serve(model_dir: Path, log_dir: Path):
     with open(out_log, "w") as out, open(err_log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
     try:
-        _wait_healthy(proc, f"http://127.0.0.1:{port}/health", err_log)
+        wait_until_serving(proc, f"http://127.0.0.1:{port}/health", err_log, "transformers serve")
         yield {"base": f"http://127.0.0.1:{port}/v1", "model": str(model_dir), "out": out_log, "err": err_log}
     finally:
         proc.terminate()

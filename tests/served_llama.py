@@ -29,15 +29,12 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port, tail
+from conftest import free_port, wait_until_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 SDIST_ENV = "ATKD_LLAMA_CPP_SDIST"
@@ -189,22 +186,6 @@ class ServedLlama:
     process: subprocess.Popen
 
 
-def _wait_ready(proc: subprocess.Popen, url: str, err_log: Path) -> None:
-    """Poll `url` (/v1/models) until it answers 200; fail with the server's stderr tail if it dies or times out."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"llama_cpp.server exited with {proc.returncode} during startup:\n{tail(err_log)}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"llama_cpp.server did not answer {url} within {STARTUP_TIMEOUT_S}s:\n{tail(err_log)}")
-
-
 @contextlib.contextmanager
 def llama_cpp_server(gguf: Path, model_dir: Path, log_dir: Path, alias: str = "tiny-llama3", n_ctx: int = 2048,
                      extra_args: tuple[str, ...] = ()):
@@ -222,7 +203,7 @@ def llama_cpp_server(gguf: Path, model_dir: Path, log_dir: Path, alias: str = "t
     with open(out_log, "w") as out, open(err_log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
     try:
-        _wait_ready(proc, f"http://127.0.0.1:{port}/v1/models", err_log)
+        wait_until_serving(proc, f"http://127.0.0.1:{port}/v1/models", err_log, "llama_cpp.server", STARTUP_TIMEOUT_S)
         yield ServedLlama(base=f"http://127.0.0.1:{port}/v1", model=alias, model_dir=model_dir, gguf=gguf,
                           out=out_log, err=err_log, process=proc)
     finally:

@@ -138,7 +138,8 @@ def chain(run, tmp_path, server, fraction: float, use_dataset_explanation: bool)
     from dataclasses import replace
 
     from atkd.cli import parse_config, to_argv
-    from atkd.workflow import WorkflowConfig, training_data_steps, training_items
+    from atkd.plan import training_data_steps, training_items
+    from atkd.workflow import WorkflowConfig
 
     it = paths.IterationPaths(tmp_path / "wf", tmp_path / "models", 1)
     write_jsonl(it.validated, items())

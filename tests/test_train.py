@@ -26,7 +26,7 @@ from atkd.sequence import sha256_text
 from atkd.teacher_logits import LogitsConfig
 from atkd.teacher_logits import run as run_teacher_logits
 from atkd.train_data import build_examples, collate
-from atkd.workflow import free_port
+from atkd.plan import free_port
 
 N_ITEMS = 24
 

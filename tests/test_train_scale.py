@@ -25,7 +25,7 @@ from atkd.models import load_model, load_tokenizer
 from atkd.records import load_questions
 from atkd.train_data import build_examples, collate, token_counts
 from atkd.trainer import TrainConfig, micro_batch_loss
-from atkd.workflow import free_port
+from atkd.plan import free_port
 
 data_file, store_dir = test_train.data_file, test_train.store_dir  # test_train.py's data and teacher logits
 CONFIGS = ROOT / "configs" / "accelerate"

@@ -16,7 +16,8 @@ from atkd.fingerprint import DoneRecord
 from atkd.io import write_json, write_jsonl
 from atkd.steps import Step, StepFailed, run_step
 from atkd.weakness import AnalyzerConfig
-from atkd.workflow import WorkflowConfig, train_step
+from atkd.plan import train_step
+from atkd.workflow import WorkflowConfig
 
 TREE = {"Med": {"Cardio": 0, "Resp": 0}}
 
@@ -161,7 +162,7 @@ def test_the_distillation_signal_settings_reach_their_steps(tmp_path):
     """ALLOC_TEMPERATURE goes to step C; REPLAY_FRACTION adds D2 and RESPONSE_STYLE rationale adds D3, and E
     and F then read what they wrote (E with token-level rows for the reasons)."""
     import main
-    from atkd.workflow import RoundFiles, iteration_steps
+    from atkd.plan import RoundFiles, iteration_steps
 
     it = paths.IterationPaths(tmp_path / "wf", tmp_path / "models", 1)
     plain = parse_config(WorkflowConfig, ["--alloc_temperature", "1e6", "--replay_fraction", "0"],
