@@ -185,6 +185,25 @@ def wait_until_serving(proc: subprocess.Popen, url: str, err_log: Path, name: st
 
 
 @contextlib.contextmanager
+def serving(cmd: list[str], env: dict, out_log: Path, err_log: Path, ready_url: str, name: str,
+            timeout_s: float = SERVE_STARTUP_TIMEOUT_S):
+    """A server process (`cmd`, output to the two logs) from the moment `ready_url` answers until the block ends;
+    yields the process. Terminated (then killed after 20 s) whatever happens."""
+    with open(out_log, "w") as out, open(err_log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+    try:
+        wait_until_serving(proc, ready_url, err_log, name, timeout_s)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
 def transformers_serve(model_dir: Path, log_dir: Path):
     """A real `transformers serve` on loopback, on the CPU, preloading `model_dir` (requests must name
     the model exactly as that path). Yields {"base", "model", "out", "err"}; skips without the extra."""
@@ -197,18 +216,8 @@ def transformers_serve(model_dir: Path, log_dir: Path):
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir),
            "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    with open(out_log, "w") as out, open(err_log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-    try:
-        wait_until_serving(proc, f"http://127.0.0.1:{port}/health", err_log, "transformers serve")
+    with serving(cmd, env, out_log, err_log, f"http://127.0.0.1:{port}/health", "transformers serve"):
         yield {"base": f"http://127.0.0.1:{port}/v1", "model": str(model_dir), "out": out_log, "err": err_log}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def served_requests(server: dict) -> int:

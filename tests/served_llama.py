@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, wait_until_serving
+from conftest import free_port, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 SDIST_ENV = "ATKD_LLAMA_CPP_SDIST"
@@ -200,19 +200,10 @@ def llama_cpp_server(gguf: Path, model_dir: Path, log_dir: Path, alias: str = "t
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", "1",
            "--n_threads_batch", "1", "--logits_all", "True", *extra_args]
-    with open(out_log, "w") as out, open(err_log, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-    try:
-        wait_until_serving(proc, f"http://127.0.0.1:{port}/v1/models", err_log, "llama_cpp.server", STARTUP_TIMEOUT_S)
+    with serving(cmd, env, out_log, err_log, f"http://127.0.0.1:{port}/v1/models", "llama_cpp.server",
+                 STARTUP_TIMEOUT_S) as proc:
         yield ServedLlama(base=f"http://127.0.0.1:{port}/v1", model=alias, model_dir=model_dir, gguf=gguf,
                           out=out_log, err=err_log, process=proc)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -79,20 +79,33 @@ def test_the_check_names_both_files_and_lines_or_returns_the_repeats_to_drop(tmp
 
 # --------------------------------------------------------------------------- step C
 
-def test_step_c_drops_generated_repeats_of_evaluation_questions_and_counts_them(tmp_path):
+def step_c_setup(tmp_path, leaf: str):
+    """Step C's leaves, config and dataset for one leaf `Med > leaf` seeded by three questions (no model)."""
     seeds = [{"id": f"s{i}", "question": f"Which of these treats condition {i}?",
               "options": {"A": "aspirin", "B": "heparin", "C": "insulin", "D": "digoxin"}, "answer_idx": "A"}
              for i in range(3)]
     write_jsonl(tmp_path / "data.jsonl", seeds)
-    write_jsonl(tmp_path / "paths.jsonl", [{"id": s["id"], "ability_path": ["Med", "Resp"]} for s in seeds])
-    tree = tree_from_nested({"Med": {"Resp": 0}})
+    write_jsonl(tmp_path / "paths.jsonl", [{"id": s["id"], "ability_path": ["Med", leaf]} for s in seeds])
     dataset = load_questions(tmp_path / "data.jsonl")
-    leaves = qw.leaves_with_seeds(tree, dataset, tmp_path / "paths.jsonl")
+    leaves = qw.leaves_with_seeds(tree_from_nested({"Med": {leaf: 0}}), dataset, tmp_path / "paths.jsonl")
     cfg = qw.QuestionWritingConfig(teacher_model_path="t", ability_tree_path="t.json",
                                    full_dataset_path=str(tmp_path / "data.jsonl"),
                                    ability_class_path=str(tmp_path / "paths.jsonl"),
                                    output_path=str(tmp_path / "C" / "generated.jsonl"), lang="en", domain="Med",
                                    max_retries=0)
+    return leaves, cfg, dataset
+
+
+def scripted(replies: list[str]):
+    """A teacher for `qw.run_rounds` that writes replies[slot] for each task."""
+    def produce(round_, batches):
+        tasks = sorted((t for b in batches for t in b.tasks), key=lambda t: t.slot)
+        return {t.id: replies[t.slot] for t in tasks}
+    return produce
+
+
+def test_step_c_drops_generated_repeats_of_evaluation_questions_and_counts_them(tmp_path):
+    leaves, cfg, dataset = step_c_setup(tmp_path, "Resp")
     replies = [
         f"Question: {STEM}\nA. legionella\nB. pleurisy\nC. diaphragm\nD. rivaroxaban\nAnswer: B",  # e0 itself
         f"Question: {STEM}\nA. pleurisy\nB. rivaroxaban\nC. diaphragm\nD. tibia\nAnswer: A",  # near, same answer
@@ -100,9 +113,7 @@ def test_step_c_drops_generated_repeats_of_evaluation_questions_and_counts_them(
         "D. rivaroxaban\nAnswer: A",  # near the template, another answer: a new question
     ]
 
-    def produce(round_, batches):
-        tasks = sorted((t for b in batches for t in b.tasks), key=lambda t: t.slot)
-        return {t.id: replies[t.slot] for t in tasks}
+    produce = scripted(replies)
 
     evals = [question_from_dict(r) for r in EVAL]
     acc, _ = qw.run_rounds(leaves, [3], cfg, dataset, produce, evals)
@@ -197,19 +208,7 @@ def test_a_reworded_copy_whose_answer_is_spaced_or_hyphenated_otherwise_is_a_rep
 
 
 def test_step_c_judges_evaluation_repeats_with_the_same_normalisation(tmp_path):
-    seeds = [{"id": f"s{i}", "question": f"Which of these treats condition {i}?",
-              "options": {"A": "aspirin", "B": "heparin", "C": "insulin", "D": "digoxin"}, "answer_idx": "A"}
-             for i in range(3)]
-    write_jsonl(tmp_path / "data.jsonl", seeds)
-    write_jsonl(tmp_path / "paths.jsonl", [{"id": s["id"], "ability_path": ["Med", "Endo"]} for s in seeds])
-    tree = tree_from_nested({"Med": {"Endo": 0}})
-    dataset = load_questions(tmp_path / "data.jsonl")
-    leaves = qw.leaves_with_seeds(tree, dataset, tmp_path / "paths.jsonl")
-    cfg = qw.QuestionWritingConfig(teacher_model_path="t", ability_tree_path="t.json",
-                                   full_dataset_path=str(tmp_path / "data.jsonl"),
-                                   ability_class_path=str(tmp_path / "paths.jsonl"),
-                                   output_path=str(tmp_path / "C" / "generated.jsonl"), lang="en", domain="Med",
-                                   max_retries=0)
+    leaves, cfg, dataset = step_c_setup(tmp_path, "Endo")
     block = "\n".join(f"{k}. {v}" for k, v in zip("ABCD", HBA1C_OPTIONS))
     replies = [
         # a reworded copy of s3 keying its answer as "Beta blocker": a leak
@@ -218,9 +217,7 @@ def test_step_c_judges_evaluation_repeats_with_the_same_normalisation(tmp_path):
         f"Question: {HBA1C.format('<')}\n{block}\nAnswer: B",  # the other side of s0's comparison: a new question
     ]
 
-    def produce(round_, batches):
-        tasks = sorted((t for b in batches for t in b.tasks), key=lambda t: t.slot)
-        return {t.id: replies[t.slot] for t in tasks}
+    produce = scripted(replies)
 
     acc, _ = qw.run_rounds(leaves, [2], cfg, dataset, produce, [question_from_dict(r) for r in SIGN_EVAL])
     plan = qw.plan_report(leaves, [2], acc, 2, 1, {})

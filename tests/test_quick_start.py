@@ -41,18 +41,10 @@ def test_default_demo_improves_the_weakest_abilities(tmp_path):
     header = yaml.safe_load(card.split("---")[1])
     assert header["library_name"] == "transformers" and "distillation" in header["tags"]
     assert header["base_model"].endswith("iteration_1_student_model/final_model")
-    tags = scalar_tags(tmp_path / "workflow" / "tracking")
+    from test_tracking import scalars
+
+    run_folders = {events.parent for events in (tmp_path / "workflow" / "tracking").rglob("events.out.tfevents.*")}
+    tags = set().union(*(scalars(folder) for folder in run_folders))
     assert {"train/loss", "train/ce", "train/kd", "train/learning_rate", "eval/accuracy/overall"} <= tags
     for log in (tmp_path / "workflow").rglob("*.log"):
         assert "\r" not in log.read_text(), log
-
-
-def scalar_tags(folder) -> set[str]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tags = set()
-    for events in folder.rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        tags |= set(acc.Tags()["scalars"])
-    return tags
