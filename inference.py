@@ -1,4 +1,4 @@
-"""Answer a multiple-choice dataset with a local model (steps A and G): replies.jsonl and summary.json.
+"""Answer a multiple-choice dataset with a local or served model (steps A and G): replies.jsonl and summary.json.
 
 An alias of `python -m atkd answer`: `python inference.py --help` shows a command to copy and every flag
 (the text is the stage's entry in atkd/stages.py).

@@ -61,12 +61,13 @@ LORA_DROPOUT = 0.05  # dropout on the adapters' input
 LORA_TARGET_MODULES = ["all-linear"]  # modules that get adapters, e.g. ["q_proj", "v_proj"]; all-linear: every linear layer but the head
 
 # ===================================================================== serving engines and GPUs (optional)
-# An OpenAI-compatible server (vLLM, SGLang, `transformers serve`, a hosted API) can stand in for the
-# local teacher when it writes the tree and the questions (its logits, step E, are still taken from
-# TEACHER_MODEL_PATH) and for either agent (which then answers in generate mode). README: "Serving engines".
-TEACHER_API_BASE = ""  # e.g. "http://127.0.0.1:8000/v1"; empty: the local TEACHER_MODEL_PATH writes
+# An OpenAI-compatible server (vLLM, SGLang, llama.cpp, `transformers serve`, a hosted API) can stand in
+# for the teacher in every step (tree, labels, questions, its evaluation, its log-probs for step E: then
+# TEACHER_MODEL_PATH holds only its tokenizer, or is empty for option-level targets) and for either agent
+# (score mode from the letters' log-probs its server returns, else generate mode). README: "Serving engines".
+TEACHER_API_BASE = ""  # e.g. "http://127.0.0.1:8000/v1"; empty: the local TEACHER_MODEL_PATH does all
 TEACHER_API_MODEL = ""  # the model name the server serves (vllm serve --served-model-name)
-AGENT_1_API_BASE = ""  # empty: AGENT_MODEL_1_PATH answers locally, in score mode
+AGENT_1_API_BASE = ""  # empty: AGENT_MODEL_1_PATH answers locally
 AGENT_1_API_MODEL = ""
 AGENT_2_API_BASE = ""
 AGENT_2_API_MODEL = ""

@@ -6,7 +6,9 @@ One path answers for every stage (`answer_all`):
   item's own options and `letter_mass` (the letters' share of the whole vocabulary);
 - generate mode: greedy chain-of-thought text, then `atkd.letters.extract_letter`; a reply that
   commits to no letter is data (`pred_letter` null, counted as unparsed);
-- an OpenAI-compatible endpoint (generate mode only: an endpoint gives no logits);
+- an OpenAI-compatible endpoint: score mode from the letters' log-probs the server returns at the
+  answer position (`atkd.served_logprobs`; one request per question), generate mode as above;
+  `at_endpoint` asks the server once and keeps score mode only when it returns them;
 - explain (`EXPLAIN`, used by generate_rationales.py, not an inference.py mode): the rationale
   prompt, whose reply gives the answer line first and then the reason; the letter is read from
   the reply's first line.
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -34,11 +36,12 @@ import torch
 
 from . import paths
 from .batching import length_sorted_batches
-from .cli import INPUT, MODEL, OUTPUT, StageConfig, at_least, dtype, gpu_ids, lang, setting, trust_remote_code
+from .cli import INPUT, OUTPUT, StageConfig, at_least, dtype, gpu_ids, lang, setting, trust_remote_code
 from .errors import InputError
 from .fingerprint import DoneRecord
 from .io import PartLog, write_json, write_jsonl
-from .models import check_model_dir, device_for, load, resolve_dtype, usable_gpu_ids
+from .model_source import TREE_FLAGS, EndpointSettings
+from .models import device_for, has_model, load, resolve_dtype, usable_gpu_ids
 from .prompts import encode_prompt, language_of, mcq_prompt, mcq_user_text, rationale_prompt, rationale_user_text
 from .records import LETTERS, Question, load_questions
 from .workers import run_workers
@@ -52,7 +55,7 @@ ANSWER_FIELDS = ("pred_letter", "option_probs", "letter_mass", "tied_top", "raw_
 
 @dataclass
 class Answerer:
-    """Who answers and how: a local model folder, or (generate mode) an OpenAI-compatible endpoint."""
+    """Who answers and how: a local model folder, or an OpenAI-compatible endpoint."""
 
     model_path: str = ""
     api_base: str = ""
@@ -150,14 +153,40 @@ def answer_local(model, tokenizer, questions: list[Question], who: Answerer) -> 
     return [answer_record(q.key, reply_letter(t, q, who), raw_reply=t) for q, t in zip(questions, texts)]
 
 
+def at_endpoint(who: Answerer, probe: Question) -> Answerer:
+    """How `who` answers at its endpoint: score mode stays when the server returns the letters'
+    log-probs for `probe` (one request), else generate mode (a warning names the server's words).
+    A local model, or generate mode, is returned unchanged."""
+    from .served_logprobs import LogprobsRefused, served_option_scores_each
+
+    if not who.api_base or who.mode != "score":
+        return who
+    try:
+        next(served_option_scores_each(who.client(), [probe], who.lang))
+    except LogprobsRefused as err:
+        log.warning("%s gives no letter log-probs, so it answers in generate mode (%s)", who.name, err)
+        return replace(who, mode="generate")
+    return who
+
+
 def answer_by_api(who: Answerer, questions: list[Question], writer, desc: str) -> None:
-    """Every question to the endpoint (a generative prompt, letter extracted), each answer logged the
-    moment it arrives: a kill loses only the requests in flight. Greedy, so a rerun asks the same."""
+    """Every question to the endpoint, each answer logged the moment it arrives: a kill loses only the
+    requests in flight. Score mode: the letters' log-probs at the answer position (`at_endpoint` decided
+    the server gives them); generate mode: a greedy reply, letter extracted. Deterministic, so a rerun
+    asks the same."""
     from .console import progress_bar as tqdm
+    from .served_logprobs import served_option_scores_each
 
     api = who.client()
-    requests = [(user_text(q, who), None) for q in questions]
     with tqdm(total=len(questions), desc=desc, unit="q") as bar:
+        if who.mode == "score":
+            for i, scores, _ in served_option_scores_each(api, questions, who.lang):
+                q = questions[i]
+                writer.write([answer_record(q.key, scores.pred_letter, scores.probs(), scores.letter_mass,
+                                            scores.tied)])
+                bar.update(1)
+            return
+        requests = [(user_text(q, who), None) for q in questions]
         for i, text in api.chat_each(requests, who.max_new_tokens):
             q = questions[i]
             writer.write([answer_record(q.key, reply_letter(text, q, who), raw_reply=text)])
@@ -231,16 +260,18 @@ def answer_all(who: Answerer, questions: list[Question], batches: list[list[int]
 # --------------------------------------------------------------------------- inference.py (steps A, G)
 
 @dataclass(kw_only=True)
-class InferenceConfig(StageConfig):
-    """inference.py: answer a multiple-choice dataset with a local model."""
+class InferenceConfig(EndpointSettings, StageConfig):
+    """inference.py: answer a multiple-choice dataset with a local model or a served one."""
 
     version: ClassVar[int] = 2  # 2: letter logits in float32 through the verified head; tied_top
-    model_path: str = setting(help="local Hugging Face model folder", role=MODEL)
+    model_path: str = TREE_FLAGS.setting("model_path", help="local Hugging Face model folder (unless --api_base "
+                                                            "is set)")
     dataset_path: str = setting(help="questions .jsonl (id, question, options, answer_idx)", role=INPUT)
     output_path: str = setting(help="replies .jsonl to write (summary.json goes beside it)", role=OUTPUT)
     mode: str = setting("score", choices=MODES,
-                        help="score: option-letter probabilities (one forward pass per batch); "
-                             "generate: chain-of-thought text, then the letter is extracted")
+                        help="score: option-letter probabilities (one forward pass per batch; at an endpoint, the "
+                             "letters' log-probs the server returns, else generate mode); generate: "
+                             "chain-of-thought text, then the letter is extracted")
     max_new_tokens: int = setting(256, check=at_least(1), help="generate mode: reply length limit, in tokens")
     batch_size: int = setting(16, check=at_least(1), affects_output=False,
                               help="questions per forward pass / generate call")
@@ -262,28 +293,29 @@ def reply_record(q: Question, mode: str, answer: dict) -> dict:
     return rec
 
 
-def summarize(replies: list[dict], cfg: InferenceConfig, lang: str, items_per_s: float | None, seconds: float,
+def summarize(replies: list[dict], cfg: InferenceConfig, who: Answerer, items_per_s: float | None, seconds: float,
               n_resumed: int) -> dict:
     """n, correct, accuracy, unparsed (generate mode), letter mass and ties (score mode) and throughput."""
     from .scoring import scoring_summary
 
     n = len(replies)
     correct = sum(1 for r in replies if r["correct"])
-    scored = (scoring_summary([r["letter_mass"] for r in replies], [r["tied_top"] for r in replies], cfg.model_path)
-              if cfg.mode == "score" else {"letter_mass": None, "tied_top": None})
+    scored = (scoring_summary([r["letter_mass"] for r in replies], [r["tied_top"] for r in replies], who.name)
+              if who.mode == "score" else {"letter_mass": None, "tied_top": None})
     return {
         "n": n,
         "correct": correct,
         "accuracy": correct / n if n else 0.0,
-        "unparsed": sum(1 for r in replies if r["pred_letter"] is None) if cfg.mode == "generate" else None,
+        "unparsed": sum(1 for r in replies if r["pred_letter"] is None) if who.mode == "generate" else None,
         **scored,  # score mode: letter_mass (mean, min, share below 0.5) and tied_top (items); else null
         "items_per_s": items_per_s,  # items answered in this run / `seconds`
         "seconds": seconds,  # wall time of the answering phase, model loading included
         "resumed": n_resumed,  # items taken from an interrupted earlier run
-        "mode": cfg.mode,
+        "mode": who.mode,  # at an endpoint that gives no letter log-probs, generate although score was asked
         "model_path": cfg.model_path,
+        "api_model": who.api_model or None,  # the served model's name, at an endpoint
         "dataset_path": cfg.dataset_path,
-        "lang": lang,
+        "lang": who.lang,
     }
 
 
@@ -303,32 +335,44 @@ def run(cfg: InferenceConfig) -> dict | None:
     if output_path.is_dir():
         raise InputError(output_path, "output path is a folder; give a .jsonl file name")
     questions = load_questions(cfg.dataset_path)
-    check_model_dir(cfg.model_path)
-    gpus = usable_gpu_ids(cfg.gpu_ids)
+    source = TREE_FLAGS.of(cfg)
+    source.check()
+    how = dict(mode=cfg.mode, lang=language_of(questions, cfg.lang), max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    who = Answerer.of(source, **how)
+    if source.is_served:
+        who = at_endpoint(who, questions[0])
+        if who.mode != cfg.mode and has_model(cfg.model_path):  # a served teacher whose folder also holds it
+            log.warning("%s gives no letter log-probs: the model in %s answers in %s mode instead", source.name,
+                        cfg.model_path, cfg.mode)
+            source = replace(source, api_base="", api_model="")
+            who = Answerer.of(source, **how)
+    gpus = [] if source.is_served else usable_gpu_ids(cfg.gpu_ids)
     device = device_for(gpus[0] if gpus else None)
-    tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
-    who = Answerer(model_path=cfg.model_path, mode=cfg.mode, lang=language_of(questions, cfg.lang),
-                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, dtype=cfg.dtype,
-                   trust_remote_code=cfg.trust_remote_code)
-    if cfg.mode == "score":  # every letter used must be one token at the answer position
-        letter_token_ids(tokenizer, list(LETTERS[: max(len(q.options) for q in questions)]), who.lang,
-                         source=cfg.model_path)
-    batches = plan_batches(who, questions, cfg.batch_size, tokenizer)
+    if source.is_served:
+        batches, where, numbers = [], source.name, {"mode": who.mode}
+    else:
+        tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
+        if cfg.mode == "score":  # every letter used must be one token at the answer position
+            letter_token_ids(tokenizer, list(LETTERS[: max(len(q.options) for q in questions)]), who.lang,
+                             source=cfg.model_path)
+        batches = plan_batches(who, questions, cfg.batch_size, tokenizer)
+        # Device type and dtype change the numbers: parts from a CPU run are not mixed into a GPU run.
+        torch_dtype = resolve_dtype(cfg.dtype, device)
+        numbers = {"device_type": device.type, "dtype": str(torch_dtype)}
+        where = (f"GPUs {gpus}" if gpus else "CPU") + f" ({str(torch_dtype).replace('torch.', '')})"
     record.start()
 
-    # Device type and dtype change the numbers: parts from a CPU run are not mixed into a GPU run.
-    torch_dtype = resolve_dtype(cfg.dtype, device)
-    part_log = PartLog(output_path, {**record.fingerprint, "device_type": device.type, "dtype": str(torch_dtype)})
-    where = f"GPUs {gpus}" if gpus else "CPU"
-    log.info("%s mode, %d questions in %d batches of up to %d, language %s, on %s (%s)", cfg.mode, len(questions),
-             len(batches), cfg.batch_size, who.lang, where, str(torch_dtype).replace("torch.", ""))
+    part_log = PartLog(output_path, {**record.fingerprint, **numbers})
+    how = (f"one request each, {source.api_concurrency} in flight" if source.is_served
+           else f"in {len(batches)} batches of up to {cfg.batch_size}")
+    log.info("%s mode, %d questions %s, language %s, on %s", who.mode, len(questions), how, who.lang, where)
     start = time.perf_counter()
-    done, n_resumed = answer_all(who, questions, batches, gpus, part_log, f"inference ({cfg.mode})")
+    done, n_resumed = answer_all(who, questions, batches, gpus, part_log, f"inference ({who.mode})")
     seconds = time.perf_counter() - start
 
-    replies = [reply_record(q, cfg.mode, done[q.key]) for q in questions]
+    replies = [reply_record(q, who.mode, done[q.key]) for q in questions]
     computed = len(questions) - n_resumed
-    summary = summarize(replies, cfg, who.lang, computed / seconds if computed and seconds > 0 else None,
+    summary = summarize(replies, cfg, who, computed / seconds if computed and seconds > 0 else None,
                         seconds, n_resumed)
     write_jsonl(output_path, replies)
     write_json(paths.summary_path(output_path), summary)

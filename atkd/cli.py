@@ -132,11 +132,12 @@ class StageConfig:
         raise NotImplementedError
 
     def record_path(self) -> Path:
-        """The done-record: beside the first output (`<stem>.done.json`; inside an output folder)."""
+        """The done-record, `<stage>.done.json` (`atkd.paths.done_record`): beside the first output (inside
+        an output folder)."""
+        from .paths import done_record
+
         out = self.outputs()[0]
-        if out.suffix:
-            return out.parent / f"{out.name.split('.')[0]}.done.json"
-        return out / f"{out.name}.done.json"
+        return done_record(out.parent if out.suffix else out, type(self).__name__)
 
     def locked_folders(self) -> list[Path]:
         """The folders this run holds the lock of while it runs (`atkd.lock`): its record's folder."""

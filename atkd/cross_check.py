@@ -2,9 +2,9 @@
 
 Each agent answers every item on its own, through the pipeline's one answering path
 (`atkd.answering`): in score mode from its option-letter logits, in generate mode from a
-chain-of-thought reply. The mode is per agent: a local agent answers in `--mode` (score by
-default), an agent behind an OpenAI-compatible endpoint always in generate mode (an endpoint gives
-no logits), so a served agent and a local scoring agent can check each other. Agents run one after
+chain-of-thought reply. Every agent answers in `--mode` (score by default); an agent behind an
+OpenAI-compatible endpoint scores from the letters' log-probs its server returns, and answers in
+generate mode when the server gives none (the log and summary.json say which, per agent). Agents run one after
 the other, so one model is in memory at a time, and each keeps its own part log: a killed run
 resumes per agent (an endpoint agent per answer), and an agent's answers depend on that agent and
 the input only.
@@ -14,7 +14,7 @@ scoring agent gives that answer at least that probability. The reference impleme
 twice and called it two agents; here the two agents are whatever two models are given, and the
 same model twice is allowed but flagged (`same_model` in the report, and a warning).
 Outputs: validated.jsonl (kept items with both agents' answers), rejected.jsonl (with the reason),
-report.json (pass rate overall, per leaf and per reason; each agent's own numbers).
+summary.json (pass rate overall, per leaf and per reason; each agent's own numbers).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from . import paths
-from .answering import MODES, Answerer, answer_all, plan_batches
+from .answering import MODES, Answerer, answer_all, at_endpoint, plan_batches
 from .cli import INPUT, OUTPUT, StageConfig, at_least, between, lang, setting
 from .errors import InputError
 from .fingerprint import MISSING_PATH, DoneRecord, fingerprint, signature
@@ -55,10 +55,11 @@ class CrossCheckConfig(StageConfig):
                                                                         "model)")
     input_file: str = setting(role=INPUT, help="generated questions .jsonl (step C)")
     output_file: str = setting(role=OUTPUT,
-                               help="kept questions .jsonl (report.json and rejected.jsonl go beside it)")
+                               help="kept questions .jsonl (summary.json and rejected.jsonl go beside it)")
     mode: str = setting("score", choices=MODES,
-                        help="local agents: score = option-letter logits (batched); generate = chain-of-thought "
-                             "reply, letter extracted (an agent at an endpoint always answers in generate mode)")
+                        help="score = option-letter probabilities (local: batched logits; at an endpoint: the "
+                             "letters' log-probs, or generate mode when its server gives none); generate = "
+                             "chain-of-thought reply, letter extracted")
     min_confidence: float = setting(0.0, check=between(0.0, 1.0),
                                     help="score mode: each scoring agent must give the labelled answer at least "
                                          "this probability (0: off)")
@@ -68,10 +69,10 @@ class CrossCheckConfig(StageConfig):
     lang: str = lang()
     # where each agent is (atkd.model_source): its own folder or endpoint; the rest is shared
     agent_1_api_base: str = AGENT_FLAGS[1].setting("api_base", help="agent 1 at this OpenAI-compatible endpoint "
-                                                                    "instead of a folder (it answers in generate mode)")
+                                                                    "instead of a folder")
     agent_1_api_model: str = AGENT_FLAGS[1].setting("api_model", help="model name of agent 1 at its endpoint")
     agent_2_api_base: str = AGENT_FLAGS[2].setting("api_base", help="agent 2 at this OpenAI-compatible endpoint "
-                                                                    "instead of a folder (it answers in generate mode)")
+                                                                    "instead of a folder")
     agent_2_api_model: str = AGENT_FLAGS[2].setting("api_model", help="model name of agent 2 at its endpoint")
     api_key_env: str = AGENT_FLAGS[1].setting("api_key_env")
     api_concurrency: int = AGENT_FLAGS[1].setting("api_concurrency")
@@ -84,22 +85,14 @@ class CrossCheckConfig(StageConfig):
 
     def problems(self) -> list[str]:
         out = []
-        served = [n for n in AGENTS if getattr(self, f"agent_{n}_api_base")]
         if self.min_confidence > 0 and self.mode != "score":
             out.append("--min_confidence needs --mode score (generated replies carry no probabilities)")
-        elif self.min_confidence > 0 and len(served) == len(AGENTS):
-            out.append("--min_confidence needs a local agent in score mode (agents at endpoints answer in "
-                       "generate mode, without probabilities)")
         for n in AGENTS:
             out += AGENT_FLAGS[n].problems(self)
         return out
 
-    def agent_mode(self, n: int) -> str:
-        """How agent n answers: generate at an endpoint (no logits there), else --mode."""
-        return "generate" if getattr(self, f"agent_{n}_api_base") else self.mode
-
     def outputs(self) -> list[Path]:
-        return [Path(self.output_file), paths.report_path(self.output_file), paths.rejected_path(self.output_file)]
+        return [Path(self.output_file), paths.summary_path(self.output_file), paths.rejected_path(self.output_file)]
 
 
 def agent_fields(n: int) -> tuple[str, ...]:
@@ -108,7 +101,7 @@ def agent_fields(n: int) -> tuple[str, ...]:
 
 
 def answerer(cfg: CrossCheckConfig, n: int, lang: str) -> Answerer:
-    return Answerer.of(AGENT_FLAGS[n].of(cfg), mode=cfg.agent_mode(n), lang=lang, max_new_tokens=cfg.max_new_tokens)
+    return Answerer.of(AGENT_FLAGS[n].of(cfg), mode=cfg.mode, lang=lang, max_new_tokens=cfg.max_new_tokens)
 
 
 def same_model(a: Answerer, b: Answerer) -> bool:
@@ -181,7 +174,7 @@ def _mean(values: list[float]) -> float | None:
 
 def build_report(items: list[Question], answers: Answers, kept: list[dict], rejected: list[dict],
                  agents: list[Answerer], is_same: bool, min_confidence: float) -> dict:
-    """report.json: pass rate overall, per leaf and per rejection reason; each agent's own numbers
+    """summary.json: pass rate overall, per leaf and per rejection reason; each agent's own numbers
     (in score mode with its letter mass and tied top letters, `atkd.scoring.scoring_summary`)."""
     from .scoring import scoring_summary
     reason_of = {str(r["id"]): r["reject_reason"] for r in rejected}
@@ -233,7 +226,7 @@ def run(cfg: CrossCheckConfig) -> dict | None:
         return None
     path = Path(cfg.input_file)
     if path.is_file() and not path.read_text(encoding="utf-8").strip():
-        raise InputError(path, "no questions to validate (the generation step wrote none: see its plan.json)")
+        raise InputError(path, "no questions to validate (the generation step wrote none: see its summary.json)")
     items = load_questions(path)
     lang = language_of(items, cfg.lang)
     agents = [answerer(cfg, n, lang) for n in AGENTS]
@@ -241,21 +234,22 @@ def run(cfg: CrossCheckConfig) -> dict | None:
     for n, who in zip(AGENTS, agents):
         source = AGENT_FLAGS[n].of(cfg)
         source.check()
-        if not source.is_served:
+        if source.is_served:  # score mode only when the server gives the letters' log-probs
+            agents[n - 1] = at_endpoint(who, items[0])
+        else:
             workers[n], spread = source.placement()
             who.spread_over = tuple(spread)
     is_same = same_model(*agents)
     if is_same:
         log.warning("both agents are the same model (%s): validation is one model's opinion twice, "
-                    "not a cross-check (report.json says same_model: true)", agents[0].name)
+                    "not a cross-check (summary.json says same_model: true)", agents[0].name)
     record.start()
 
     answers, logs = {}, []
     for n, who in zip(AGENTS, agents):  # one after the other: one model in memory at a time
-        # An agent's answers depend on it and the input only: not on the other agent, and at an
-        # endpoint not on --mode (it always generates).
-        other = agent_fields(3 - n) + (("mode",) if who.api_base else ())
-        part_log = PartLog(paths.agent_answers_path(cfg.output_file, n), fingerprint(cfg, exclude=other))
+        # An agent's answers depend on it, its mode and the input only: not on the other agent.
+        part_log = PartLog(paths.agent_answers_path(cfg.output_file, n),
+                           {**fingerprint(cfg, exclude=agent_fields(3 - n)), "agent_mode": who.mode})
         batches = [] if who.api_base else plan_batches(who, items, cfg.batch_size,
                                                         load_tokenizer(who.model_path, who.trust_remote_code))
         log.info("agent %d: %s, %s mode", n, who.name, who.mode)
@@ -267,7 +261,7 @@ def run(cfg: CrossCheckConfig) -> dict | None:
     report = build_report(items, answers, kept, rejected, agents, is_same, cfg.min_confidence)
     write_jsonl(cfg.output_file, kept)
     write_jsonl(paths.rejected_path(cfg.output_file), rejected)
-    write_json(paths.report_path(cfg.output_file), report)
+    write_json(paths.summary_path(cfg.output_file), report)
     record.write()
     for part_log in logs:
         part_log.remove()

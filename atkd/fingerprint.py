@@ -8,9 +8,12 @@ A stage's fingerprint holds everything that can change what it writes:
   stage table's `prompts`, `atkd.stages`: none for B, H and D2; every prompt for a config outside
   the table), so editing one prompt reruns only the stages that render it, and those after them.
 
-When a stage finishes it writes its done-record (`<stem>.done.json` beside its outputs): the
-fingerprint, the command line it ran with and the library versions. The stage is done when its
-outputs exist and the record's fingerprint equals the current one. main.py's skip decision and a
+When a stage finishes it writes its done-record beside its outputs, named after its stage
+(`atkd.paths.done_record`: `answer.done.json`, `replay.done.json`, `train.done.json`): the
+fingerprint, the outputs it wrote (relative to the record's folder), the command line it ran with
+and the library versions. The stage is done when its outputs exist and the record is theirs (one
+stage run twice by hand into one folder, with two output names, keeps one record: the other
+output is not done) with the current fingerprint. main.py's skip decision and a
 stage run by hand read that same record, so a finished step is skipped either way, and a changed
 setting or input reruns it either way. Partial work inside a stage (part logs, checkpoints) is
 keyed by the same fingerprint, so it is resumed only by a run that would produce the same result.
@@ -39,11 +42,11 @@ from pathlib import Path
 
 from .cli import INPUT, MODEL, OUTPUT, StageConfig, to_argv
 from .io import write_json
+from .paths import DONE_MARKER
 
 log = logging.getLogger(__name__)
 
 MISSING_PATH = "missing"  # the signature of a path that does not exist (yet)
-RECORD_SUFFIX = ".done.json"
 SETTLED_S = 2.0  # seconds between a file's last mtime/ctime and its hashing before the hash is cached
 CACHE_KEY_VERSION = 2  # 2: entries are written only for settled files (older entries are not trusted)
 
@@ -100,7 +103,7 @@ def is_bookkeeping(rel_parts: tuple[str, ...]) -> bool:
     model card (README.md at the top: main.py rewrites it after the evaluation, `atkd.model_card`)."""
     name = rel_parts[-1]
     return (any(p.startswith(".") or p.endswith(".parts") for p in rel_parts)
-            or name.endswith((RECORD_SUFFIX, ".log")) or rel_parts == ("README.md",))
+            or name.endswith((DONE_MARKER, ".log")) or rel_parts == ("README.md",))
 
 
 def signature(path: str | Path) -> str:
@@ -190,6 +193,8 @@ class DoneRecord:
         old = self.read()
         if old is None:
             return "new", "not finished before"
+        if old.get("outputs") != self.outputs():
+            return "new", f"the record {self.path} is of other outputs ({', '.join(old.get('outputs') or [])})"
         changed = describe_changes(old.get("fingerprint", {}), self.fingerprint)
         if changed:
             return "changed", "changed since the last run: " + changed
@@ -206,6 +211,10 @@ class DoneRecord:
             log.info("%s: redoing", why)
         return state == "done"
 
+    def outputs(self) -> list[str]:
+        """The stage's outputs, relative to the record's folder (moving the folder keeps the work done)."""
+        return [os.path.relpath(p, self.path.parent) for p in self.cfg.outputs()]
+
     def start(self) -> None:
         """Forget the old record: until this run finishes, the stage is not done."""
         self.path.unlink(missing_ok=True)
@@ -213,6 +222,7 @@ class DoneRecord:
     def write(self, **extra) -> None:
         write_json(self.path, {
             "fingerprint": self.fingerprint,
+            "outputs": self.outputs(),
             "argv": [sys.argv[0], *to_argv(self.cfg)],
             "versions": versions(),
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -28,7 +28,7 @@ confidence 1, without asking.
 Output: one line per question, in input order: `{"id", "ability_path": [level 1, ..., leaf],
 "confidence": [p_level1, ..., p_leaf]}`, the path without the domain (every stage accepts paths
 with or without it), `confidence[i]` the probability of the choice at level i+1. Beside it,
-`<stem>.summary.json`: per level, how many questions were placed and their confidence (mean,
+`summary.json`: per level, how many questions were placed and their confidence (mean,
 quartiles, share below 0.5); the questions under each node; the letter mass (how much of its
 probability the model put on the option letters at all); the cost (labelling prompts scored and
 forward passes, resumed ones included).
@@ -45,16 +45,16 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import MISSING, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, ClassVar
 
 from . import paths
-from .answering import Answerer, LoadedModel, answer_all, plan_batches
+from .answering import Answerer, LoadedModel, answer_all, at_endpoint, plan_batches
 from .cli import INPUT, OUTPUT, StageConfig, at_least, lang, setting
 from .errors import InputError
 from .fingerprint import DoneRecord
-from .model_source import TREE_FLAGS
+from .model_source import TREE_FLAGS, EndpointSettings
 from .io import PartLog, write_json, write_jsonl
 from .prompts import ABILITY_SEP, ability_question
 from .records import LETTERS, Question, load_questions
@@ -68,28 +68,27 @@ LOW_CONFIDENCE = 0.5  # the summary counts choices made with a probability below
 
 
 @dataclass(kw_only=True)
-class LabelConfig(StageConfig):
+class LabelConfig(EndpointSettings, StageConfig):
     """label_abilities.py: place each question in the ability tree with a model, level by level."""
 
     version: ClassVar[int] = 2  # 2: children in canonical order, each choice asked under rotations of it
-    model_path: str = TREE_FLAGS.setting("model_path", default=MISSING, help="local Hugging Face model folder (the "
-                                                                             "teacher)")
+    model_path: str = TREE_FLAGS.setting("model_path", help="local Hugging Face model folder (the teacher), unless "
+                                                            "--api_base is set")
     ability_tree_path: str = setting(role=INPUT, help="ability tree JSON (nested, with or without the domain "
                                                       "key, or a scored tree)")
     dataset_path: str = setting(role=INPUT, help="questions .jsonl to label (id, question, options, answer_idx)")
-    output_path: str = setting(role=OUTPUT, help="ability paths .jsonl to write (<stem>.summary.json goes beside it)")
+    output_path: str = setting(role=OUTPUT, help="ability paths .jsonl to write (summary.json goes beside it)")
     batch_size: int = setting(16, check=at_least(1), affects_output=False, help="questions per forward pass")
     rotations: int = setting(0, check=at_least(0),
                              help="option orders each choice among k children is asked in: 0 = all k cyclic shifts "
                                   "(every child at every position once; k prompts); n = n evenly spaced shifts")
     lang: str = lang()
-    # where the teacher is (atkd.model_source): a local folder only (scoring needs its logits)
     gpu_ids: list[int] = TREE_FLAGS.setting("gpu_ids")
     dtype: str = TREE_FLAGS.setting("dtype")
     trust_remote_code: bool = TREE_FLAGS.setting("trust_remote_code")
 
     def outputs(self) -> list[Path]:
-        return [Path(self.output_path), paths.labels_summary_path(self.output_path)]
+        return [Path(self.output_path), paths.summary_path(self.output_path)]
 
 
 @dataclass
@@ -208,6 +207,16 @@ def place_all(tree: AbilityTree, questions: list[Question], lang: str, ask: Ask,
     return placements
 
 
+def labelling_probe(tree: AbilityTree, questions: list[Question], lang: str) -> list[Question]:
+    """The first labelling question asked (the first question's first choice among the root's children), or
+    none: what an endpoint is asked once to see whether it gives the letters' log-probs."""
+    if not questions:
+        return []
+    running = [(child, 1.0) for child in tree.root.children]
+    chunks_ = round_chunks(Placement(question=questions[0], node=tree.root), running, 1, 0, lang, 0)
+    return [mcq for chunk in chunks_ for _, mcq in chunk.asked][:1]
+
+
 def label_records(placements: list[Placement]) -> list[dict]:
     return [{"id": p.question.id, "ability_path": p.path, "confidence": p.confidence} for p in placements]
 
@@ -243,7 +252,7 @@ def run(cfg: LabelConfig) -> dict | None:
     parts folder). None when the outputs were already done.
     """
     from .letters import letter_token_ids
-    from .models import check_model_dir, device_for, load_tokenizer, resolve_dtype, usable_gpu_ids
+    from .models import device_for, has_model, load_tokenizer, resolve_dtype, usable_gpu_ids
     from .prompts import language_of
     from .scoring import letter_mass_summary
 
@@ -255,18 +264,31 @@ def run(cfg: LabelConfig) -> dict | None:
         raise InputError(output, "output path is a folder; give a .jsonl file name")
     questions = load_questions(cfg.dataset_path)
     tree = load_tree(cfg.ability_tree_path)
-    check_model_dir(cfg.model_path)
-    gpus = usable_gpu_ids(cfg.gpu_ids)
-    device = device_for(gpus[0] if gpus else None)
-    tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
-    who = Answerer.of(TREE_FLAGS.of(cfg), mode="score", lang=language_of(questions, cfg.lang))
+    source = TREE_FLAGS.of(cfg)
+    source.check()
+    who = Answerer.of(source, mode="score", lang=language_of(questions, cfg.lang))
     widest = max(len(n.children) for n in tree.nodes())
-    letter_token_ids(tokenizer, list(LETTERS[:min(widest, MAX_CHOICES)]), who.lang, source=cfg.model_path)
+    probe = next(iter(labelling_probe(tree, questions, who.lang)), None)
+    if source.is_served and probe is not None and at_endpoint(who, probe).mode != "score":
+        if not has_model(cfg.model_path):
+            raise InputError(source.name, "the server gives no letter log-probs, and labelling needs the teacher's "
+                                          "probabilities: give the questions' ability paths, or a teacher folder")
+        log.warning("%s gives no letter log-probs: the model in %s labels instead", source.name, cfg.model_path)
+        source = replace(source, api_base="", api_model="")
+        who = Answerer.of(source, mode="score", lang=who.lang)
+    if source.is_served:
+        tokenizer, gpus, numbers, where = None, [], {}, source.name
+    else:
+        gpus = usable_gpu_ids(cfg.gpu_ids)
+        device = device_for(gpus[0] if gpus else None)
+        tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
+        letter_token_ids(tokenizer, list(LETTERS[:min(widest, MAX_CHOICES)]), who.lang, source=cfg.model_path)
+        # Device type and dtype change the numbers: parts from a CPU run are not mixed into a GPU run.
+        numbers = {"device_type": device.type, "dtype": str(resolve_dtype(cfg.dtype, device))}
+        where = f"GPUs {gpus}" if gpus else "CPU"
     record.start()
 
-    # Device type and dtype change the numbers: parts from a CPU run are not mixed into a GPU run.
-    part_log = PartLog(output, {**record.fingerprint, "device_type": device.type,
-                                "dtype": str(resolve_dtype(cfg.dtype, device))})
+    part_log = PartLog(output, {**record.fingerprint, **numbers})
     loaded, masses, resumed = LoadedModel(), [], 0
     cost = {"prompts": 0, "forward_passes": 0}  # labelling prompts scored, and the batches they went in
 
@@ -281,14 +303,14 @@ def run(cfg: LabelConfig) -> dict | None:
         return done
 
     log.info("labelling %d questions on a tree of %d leaves (widest node: %d children), language %s, on %s",
-             len(questions), len(tree.leaves()), widest, who.lang, f"GPUs {gpus}" if gpus else "CPU")
+             len(questions), len(tree.leaves()), widest, who.lang, where)
     start = time.perf_counter()
     placements = place_all(tree, questions, who.lang, ask, cfg.rotations)
     loaded.release()
-    summary = summarize(placements, tree, letter_mass_summary(masses, cfg.model_path), cost,
+    summary = summarize(placements, tree, letter_mass_summary(masses, who.name), cost,
                         time.perf_counter() - start, resumed, cfg, who.lang)
     write_jsonl(output, label_records(placements))
-    write_json(paths.labels_summary_path(output), summary)
+    write_json(paths.summary_path(output), summary)
     record.write()
     part_log.remove()
     for level in summary["levels"]:

@@ -20,7 +20,7 @@ same question, and training on it would show the student the evaluation answer.
 main.py checks every iteration file against the evaluation set before any work
 (`check_iteration_files`): it stops with an `InputError` naming both files and lines, or, with
 DROP_EVAL_OVERLAP, the repeating questions are left out of filtered copies the steps read. Step C
-drops generated questions that repeat an evaluation question (`near_duplicate_eval` in plan.json).
+drops generated questions that repeat an evaluation question (`near_duplicate_eval` in its summary.json).
 """
 
 from __future__ import annotations

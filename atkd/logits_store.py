@@ -166,6 +166,8 @@ def assemble(output_dir: Path, parts_dir: Path, records: list[dict], header: dic
                "shards": len(names),
                **scoring_summary([e["letter_mass"] for e in items.values()], [e.get("tied") for e in items.values()],
                                  header.get("teacher_model") or "the teacher")}
+    if header.get("served"):  # a served teacher (atkd.served_teacher): top-k asked, letters outside it, token level
+        summary["served"] = header["served"]
     index = {"format": FORMAT, **header, "shards": names, "summary": summary, "items": items}
     write_json(logits_summary(output_dir), summary)
     # index.json last: its presence marks the store complete.

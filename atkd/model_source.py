@@ -284,3 +284,20 @@ TEACHER_FLAGS = SourceFlags({"model_path": "teacher_model_path"})  # steps C and
 STUDENT_FLAGS = SourceFlags({"model_path": "student_model_path"})  # step D4
 AGENT_FLAGS = {n: SourceFlags({"model_path": f"agent_model_{n}_path", "api_base": f"agent_{n}_api_base",
                                "api_model": f"agent_{n}_api_model"}) for n in (1, 2)}  # step D
+
+
+@dataclass(kw_only=True)
+class EndpointSettings:
+    """A stage config's endpoint settings under their own names (--api_base, --api_model, ...): mixed into the
+    configs of the stages whose one model may be served instead of read from --model_path (answering,
+    labelling, step E)."""
+
+    api_base: str = TREE_FLAGS.setting("api_base")
+    api_model: str = TREE_FLAGS.setting("api_model")
+    api_key_env: str = TREE_FLAGS.setting("api_key_env")
+    api_concurrency: int = TREE_FLAGS.setting("api_concurrency")
+    api_timeout_s: float = TREE_FLAGS.setting("api_timeout_s")
+    api_max_attempts: int = TREE_FLAGS.setting("api_max_attempts")
+
+    def problems(self) -> list[str]:
+        return TREE_FLAGS.problems(self)

@@ -67,6 +67,32 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
+def has_model(path: str | Path) -> bool:
+    """Whether `path` is a model folder `check_model_dir` accepts (a served model's folder may hold only its
+    tokenizer, or be empty)."""
+    if not path:
+        return False
+    try:
+        check_model_dir(path)
+    except InputError:
+        return False
+    return True
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")  # any one will do
+
+
+def check_tokenizer_dir(path: str | Path) -> Path:
+    """A local folder holding a tokenizer (a model folder, or its tokenizer files alone), else `InputError`."""
+    path = Path(path)
+    if not path.is_dir():
+        where = "" if path.is_absolute() else f" (relative paths start at {Path.cwd()})"
+        raise InputError(path, f"tokenizer folder not found{where}")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(path, f"no tokenizer files here (one of {', '.join(TOKENIZER_FILES)})")
+    return path
+
+
 def check_weight_files(path: Path) -> list[Path]:
     """The folder's safetensors files, each with a readable, complete header, else `InputError`.
 
@@ -104,11 +130,12 @@ def check_weight_files(path: Path) -> list[Path]:
     return files
 
 
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    """The tokenizer of a local model folder, left-padded, with a pad token."""
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False, weights: bool = True):
+    """The tokenizer of a local model folder (`weights=False`: a folder that may hold the tokenizer files
+    alone, a served model's), left-padded, with a pad token."""
     from transformers import AutoTokenizer
 
-    check_model_dir(path)
+    check_model_dir(path) if weights else check_tokenizer_dir(path)
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     tok.padding_side = "left"
     if tok.pad_token is None:

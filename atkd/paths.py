@@ -1,9 +1,16 @@
 """Every file and folder name the pipeline hands between stages, decided here once (ARCHITECTURE.md §2).
 
 main.py builds its commands from these, and a person running a stage by hand gets the same
-names: each stage derives its side files (summary, stats, plan, report, args) from its main
-output path with the helpers at the bottom. The step folders' names are the stage table's
-(`atkd.stages.STEPS`).
+names: each stage derives its side files from its main output path with the helpers at the
+bottom. The step folders' names are the stage table's (`atkd.stages.STEPS`).
+
+The layout is one rule, wherever steps run (`StepFolders`): step X writes the folder the stage
+table names for it, its log `<that folder>.log` beside it, and, when it summarises its work, a
+`summary.json` in its folder (`summary_path`); its done-record is named after its stage
+(`done_record`: `answer.done.json`, `replay.done.json`, `train.done.json`), so no two stages'
+records share a name. An iteration (`iteration_N/`), an evaluation (`baseline_eval/`,
+`teacher_eval/`, and `iteration_N/` for the trained student), the evaluation set's labels
+(`eval_labels/`) and the workflow folder itself (the tree step's `initial_tree/`) are laid out alike.
 """
 
 from __future__ import annotations
@@ -11,18 +18,61 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .stages import step_folder
+from .stages import stage_of_config, step_folder
 
 INITIAL_TREE = "initial_ability_tree.json"
+# The run's report, at the workflow folder's top (not a step's summary).
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
 REPORT_CHART = "report_accuracy.png"  # beside report.md, which embeds it
+SUMMARY = "summary.json"  # every step's summary, in its step folder
 DONE_MARKER = ".done.json"
+LABELS = "ability_paths.jsonl"  # step L's output, wherever it labels a set of questions
+BASELINE_EVAL = "baseline_eval"
+TEACHER_EVAL = "teacher_eval"
+EVAL_LABELS = "eval_labels"
+
+
+class StepFolders:
+    """Steps that write under one folder, `self.dir`: step X writes `<dir>/<X's folder>/` (the stage table's
+    name) and logs to `<dir>/<X's folder>.log` beside it. `title` names the folder in main.py's lines
+    ("baseline_eval/G_eval_reply"); an iteration's steps print under its own `=== iteration N` line."""
+
+    dir: Path
+    title: str = ""
+
+    def step_dir(self, letter: str) -> Path:
+        return self.dir / step_folder(letter)
+
+    def log_file(self, letter: str) -> Path:
+        return self.dir / f"{step_folder(letter)}.log"
+
+    def step_name(self, letter: str) -> str:
+        """How main.py names step `letter` here when it prints it (also in `[done]` lines)."""
+        return f"{self.title}/{step_folder(letter)}" if self.title else step_folder(letter)
+
+    # L: the teacher's ability paths of questions that came without them
+    @property
+    def labels_dir(self) -> Path:
+        return self.step_dir("L")
+
+    @property
+    def labels(self) -> Path:
+        return self.labels_dir / LABELS
 
 
 @dataclass(frozen=True)
-class IterationPaths:
-    """The folders and files of one iteration (1-based) of the workflow."""
+class Folder(StepFolders):
+    """Steps under `dir`, nothing else: the evaluation set's labels (`eval_labels`), the workflow folder (`tree`)."""
+
+    dir: Path
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class IterationPaths(StepFolders):
+    """The folders and files of one iteration (1-based) of the workflow (before A, when its questions come
+    without ability paths, the teacher's labels: `labels`)."""
 
     workflow_dir: Path
     models_dir: Path
@@ -35,7 +85,7 @@ class IterationPaths:
     # A: student answers
     @property
     def replies_dir(self) -> Path:
-        return self.dir / step_folder("A")
+        return self.step_dir("A")
 
     @property
     def replies(self) -> Path:
@@ -44,20 +94,20 @@ class IterationPaths:
     # B: ability analysis
     @property
     def tree_dir(self) -> Path:
-        return self.dir / step_folder("B")
+        return self.step_dir("B")
 
     @property
     def scored_tree(self) -> Path:
         return self.tree_dir / "tree.json"
 
     @property
-    def tree_stats(self) -> Path:
-        return self.tree_dir / "stats.json"
+    def tree_summary(self) -> Path:
+        return summary_path(self.scored_tree)
 
     # C: distillation data
     @property
     def distill_dir(self) -> Path:
-        return self.dir / step_folder("C")
+        return self.step_dir("C")
 
     @property
     def generated(self) -> Path:
@@ -66,7 +116,7 @@ class IterationPaths:
     # D: validated data
     @property
     def validated_dir(self) -> Path:
-        return self.dir / step_folder("D")
+        return self.step_dir("D")
 
     @property
     def validated(self) -> Path:
@@ -75,7 +125,7 @@ class IterationPaths:
     # D2 (REPLAY_FRACTION > 0): validated items plus replayed dataset questions
     @property
     def replay_dir(self) -> Path:
-        return self.dir / step_folder("D2")
+        return self.step_dir("D2")
 
     @property
     def replay_mix(self) -> Path:
@@ -84,7 +134,7 @@ class IterationPaths:
     # D3 (RESPONSE_STYLE rationale): the teacher's rationale for each training item
     @property
     def rationale_dir(self) -> Path:
-        return self.dir / step_folder("D3")
+        return self.step_dir("D3")
 
     @property
     def explained(self) -> Path:
@@ -93,7 +143,7 @@ class IterationPaths:
     # D4 (RESPONSES student | mixed): the student's own rationale replies for the items it practises
     @property
     def on_policy_dir(self) -> Path:
-        return self.dir / step_folder("D4")
+        return self.step_dir("D4")
 
     @property
     def on_policy_items(self) -> Path:
@@ -102,7 +152,7 @@ class IterationPaths:
     # E: teacher logits
     @property
     def logits_dir(self) -> Path:
-        return self.dir / step_folder("E")
+        return self.step_dir("E")
 
     # F: training
     @property
@@ -112,15 +162,6 @@ class IterationPaths:
     @property
     def final_model(self) -> Path:
         return final_model_dir(self.student_dir)
-
-    # before A, when the iteration's questions come without ability paths: the teacher's labels
-    @property
-    def labels_dir(self) -> Path:
-        return self.dir / step_folder("L")
-
-    @property
-    def labels(self) -> Path:
-        return self.labels_dir / "ability_paths.jsonl"
 
     # with DROP_EVAL_OVERLAP: the iteration's files without the questions that repeat evaluation questions
     @property
@@ -144,19 +185,17 @@ class IterationPaths:
     def eval(self) -> "EvalPaths":
         return EvalPaths(self.dir)
 
-    def log_file(self, step: str) -> Path:
-        return self.dir / f"{step}.log"
-
 
 @dataclass(frozen=True)
-class EvalPaths:
-    """A student's answers on the evaluation set and their per-ability scores, under `base`."""
+class EvalPaths(StepFolders):
+    """A model's answers on the evaluation set and their per-ability scores (G, H), under `dir`."""
 
-    base: Path
+    dir: Path
+    title: str = ""
 
     @property
     def replies_dir(self) -> Path:
-        return self.base / step_folder("G")
+        return self.step_dir("G")
 
     @property
     def replies(self) -> Path:
@@ -164,30 +203,35 @@ class EvalPaths:
 
     @property
     def tree_dir(self) -> Path:
-        return self.base / step_folder("H")
+        return self.step_dir("H")
 
     @property
     def scored_tree(self) -> Path:
         return self.tree_dir / "tree.json"
 
     @property
-    def stats(self) -> Path:
-        return self.tree_dir / "stats.json"
+    def tree_summary(self) -> Path:
+        return summary_path(self.scored_tree)
 
 
 def baseline_eval(workflow_dir: Path) -> EvalPaths:
     """The initial student on the evaluation set (the "before" of iteration 1)."""
-    return EvalPaths(Path(workflow_dir) / "baseline_eval")
-
-
-def eval_labels(workflow_dir: Path) -> Path:
-    """The teacher's ability paths of the evaluation set, when it comes without them."""
-    return Path(workflow_dir) / "L_eval_ability_labels" / "ability_paths.jsonl"
+    return EvalPaths(Path(workflow_dir) / BASELINE_EVAL, BASELINE_EVAL)
 
 
 def teacher_eval(workflow_dir: Path) -> EvalPaths:
     """The teacher on the evaluation set, once per run (what distillation can at best reach)."""
-    return EvalPaths(Path(workflow_dir) / "teacher_eval")
+    return EvalPaths(Path(workflow_dir) / TEACHER_EVAL, TEACHER_EVAL)
+
+
+def eval_labels(workflow_dir: Path) -> Folder:
+    """Where the teacher labels the evaluation set when it comes without ability paths (step L: `.labels`)."""
+    return Folder(Path(workflow_dir) / EVAL_LABELS, EVAL_LABELS)
+
+
+def workflow_steps(workflow_dir: Path) -> Folder:
+    """The workflow folder as the tree step sees it: `initial_tree/`, `initial_tree.log` at its top."""
+    return Folder(Path(workflow_dir))
 
 
 def sibling(path: str | Path, name: str) -> Path:
@@ -195,21 +239,21 @@ def sibling(path: str | Path, name: str) -> Path:
     return Path(path).parent / name
 
 
-def summary_path(replies_path: str | Path) -> Path:
-    return sibling(replies_path, "summary.json")
+def summary_path(output_path: str | Path) -> Path:
+    """Every stage's summary of its work: `summary.json` beside its main output (in its step folder).
+    A: the scoring figures; B, H: the per-node stats; C: the plan per leaf; D: the pass rates; D2: what was
+    replayed; D3: the rationales kept and dropped; D4: the sampled letters; E: the teacher's accuracy;
+    L: the confidence per level."""
+    return sibling(output_path, SUMMARY)
 
 
-def labels_summary_path(labels_path: str | Path) -> Path:
-    """label_abilities.py's summary: `<output stem>.summary.json` beside its ability paths."""
-    return sibling(labels_path, f"{Path(labels_path).name.split('.')[0]}.summary.json")
-
-
-def plan_path(generated_path: str | Path) -> Path:
-    return sibling(generated_path, "plan.json")
-
-
-def report_path(validated_path: str | Path) -> Path:
-    return sibling(validated_path, "report.json")
+def done_record(folder: str | Path, config_name: str) -> Path:
+    """The done-record, in a stage's output folder, of the stage whose config class is `config_name`:
+    `<stage>.done.json`, the stage table's name (`atkd.stages`), so two stages never share a record's name."""
+    stage = stage_of_config(config_name)
+    if stage is None:
+        raise KeyError(f"{config_name} is no stage's config (atkd.stages): it has no done-record")
+    return Path(folder) / f"{stage.name}{DONE_MARKER}"
 
 
 def rejected_path(validated_path: str | Path) -> Path:
@@ -218,10 +262,6 @@ def rejected_path(validated_path: str | Path) -> Path:
 
 def dropped_path(explained_path: str | Path) -> Path:
     return sibling(explained_path, "dropped.jsonl")
-
-
-def replay_record_path(mix_path: str | Path) -> Path:
-    return sibling(mix_path, "replay.json")
 
 
 def agent_answers_path(validated_path: str | Path, agent: int) -> Path:
@@ -239,7 +279,6 @@ def args_path(output_path: str | Path) -> Path:
 
 # Teacher-logits store (step E) and training outputs (step F).
 LOGITS_INDEX = "index.json"
-LOGITS_SUMMARY = "summary.json"
 FINAL_MODEL = "final_model"
 FINAL_ADAPTER = "final_adapter"  # LoRA runs: the adapters alone (peft format), beside the merged final_model
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -251,8 +290,8 @@ def logits_index(store_dir: str | Path) -> Path:
 
 
 def logits_summary(store_dir: str | Path) -> Path:
-    """The teacher's accuracy on the data the logits were taken on."""
-    return Path(store_dir) / LOGITS_SUMMARY
+    """The teacher's accuracy on the data the logits were taken on (the store's summary)."""
+    return summary_path(logits_index(store_dir))
 
 
 def final_model_dir(train_output_dir: str | Path) -> Path:

@@ -8,16 +8,18 @@ tests/test_settings_table.py holds the two lists and checks that every field of 
 one of the three.
 
 The builders are pure (settings -> `Step`s): `--dry_run` prints exactly what they return, and
-`atkd.workflow.run` runs it. The steps between D (validated) and E (logits) are decided once, by
-`training_chain`: D3 (rationales), D2 (replay), D4 (the student's own responses), each reading
-the previous one's output; E and F read the last one's.
+`atkd.workflow.run` runs it. A step is a letter of the stage table (`stage_step`): its script comes
+from there, its folder, log and name from where it runs (`atkd.paths.StepFolders`: an iteration, an
+evaluation, the evaluation set's labels, the workflow folder for the tree). The steps between D
+(validated) and E (logits) are decided once, by `training_chain`: D3 (rationales), D2 (replay), D4
+(the student's own responses), each reading the previous one's output; E and F read the last one's.
 """
 
 from __future__ import annotations
 
 import socket
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +31,7 @@ from .model_source import AGENT_FLAGS, ENDPOINT_FIELDS, TEACHER_FLAGS, TREE_FLAG
 from .question_writing import QuestionWritingConfig
 from .rationale_writing import RationaleConfig
 from .replay import ReplayConfig
+from .stages import step_kind
 from .steps import Step
 from .student_sampling import StudentSamplingConfig
 from .teacher_logits import LogitsConfig
@@ -43,7 +46,8 @@ STAGE_CONFIGS = (TreeConfig, LabelConfig, InferenceConfig, AnalyzerConfig, Quest
                  RationaleConfig, ReplayConfig, StudentSamplingConfig, LogitsConfig, TrainConfig)
 LOCAL_MODEL_STAGES = (TreeConfig, LabelConfig, InferenceConfig, QuestionWritingConfig, CrossCheckConfig,
                       RationaleConfig, StudentSamplingConfig, LogitsConfig)  # those with --gpu_ids
-ENDPOINT_STAGES = (TreeConfig, QuestionWritingConfig, RationaleConfig, CrossCheckConfig)  # --api_key_env & co.
+ENDPOINT_STAGES = (TreeConfig, LabelConfig, InferenceConfig, QuestionWritingConfig, CrossCheckConfig,
+                   RationaleConfig, LogitsConfig)  # --api_key_env & co.
 PLACED_STAGES = (TreeConfig, QuestionWritingConfig, RationaleConfig, CrossCheckConfig, LogitsConfig)
 
 
@@ -61,9 +65,11 @@ FEEDS: dict[str, tuple[tuple[type, str], ...]] = {
                            (StudentSamplingConfig, "student_model_path")),
     "agent_model_1_path": ((CrossCheckConfig, "agent_model_1_path"),),
     "agent_model_2_path": ((CrossCheckConfig, "agent_model_2_path"),),
-    "teacher_api_base": ((QuestionWritingConfig, "api_base"), (RationaleConfig, "api_base"), (TreeConfig, "api_base")),
+    "teacher_api_base": ((QuestionWritingConfig, "api_base"), (RationaleConfig, "api_base"), (TreeConfig, "api_base"),
+                         (LabelConfig, "api_base"), (LogitsConfig, "api_base"), (InferenceConfig, "api_base")),
     "teacher_api_model": ((QuestionWritingConfig, "api_model"), (RationaleConfig, "api_model"),
-                          (TreeConfig, "api_model")),
+                          (TreeConfig, "api_model"), (LabelConfig, "api_model"), (LogitsConfig, "api_model"),
+                          (InferenceConfig, "api_model")),
     "agent_1_api_base": ((CrossCheckConfig, "agent_1_api_base"),),
     "agent_1_api_model": ((CrossCheckConfig, "agent_1_api_model"),),
     "agent_2_api_base": ((CrossCheckConfig, "agent_2_api_base"),),
@@ -107,11 +113,12 @@ FEEDS: dict[str, tuple[tuple[type, str], ...]] = {
 
 # Fed settings a builder sets itself instead of copying them as they are (why).
 SET_PER_STEP = {
-    "teacher_model_path": "no folder for the stages the teacher's endpoint serves (C, D3, the tree)",
+    "teacher_model_path": "with the teacher served: E, L and its G get it (tokenizer; weights where the server "
+                          "gives no log-probs), the generating stages none",
     "student_model_path": "iteration 1's student; a later iteration distils the one before it trained",
     "agent_model_1_path": "no folder when the agent is at an endpoint",
     "agent_model_2_path": "no folder when the agent is at an endpoint",
-    "teacher_api_base": "only the stages the teacher's endpoint serves", "teacher_api_model": "likewise",
+    "teacher_api_base": "the teacher's stages, not the student's answers", "teacher_api_model": "likewise",
     "agent_1_api_base": "D only", "agent_1_api_model": "D only, with its endpoint",
     "agent_2_api_base": "D only", "agent_2_api_model": "D only, with its endpoint",
     "api_key_env": "only the stages an endpoint serves", "api_concurrency": "likewise", "api_timeout_s": "likewise",
@@ -159,12 +166,19 @@ def model_source(cfg: WorkflowConfig, who: str, gpus: list[int]) -> ModelSource:
                        model_placement=cfg.model_placement, **api_settings(cfg))
 
 
-def teacher_settings(cfg: WorkflowConfig, flags=TEACHER_FLAGS) -> dict:
-    """Where the generating teacher is: its endpoint (then no folder: the endpoint's model name is its
-    identity in the fingerprint), else its folder, placed on the GPUs by MODEL_PLACEMENT."""
+def teacher_settings(cfg: WorkflowConfig, flags=TEACHER_FLAGS, local: tuple[str, ...] = ("model_path", "model_placement"),
+                     folder_when_served: bool = False) -> dict:
+    """Where the teacher is: its endpoint (then no folder, so the endpoint's model name is its identity in
+    the fingerprint; `folder_when_served`: TEACHER_MODEL_PATH still, for the stages that read its tokenizer
+    or, where the server gives no log-probs, its weights: E, the teacher's G, L), else its folder and the
+    `local` settings (placed on the GPUs by MODEL_PLACEMENT)."""
     source = model_source(cfg, "teacher", [])
-    return flags.settings(source, ("model_path", *ENDPOINT_FIELDS) if source.is_served else
-                          ("model_path", "model_placement"))
+    if not source.is_served:
+        return flags.settings(source, local)
+    out = flags.settings(source, ("model_path", *ENDPOINT_FIELDS))
+    if folder_when_served:
+        out[flags.flag("model_path")] = cfg.teacher_model_path
+    return out
 
 
 def agent_settings(cfg: WorkflowConfig) -> dict:
@@ -175,13 +189,19 @@ def agent_settings(cfg: WorkflowConfig) -> dict:
 
 # ---------------------------------------------------------------------------------- steps
 
+def stage_step(letter: str, where: paths.StepFolders, cfg, **run) -> Step:
+    """Step `letter` of the stage table (`atkd.stages`) run under `where`: named after its folder there, its
+    stage's script, its log beside its folder (`run`: the launcher, environment and check of F)."""
+    return Step(where.step_name(letter), step_kind(letter).stage.script, cfg, log_path=where.log_file(letter), **run)
+
+
 def tree_step(cfg: WorkflowConfig, workflow: Path, gpus: list[int]) -> Step:
     """Build the initial tree with the teacher when no tree file is given."""
-    out = workflow / "initial_tree"
+    root = paths.workflow_steps(workflow)
     tree_cfg = configured(TreeConfig, cfg, **teacher_settings(cfg, TREE_FLAGS),
-                          domain=cfg.domain, output_dir=str(out), output_filename=paths.INITIAL_TREE, seed=cfg.seed,
-                          gpu_ids=gpus)
-    return Step("initial_tree", "create_initial_tree.py", tree_cfg, log_path=workflow / "initial_tree.log")
+                          domain=cfg.domain, output_dir=str(root.step_dir("tree")), output_filename=paths.INITIAL_TREE,
+                          seed=cfg.seed, gpu_ids=gpus)
+    return stage_step("tree", root, tree_cfg)
 
 
 @dataclass
@@ -194,12 +214,21 @@ class RoundFiles:
     label_step: Step | None = None
 
 
-def label_step(cfg: WorkflowConfig, name: str, questions: str, output: Path, tree: Path, gpus: list[int],
-               log_path: Path) -> Step:
-    """L: the teacher places questions that came without ability paths in the tree."""
-    labels = configured(LabelConfig, cfg, model_path=cfg.teacher_model_path,
-                         ability_tree_path=str(tree), dataset_path=questions, output_path=str(output), gpu_ids=gpus)
-    return Step(name, "label_abilities.py", labels, log_path=log_path)
+def label_step(cfg: WorkflowConfig, where: paths.StepFolders, questions: str, tree: Path, gpus: list[int]) -> Step:
+    """L: the teacher places questions that came without ability paths in the tree (`where.labels`)."""
+    labels = configured(LabelConfig, cfg,
+                        **teacher_settings(cfg, TREE_FLAGS, ("model_path",), folder_when_served=True),
+                        ability_tree_path=str(tree),
+                        dataset_path=questions, output_path=str(where.labels), gpu_ids=gpus)
+    return stage_step("L", where, labels)
+
+
+def labelled(cfg: WorkflowConfig, where: paths.StepFolders, questions: str, ability: str, tree: Path,
+             gpus: list[int]) -> RoundFiles:
+    """`questions` with the given ability paths, or with the labels step L writes under `where`."""
+    if ability:
+        return RoundFiles(questions, ability)
+    return RoundFiles(questions, str(where.labels), label_step(cfg, where, questions, tree, gpus))
 
 
 def round_files(cfg: WorkflowConfig, it: paths.IterationPaths, tree: Path, gpus: list[int],
@@ -210,52 +239,52 @@ def round_files(cfg: WorkflowConfig, it: paths.IterationPaths, tree: Path, gpus:
     questions, ability = cfg.dataset_files_per_iteration[k], ability_file(cfg, k)
     if dropped:
         questions, ability = str(it.kept_questions), str(it.kept_ability_paths) if ability else ""
-    if ability:
-        return RoundFiles(questions, ability)
-    return RoundFiles(questions, str(it.labels), label_step(cfg, "L_ability_labels", questions, it.labels, tree, gpus,
-                                                            it.log_file("L_ability_labels")))
+    return labelled(cfg, it, questions, ability, tree, gpus)
 
 
 def eval_files(cfg: WorkflowConfig, workflow: Path, tree: Path, gpus: list[int]) -> RoundFiles:
-    """The evaluation set's files, with the teacher's labels when EVAL_ABILITY_CLASS_PATH is empty."""
-    if cfg.eval_ability_class_path:
-        return RoundFiles(cfg.eval_dataset_path, cfg.eval_ability_class_path)
-    out = paths.eval_labels(workflow)
-    labels = label_step(cfg, "L_eval_ability_labels", cfg.eval_dataset_path, out, tree, gpus,
-                        workflow / "L_eval_ability_labels.log")
-    return RoundFiles(cfg.eval_dataset_path, str(out), labels)
+    """The evaluation set's files, with the teacher's labels (under `eval_labels/`) when EVAL_ABILITY_CLASS_PATH
+    is empty."""
+    return labelled(cfg, paths.eval_labels(workflow), cfg.eval_dataset_path, cfg.eval_ability_class_path, tree, gpus)
 
 
-def reply_config(cfg: WorkflowConfig, model: str, questions: str, output: Path, seed: int,
+def reply_config(cfg: WorkflowConfig, model: str | dict, questions: str, output: Path, seed: int,
                  gpus: list[int]) -> InferenceConfig:
-    """A or G: `model` answers `questions`."""
-    return configured(InferenceConfig, cfg, model_path=model, dataset_path=questions,
+    """A or G: `model` (a folder, or a source's settings: `teacher_settings`) answers `questions`."""
+    where = model if isinstance(model, dict) else {"model_path": model}
+    return configured(InferenceConfig, cfg, **where, dataset_path=questions,
                            output_path=str(output), seed=seed, gpu_ids=gpus)
 
 
 def tree_config(cfg: WorkflowConfig, tree: Path, ability_paths: str, questions: str, replies: Path,
-                scored_tree: Path, stats: Path) -> AnalyzerConfig:
-    """B or H: the replies' per-ability scores."""
+                scored_tree: Path) -> AnalyzerConfig:
+    """B or H: the replies' per-ability scores (the stats: the step's summary)."""
     return configured(AnalyzerConfig, cfg, initial_tree_path=str(tree), paths_file=ability_paths,
                           answers_file=questions, student_responses_file=str(replies),
-                          output_tree_path=str(scored_tree), output_stats_path=str(stats))
+                          output_tree_path=str(scored_tree), output_stats_path=str(paths.summary_path(scored_tree)))
 
 
-def eval_steps(cfg: WorkflowConfig, ev: paths.EvalPaths, student: str, tree: Path, gpus: list[int],
-               log_dir: Path, ability_paths: str) -> list[Step]:
-    """G, H: the student's answers on the evaluation set, then their per-ability scores."""
-    reply = reply_config(cfg, student, cfg.eval_dataset_path, ev.replies, cfg.seed, gpus)
-    scored = tree_config(cfg, tree, ability_paths, cfg.eval_dataset_path, ev.replies, ev.scored_tree, ev.stats)
-    return [Step("G_eval_reply", "inference.py", reply, log_path=log_dir / "G_eval_reply.log"),
-            Step("H_eval_tree", "student_data_analyzer.py", scored, log_path=log_dir / "H_eval_tree.log")]
+def eval_steps(cfg: WorkflowConfig, ev: paths.EvalPaths, model: str | dict, tree: Path, gpus: list[int],
+               ability_paths: str) -> list[Step]:
+    """G, H under `ev`: `model`'s answers on the evaluation set, then their per-ability scores."""
+    reply = reply_config(cfg, model, cfg.eval_dataset_path, ev.replies, cfg.seed, gpus)
+    scored = tree_config(cfg, tree, ability_paths, cfg.eval_dataset_path, ev.replies, ev.scored_tree)
+    return [stage_step("G", ev, reply), stage_step("H", ev, scored)]
+
+
+def baseline_eval_steps(cfg: WorkflowConfig, workflow: Path, tree: Path, gpus: list[int],
+                        ability_paths: str) -> list[Step]:
+    """G, H for the untouched student, under `baseline_eval/`: the "before" of iteration 1."""
+    return eval_steps(cfg, paths.baseline_eval(workflow), cfg.student_model_path, tree, gpus, ability_paths)
 
 
 def teacher_eval_steps(cfg: WorkflowConfig, workflow: Path, tree: Path, gpus: list[int],
                        ability_paths: str) -> list[Step]:
-    """G, H for the teacher, once per run: its accuracy per ability bounds what distillation can teach."""
-    steps = eval_steps(cfg, paths.teacher_eval(workflow), cfg.teacher_model_path, tree, gpus, workflow, ability_paths)
-    return [replace(s, name=name, log_path=workflow / f"{name}.log")
-            for s, name in zip(steps, ("G_teacher_eval_reply", "H_teacher_eval_tree"))]
+    """G, H for the teacher, once per run, under `teacher_eval/`: its accuracy per ability bounds what
+    distillation can teach."""
+    return eval_steps(cfg, paths.teacher_eval(workflow), teacher_settings(cfg, TREE_FLAGS, ("model_path",),
+                                                                            folder_when_served=True),
+                      tree, gpus, ability_paths)
 
 
 def iteration_steps(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, tree: Path,
@@ -266,24 +295,20 @@ def iteration_steps(cfg: WorkflowConfig, it: paths.IterationPaths, student: str,
     data, ability = files.questions, files.ability_paths
     seed = cfg.seed + k  # each round samples afresh, reproducibly
     return ([files.label_step] if files.label_step else []) + [
-        Step("A_student_reply", "inference.py", reply_config(cfg, student, data, it.replies, seed, gpus),
-             log_path=it.log_file("A_student_reply")),
-        Step("B_student_tree", "student_data_analyzer.py",
-             tree_config(cfg, tree, ability, data, it.replies, it.scored_tree, it.tree_stats),
-             log_path=it.log_file("B_student_tree")),
-        Step("C_distill_data", "generate_distill_data.py", configured(
+        stage_step("A", it, reply_config(cfg, student, data, it.replies, seed, gpus)),
+        stage_step("B", it, tree_config(cfg, tree, ability, data, it.replies, it.scored_tree)),
+        stage_step("C", it, configured(
             QuestionWritingConfig, cfg, **teacher_settings(cfg), ability_tree_path=str(it.scored_tree),
             full_dataset_path=data, ability_class_path=ability, output_path=str(it.generated), seed=seed,
-            id_prefix=f"it{it.iteration}", gpu_ids=gpus), log_path=it.log_file("C_distill_data")),
-        Step("D_validated_data", "evaluate_distilled_data.py", configured(
+            id_prefix=f"it{it.iteration}", gpu_ids=gpus)),
+        stage_step("D", it, configured(
             CrossCheckConfig, cfg, **agent_settings(cfg), input_file=str(it.generated), output_file=str(it.validated),
-            gpu_ids=gpus), log_path=it.log_file("D_validated_data")),
+            gpu_ids=gpus)),
         *training_data_steps(cfg, it, data, ability, seed, gpus, student),
-        Step("E_teacher_logits", "generate_logits.py", configured(
-            LogitsConfig, cfg, model_path=cfg.teacher_model_path, model_placement=cfg.model_placement,
+        stage_step("E", it, configured(
+            LogitsConfig, cfg, **teacher_settings(cfg, TREE_FLAGS, folder_when_served=True),
             dataset_path=str(training_items(cfg, it)), output_dir=str(it.logits_dir), gpu_ids=gpus,
-            response_field=EXPLANATION_FIELD if cfg.response_style == "rationale" else None),
-            log_path=it.log_file("E_teacher_logits")),
+            response_field=EXPLANATION_FIELD if cfg.response_style == "rationale" else None)),
         train_step(cfg, it, student, gpus),
     ]
 
@@ -294,31 +319,29 @@ EXPLANATION_FIELD = "explanation"  # where D3 writes the reason (data/convert.py
 
 
 def training_chain(cfg: WorkflowConfig) -> list[str]:
-    """The steps between D and E, in order, each reading the one before's output (D's first):
+    """The steps (letters) between D and E, in order, each reading the one before's output (D's first):
     D3 (RESPONSE_STYLE rationale) explains D's validated items; D2 (REPLAY_FRACTION > 0) adds replay
     items to what D3 kept (D3 drops items, and replay's share is of the final training items); D4
     (RESPONSES student | mixed) has the student answer the items the teacher's responses were for."""
-    wanted = {"D3_rationales": cfg.response_style == "rationale", "D2_replay": cfg.replay_fraction > 0,
-              "D4_student_responses": cfg.responses != "teacher"}
-    return [name for name, on in wanted.items() if on]
+    wanted = {"D3": cfg.response_style == "rationale", "D2": cfg.replay_fraction > 0, "D4": cfg.responses != "teacher"}
+    return [letter for letter, on in wanted.items() if on]
 
 
 def chain_outputs(it: paths.IterationPaths) -> dict[str, Path]:
     """What D and each step of the chain writes."""
-    return {"D_validated_data": it.validated, "D3_rationales": it.explained, "D2_replay": it.replay_mix,
-            "D4_student_responses": it.on_policy_items}
+    return {"D": it.validated, "D3": it.explained, "D2": it.replay_mix, "D4": it.on_policy_items}
 
 
 def chain_inputs(cfg: WorkflowConfig, it: paths.IterationPaths) -> dict[str, Path]:
     """Each step of the chain and what it reads: the output of the step before it."""
-    names = ["D_validated_data", *training_chain(cfg)]
+    letters = ["D", *training_chain(cfg)]
     out = chain_outputs(it)
-    return {name: out[before] for before, name in zip(names, names[1:])}
+    return {letter: out[before] for before, letter in zip(letters, letters[1:])}
 
 
 def training_items(cfg: WorkflowConfig, it: paths.IterationPaths) -> Path:
     """The file E and F read: the last output of D and its chain."""
-    return chain_outputs(it)[(["D_validated_data"] + training_chain(cfg))[-1]]
+    return chain_outputs(it)[(["D"] + training_chain(cfg))[-1]]
 
 
 def training_data_steps(cfg: WorkflowConfig, it: paths.IterationPaths, data: str, ability: str, seed: int,
@@ -328,19 +351,17 @@ def training_data_steps(cfg: WorkflowConfig, it: paths.IterationPaths, data: str
     inputs, outputs = chain_inputs(cfg, it), chain_outputs(it)
     rationale = cfg.response_style == "rationale"
     configs = {
-        "D3_rationales": lambda: configured(
-            RationaleConfig, cfg, **teacher_settings(cfg), input_file=str(inputs["D3_rationales"]),
-            output_file=str(outputs["D3_rationales"]), explanation_field=EXPLANATION_FIELD, gpu_ids=gpus),
-        "D2_replay": lambda: configured(ReplayConfig, cfg, validated_file=str(inputs["D2_replay"]), dataset_path=data,
-            ability_class_path=ability, ability_tree_path=str(it.scored_tree), output_path=str(outputs["D2_replay"]),
+        "D3": lambda: configured(
+            RationaleConfig, cfg, **teacher_settings(cfg), input_file=str(inputs["D3"]),
+            output_file=str(outputs["D3"]), explanation_field=EXPLANATION_FIELD, gpu_ids=gpus),
+        "D2": lambda: configured(ReplayConfig, cfg, validated_file=str(inputs["D2"]), dataset_path=data,
+            ability_class_path=ability, ability_tree_path=str(it.scored_tree), output_path=str(outputs["D2"]),
             seed=seed, drop_field=EXPLANATION_FIELD if rationale and not cfg.use_dataset_explanation else ""),
-        "D4_student_responses": lambda: configured(StudentSamplingConfig, cfg, student_model_path=student,
-            input_file=str(inputs["D4_student_responses"]), output_file=str(outputs["D4_student_responses"]),
+        "D4": lambda: configured(StudentSamplingConfig, cfg, student_model_path=student,
+            input_file=str(inputs["D4"]), output_file=str(outputs["D4"]),
             share=1.0 if cfg.responses == "student" else cfg.on_policy_share, seed=seed, gpu_ids=gpus),
     }
-    scripts = {"D3_rationales": "generate_rationales.py", "D2_replay": "add_replay.py",
-               "D4_student_responses": "sample_student_responses.py"}
-    return [Step(name, scripts[name], configs[name](), log_path=it.log_file(name)) for name in training_chain(cfg)]
+    return [stage_step(letter, it, configs[letter]()) for letter in training_chain(cfg)]
 
 
 # ---------------------------------------------------------------------------------- F
@@ -371,5 +392,4 @@ def train_step(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, gpus
     train_cfg = configured(TrainConfig, cfg, student_model_path=student, train_file_path=str(training_items(cfg, it)),
         teacher_logits_dir=str(it.logits_dir), output_dir=str(it.student_dir), seed=cfg.seed + it.iteration - 1,
         reason_weight=cfg.reason_weight if weighs_reasons else 0.0)
-    return Step("F_train", "train.py", train_cfg, log_path=it.log_file("F_train"), launcher=launcher, env=env,
-                precheck_flags=["--check_only"])
+    return stage_step("F", it, train_cfg, launcher=launcher, env=env, precheck_flags=["--check_only"])

@@ -17,8 +17,8 @@ The work is split so that everything random is decided once, in the main process
    above stays last).
 
 `run_rounds` repeats 2-5 for leaves still short of their target, at most `max_retries` times;
-`run` is the whole stage: allocation (`atkd.allocation`), rounds, generated.jsonl and plan.json
-(target, achieved, seeds and rejection reasons per leaf). A killed run resumes where it stopped.
+`run` is the whole stage: allocation (`atkd.allocation`), rounds, generated.jsonl and its summary.json,
+the plan (target, achieved, seeds and rejection reasons per leaf). A killed run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class QuestionWritingConfig(StageConfig):
     ability_tree_path: str = setting(role=INPUT, help="scored tree (B's tree.json) or a nested initial tree")
     full_dataset_path: str = setting(role=INPUT, help="question .jsonl the seeds come from")
     ability_class_path: str = setting(role=INPUT, help="ability paths .jsonl of those questions")
-    output_path: str = setting(role=OUTPUT, help="generated questions .jsonl (plan.json goes beside it)")
+    output_path: str = setting(role=OUTPUT, help="generated questions .jsonl (summary.json, the plan, goes beside it)")
     eval_dataset_path: str = setting("", role=INPUT, help="evaluation questions .jsonl: generated questions that "
                                                           "repeat one (atkd/leakage.py) are dropped; empty: none")
     num_samples: int = setting(100, check=at_least(1), help="questions to generate in total")
@@ -141,7 +141,7 @@ class QuestionWritingConfig(StageConfig):
         return TEACHER_FLAGS.of(self)
 
     def outputs(self) -> list[Path]:
-        return [Path(self.output_path), paths.plan_path(self.output_path)]
+        return [Path(self.output_path), paths.summary_path(self.output_path)]
 
     @property
     def teacher_name(self) -> str:
@@ -351,7 +351,7 @@ def run_rounds(leaves: list[LeafSeeds], targets: list[int], cfg: QuestionWriting
 
 def plan_report(leaves: list[LeafSeeds], targets: list[int], acc: Acceptor | None, total: int, rounds: int,
                 allocation: dict) -> dict:
-    """plan.json: per leaf target / achieved / seeds / weakness / rejections, and totals."""
+    """The plan (summary.json): per leaf target / achieved / seeds / weakness / rejections, and totals."""
     rows, rejected = [], Counter()
     for leaf, target in zip(leaves, targets):
         t = acc.tally[leaf.index] if acc is not None else LeafTally()
@@ -401,7 +401,7 @@ def teacher_producer(teacher: ModelSource, cfg: QuestionWritingConfig, part_log:
 # --------------------------------------------------------------------------- the stage
 
 def run(cfg: QuestionWritingConfig) -> dict | None:
-    """Allocate, write, accept; write generated.jsonl and plan.json (returned)."""
+    """Allocate, write, accept; write generated.jsonl and the plan, summary.json (returned)."""
     from .prompts import language_of
 
     record = DoneRecord(cfg)
@@ -441,12 +441,12 @@ def run(cfg: QuestionWritingConfig) -> dict | None:
 
     plan = plan_report(leaves, alloc.targets, acc, cfg.num_samples, rounds, allocation)
     write_jsonl(cfg.output_path, acc.all_records())
-    write_json(paths.plan_path(cfg.output_path), plan)
+    write_json(paths.summary_path(cfg.output_path), plan)
     record.write()
     part_log.remove()
     log.info("wrote %d of %d questions to %s (acceptance rate %s; rejected: %s)", plan["achieved"],
              cfg.num_samples, cfg.output_path, plan["acceptance_rate"], plan["rejected"] or "none")
     if plan["shortfall"]:
         log.warning("short by %d questions after %d round(s): see %s", plan["shortfall"], rounds,
-                    paths.plan_path(cfg.output_path))
+                    paths.summary_path(cfg.output_path))
     return plan

@@ -18,7 +18,7 @@ letter, token-level KD on the reason. The MCQ prompt, not the rationale prompt, 
 prompt because the letter is scored under it: the answer's signal lands where it is measured.
 
 Outputs: explained.jsonl (kept items with their reason and `explanation_source`: teacher or
-dataset), dropped.jsonl (with `drop_reason` and the teacher's reply) and report.json (counts
+dataset), dropped.jsonl (with `drop_reason` and the teacher's reply) and summary.json (counts
 overall, per reason and per ability). A killed run resumes from its part log.
 """
 
@@ -52,7 +52,7 @@ class RationaleConfig(StageConfig):
 
     teacher_model_path: str = TEACHER_FLAGS.setting("model_path", help="teacher model folder (unless --api_base)")
     input_file: str = setting(role=INPUT, help="questions .jsonl to explain (step D's validated items, or D2's mix)")
-    output_file: str = setting(role=OUTPUT, help="explained questions .jsonl (report.json and dropped.jsonl go "
+    output_file: str = setting(role=OUTPUT, help="explained questions .jsonl (summary.json and dropped.jsonl go "
                                                  "beside it)")
     explanation_field: str = setting("explanation", help="record field the reason goes into (the response "
                                                          "field step E stores token-level logits for)")
@@ -77,7 +77,7 @@ class RationaleConfig(StageConfig):
         return TEACHER_FLAGS.problems(self)
 
     def outputs(self) -> list[Path]:
-        return [Path(self.output_file), paths.report_path(self.output_file), paths.dropped_path(self.output_file)]
+        return [Path(self.output_file), paths.summary_path(self.output_file), paths.dropped_path(self.output_file)]
 
 
 def judge(q: Question, answer: dict) -> tuple[str | None, str]:
@@ -112,7 +112,7 @@ def explained_records(items: list[Question], own: dict[str, str], answers: dict[
 
 
 def build_report(items: list[Question], kept: list[dict], dropped: list[dict], teacher: str) -> dict:
-    """report.json: how many items got a reason, from whom, and why the others were dropped."""
+    """summary.json: how many items got a reason, from whom, and why the others were dropped."""
     reasons = Counter(r["drop_reason"] for r in dropped)
     by_leaf: dict[str, dict] = {}
     kept_ids = {str(r["id"]) for r in kept}
@@ -158,7 +158,7 @@ def run(cfg: RationaleConfig) -> dict | None:
     report = build_report(items, kept, dropped, who.name)
     write_jsonl(cfg.output_file, kept)
     write_jsonl(paths.dropped_path(cfg.output_file), dropped)
-    write_json(paths.report_path(cfg.output_file), report)
+    write_json(paths.summary_path(cfg.output_file), report)
     record.write()
     part_log.remove()
     log.info("kept %d of %d items with a rationale (%d from the teacher, %d from the dataset); dropped: %s",

@@ -26,7 +26,7 @@ not explained by the teacher: it trains on its letter (option-level KD), or on t
 explanation when it carries one; `drop_field` removes that field (USE_DATASET_EXPLANATION off).
 Step E takes the teacher's logits for them like for generated items, and F trains on both.
 Outputs: train.jsonl (the generated items, then the replay items in dataset order) and
-replay.json (the counts, the share, the seed, and per ability: available, weight, drawn).
+summary.json (the counts, the share, the seed, and per ability: available, weight, drawn).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class ReplayConfig(StageConfig):
     ability_class_path: str = setting(role=INPUT, help="ability paths .jsonl of those questions")
     ability_tree_path: str = setting(role=INPUT, help="scored tree (step B's tree.json): each ability's smoothed "
                                                       "accuracy weighs its questions")
-    output_path: str = setting(role=OUTPUT, help="training questions .jsonl (replay.json goes beside it)")
+    output_path: str = setting(role=OUTPUT, help="training questions .jsonl (summary.json goes beside it)")
     replay_fraction: float = setting(0.2, check=Check(lambda v: 0 <= v < 1, "in [0, 1)"),
                                      help="share of the training items drawn from the dataset (0: none)")
     seed: int = setting(0, help="seed of the draw")
@@ -71,7 +71,7 @@ class ReplayConfig(StageConfig):
     version = 2  # 2: the count is the share nearest the fraction (was Python's round: 0 for 2 items at 0.2)
 
     def outputs(self) -> list[Path]:
-        return [Path(self.output_path), paths.replay_record_path(self.output_path)]
+        return [Path(self.output_path), paths.summary_path(self.output_path)]
 
 
 def replay_count(n_generated: int, fraction: float) -> int:
@@ -162,7 +162,7 @@ def run(cfg: ReplayConfig) -> dict | None:
     record.start()
     summary = replay_summary(cfg, len(generated), wanted, candidates, chosen, weighted)
     write_jsonl(cfg.output_path, mix)
-    write_json(paths.replay_record_path(cfg.output_path), summary)
+    write_json(paths.summary_path(cfg.output_path), summary)
     record.write()
     log.info("training items: %d generated + %d replayed (share %.3f, asked %.3f; %d pass(es) over the dataset)",
              len(generated), len(chosen), summary["share"], cfg.replay_fraction, summary["passes"])
@@ -171,7 +171,7 @@ def run(cfg: ReplayConfig) -> dict | None:
 
 def replay_summary(cfg: ReplayConfig, n_generated: int, wanted: int, candidates: list[Question],
                    chosen: list[tuple[int, Question]], weighted: dict[str, tuple[tuple, float]]) -> dict:
-    """replay.json: what was drawn, from what, and why."""
+    """summary.json: what was drawn, from what, and why."""
     by_ability: dict[str, dict] = {}
     for q in candidates:
         path, weight = weighted[q.key]

@@ -1,6 +1,6 @@
 """The run's report: accuracy per iteration and per ability, before and after (ARCHITECTURE.md §2).
 
-Built only from files the stages wrote (scored trees, JSONL outputs, D's report), so it can be
+Built only from files the stages wrote (scored trees, JSONL outputs, the steps' summary.json), so it can be
 rebuilt at any time; main.py rewrites it after every iteration as `report.md` and `report.json`.
 With an evaluation set it also lists per ability the teacher's own accuracy (scored once per run)
 and the share of its questions that passed validation, beside the student's accuracy after each
@@ -103,8 +103,8 @@ def _read(path: Path) -> dict | None:
 
 def validation_agents(validated: Path) -> dict | None:
     """Step D's agents: each one's model, how it answered (score or generate) and its accuracy on the
-    generated questions, from D's report.json; None before D has run."""
-    report = _read(paths.report_path(validated))
+    generated questions, from D's summary.json; None before D has run."""
+    report = _read(paths.summary_path(validated))
     if report is None:
         return None
     return {name: {k: row.get(k) for k in ("model", "mode", "accuracy")} for name, row in report.get("agents", {}).items()}
@@ -123,10 +123,10 @@ def pass_rates(d_report: dict | None, domain: str | None) -> dict[str, dict]:
 def training_data(it: paths.IterationPaths) -> dict:
     """What D2 (replay) and D3 (rationales) added to the round's training data, when they ran."""
     out = {}
-    replay = _read(paths.replay_record_path(it.replay_mix))
+    replay = _read(paths.summary_path(it.replay_mix))
     if replay:
         out["replay"] = {k: replay[k] for k in ("replay", "share", "replay_fraction")}
-    rationales = _read(paths.report_path(it.explained))
+    rationales = _read(paths.summary_path(it.explained))
     if rationales:
         out["rationales"] = {k: rationales[k] for k in ("total", "kept", "from_teacher", "from_dataset", "by_reason")}
     return out
@@ -136,7 +136,7 @@ def on_policy_practice(it: paths.IterationPaths, domain: str | None) -> dict:
     """{"on_policy": ...} of step D4 (RESPONSES student | mixed): items the student practised on its own replies,
     and its sampled accuracy per ability before training ({"Area > Leaf": {chosen, right, wrong, unparsed,
     sampled_accuracy}}); {} when D4 did not run."""
-    d4 = _read(paths.report_path(it.on_policy_items))
+    d4 = _read(paths.summary_path(it.on_policy_items))
     if d4 is None:
         return {}
     out = {k: d4.get(k) for k in ("written", "chosen", "practised", "right", "wrong", "unparsed", "sampled_accuracy",
@@ -168,12 +168,13 @@ def on_policy_lines(practice: dict | None) -> list[str]:
 def collect(workflow_dir: Path, models_dir: Path, num_iterations: int, with_eval: bool) -> dict:
     """Every number of the report, as a JSON-able dict."""
     report = {"iterations": []}
-    before = _tree(paths.baseline_eval(workflow_dir).scored_tree) if with_eval else None
+    baseline = paths.baseline_eval(workflow_dir)
+    before = _tree(baseline.scored_tree) if with_eval else None
     report["baseline_eval"] = node_accuracies(before)
     if with_eval:
         report["teacher_eval"] = node_accuracies(_tree(paths.teacher_eval(workflow_dir).scored_tree))
         report["paired_test"] = PAIRED_TEST
-    first_answers = answers_before = per_question(paths.baseline_eval(workflow_dir).stats) if with_eval else None
+    first_answers = answers_before = per_question(baseline.tree_summary) if with_eval else None
     domain = before.domain if before is not None else None
     for i in range(1, num_iterations + 1):
         it = paths.IterationPaths(workflow_dir, models_dir, i)
@@ -186,13 +187,13 @@ def collect(workflow_dir: Path, models_dir: Path, num_iterations: int, with_eval
             "generated": _count_lines(it.generated),
             "validated": _count_lines(it.validated),
             "agents": validation_agents(it.validated),
-            "validation_by_ability": pass_rates(_read(paths.report_path(it.validated)), domain or _domain(measured)),
+            "validation_by_ability": pass_rates(_read(paths.summary_path(it.validated)), domain or _domain(measured)),
             **training_data(it),
             **on_policy_practice(it, domain or _domain(measured)),
             "final_model": str(it.final_model) if it.final_model.exists() else None,
         }
         if with_eval:
-            answers_after = per_question(it.eval.stats) if after is not None else None
+            answers_after = per_question(it.eval.tree_summary) if after is not None else None
             entry["eval_before"] = node_accuracies(before)
             entry["eval_after"] = node_accuracies(after)
             entry["eval_change"] = paired_changes(answers_before, answers_after)
@@ -205,8 +206,8 @@ def collect(workflow_dir: Path, models_dir: Path, num_iterations: int, with_eval
         report["whole_run"] = {"after_iteration": done[-1]["iteration"],
                                "weakest_of_iteration_1": report["iterations"][0]["weakest_abilities"],
                                "eval_before": report["baseline_eval"], "eval_after": done[-1]["eval_after"],
-                               "eval_change": paired_changes(first_answers, per_question(
-                                   paths.IterationPaths(workflow_dir, models_dir, done[-1]["iteration"]).eval.stats))}
+                               "eval_change": paired_changes(first_answers, per_question(paths.IterationPaths(
+                                   workflow_dir, models_dir, done[-1]["iteration"]).eval.tree_summary))}
     return report
 
 

@@ -129,7 +129,7 @@ def letter_mass_summary(masses: Iterable[float], source: str = "the model") -> d
 
 
 def scoring_summary(letter_masses: Iterable[float], tied: Iterable[bool], source: str = "the model") -> dict:
-    """What every scoring summary reports (inference's summary.json, each agent in D's report.json,
+    """What every scoring summary reports (inference's summary.json, each agent in D's summary.json,
     E's summary.json): `letter_mass_summary` and `tied_top`, the number of items whose top option
     logit was shared (even in float32; the earliest letter was picked)."""
     return {"letter_mass": letter_mass_summary(letter_masses, source), "tied_top": sum(bool(t) for t in tied)}

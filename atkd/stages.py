@@ -6,7 +6,8 @@ it renders (its fingerprint holds those and no others, `atkd.fingerprint`), and 
 A step is a letter of the workflow: the stage it runs and the folder it writes (also its log's
 stem). Steps A and G run the same stage (answer), and so do B and H (analyze).
 
-What comes from here: the step folders of `atkd.paths`, the command `atkd.steps` runs for a step,
+What comes from here: the step folders of `atkd.paths` and the names of the done-records (the
+stage's name: `answer.done.json`), the script and command `atkd.steps` runs for a step,
 `python -m atkd --help`, and the stage tables of README.md and docs/ARCHITECTURE.md (a test
 checks they list exactly these). Nothing heavy is imported: a stage's module is imported when
 the stage runs (`Stage.load`), so `python -m atkd --help` and the paths stay cheap.
@@ -28,7 +29,7 @@ MCQ, RATIONALE, WRITE, TREE, LABEL = "mcq", "rationale", "write", "tree", "label
 class Stage:
     """One command of the pipeline."""
 
-    name: str  # python -m atkd <name>
+    name: str  # python -m atkd <name>; its done-record is <name>.done.json (atkd.paths.done_record)
     script: str  # its alias at the checkout root
     module: str  # atkd.<module>: the config class and run()
     config: str  # the config class's name in that module
@@ -53,7 +54,9 @@ class StepKind:
 
     letter: str
     stage: Stage
-    folder: str  # under the iteration's folder (F: its log's stem; the model goes to the models folder)
+    # under the folder it runs in (an iteration's, an evaluation's: atkd.paths.StepFolders); F: only its log's
+    # stem (the model goes to the models folder)
+    folder: str
 
 
 TREE_STAGE = Stage(
@@ -81,13 +84,14 @@ the tree lists the children in: they are offered sorted by name, under every cyc
 order (k prompts for k children; `--rotations n`: n evenly spaced shifts), and the child with the
 highest mean probability wins. Levels of more than 26 children are picked within chunks of at most
 26, then among the chunk winners. Writes `{"id", "ability_path", "confidence"}` lines, ready for
-main.py's ability-class files, and `<stem>.summary.json` (confidence per level, questions per
+main.py's ability-class files, and summary.json beside them (confidence per level, questions per
 ability). A killed run keeps its finished batches; the same command completes it, and does nothing
 once it is done.""")
 
 ANSWER_STAGE = Stage(
     "answer", "inference.py", "answering", "InferenceConfig",
-    "Answer a multiple-choice dataset with a local model (steps A and G): replies.jsonl and summary.json.", (MCQ,),
+    "Answer a multiple-choice dataset with a local or served model (steps A and G): replies.jsonl and summary.json.",
+    (MCQ,),
     """    python inference.py --model_path data/demo/models/student --dataset_path data/demo/iteration_1.jsonl --output_path output/workflow/iteration_1/A_student_reply/replies.jsonl
 
 Score mode (default) reads the option-letter probabilities at the answer position, one forward
@@ -99,10 +103,10 @@ ANALYZE_STAGE = Stage(
     "analyze", "student_data_analyzer.py", "weakness", "AnalyzerConfig",
     "Score the ability tree with the student's answers (steps B and H): per-node accuracy, smoothed accuracy, "
     "weakness.", (),
-    """    python student_data_analyzer.py --initial_tree_path ability_trees/demo_tree.json --paths_file data/demo/iteration_1_ability_paths.jsonl --answers_file data/demo/iteration_1.jsonl --student_responses_file output/workflow/iteration_1/A_student_reply/replies.jsonl --output_tree_path output/workflow/iteration_1/B_student_tree/tree.json --output_stats_path output/workflow/iteration_1/B_student_tree/stats.json
+    """    python student_data_analyzer.py --initial_tree_path ability_trees/demo_tree.json --paths_file data/demo/iteration_1_ability_paths.jsonl --answers_file data/demo/iteration_1.jsonl --student_responses_file output/workflow/iteration_1/A_student_reply/replies.jsonl --output_tree_path output/workflow/iteration_1/B_student_tree/tree.json --output_stats_path output/workflow/iteration_1/B_student_tree/summary.json
 
 The formulas (a Beta prior centred on the parent's smoothed accuracy) and everything the stats
-file reports are described in `atkd/weakness.py`. Replies need only `id` and `pred_letter`.""")
+file (summary.json in main.py's runs) reports are described in `atkd/weakness.py`. Replies need only `id` and `pred_letter`.""")
 
 WRITE_STAGE = Stage(
     "write_questions", "generate_distill_data.py", "question_writing", "QuestionWritingConfig",
@@ -112,7 +116,7 @@ WRITE_STAGE = Stage(
 Samples are allocated over the leaves in proportion to weakness (atkd/allocation.py); each prompt
 shows a few seed questions of the leaf; replies are parsed strictly, near-duplicates dropped, the
 correct option's position shuffled, and short leaves retried at most --max_retries times.
-Writes generated.jsonl and plan.json (target, achieved, seeds and rejection reasons per leaf).
+Writes generated.jsonl and summary.json, the plan (target, achieved, seeds and rejection reasons per leaf).
 A killed run resumes where it stopped when rerun with the same arguments.""")
 
 CROSS_CHECK_STAGE = Stage(
@@ -123,7 +127,7 @@ CROSS_CHECK_STAGE = Stage(
 Agents run one after the other (one model in memory at a time), in score mode from their
 option-letter logits by default, or with --mode generate from a chain-of-thought reply (local
 models or OpenAI-compatible endpoints). Writes validated.jsonl (kept items with both agents'
-answers), rejected.jsonl (with the reason) and report.json (pass rate overall, per leaf, per
+answers), rejected.jsonl (with the reason) and summary.json (pass rate overall, per leaf, per
 reason). Using one model for both agents is allowed but flagged in the report and the log.
 A killed run resumes per agent: answers already written are kept (each agent's own log).""")
 
@@ -134,7 +138,7 @@ REPLAY_STAGE = Stage(
 
 The replay items (ids `replay-<id>`, gold answers) make --replay_fraction of the training items;
 they are drawn with the seed, favouring abilities with a high smoothed accuracy in the scored
-tree. Writes train.jsonl (the generated items, then the replay items) and replay.json beside it.""")
+tree. Writes train.jsonl (the generated items, then the replay items) and summary.json beside it.""")
 
 RATIONALE_STAGE = Stage(
     "rationales", "generate_rationales.py", "rationale_writing", "RationaleConfig",
@@ -146,7 +150,7 @@ An item is kept when the teacher's answer line gives the item's labelled answer 
 follows; the reason goes into the `explanation` field, which generate_logits.py
 (--response_field explanation) and train.py turn into token-level distillation. Items that
 already have an explanation keep it (--no-use_dataset_explanation asks the teacher anyway).
-Writes explained.jsonl, dropped.jsonl and report.json; a killed run resumes.""")
+Writes explained.jsonl, dropped.jsonl and summary.json; a killed run resumes.""")
 
 STUDENT_RESPONSES_STAGE = Stage(
     "student_responses", "sample_student_responses.py", "student_sampling", "StudentSamplingConfig",
@@ -158,7 +162,7 @@ rationale prompt (answer line, then why), sampled at --temperature; the item kee
 (`student_reply`), the letter its answer line commits to (`student_letter`, `student_correct`) and
 the reason (`student_reason`). generate_logits.py then takes the teacher's log-probs at every token
 of the student's response and train.py trains it on-policy. Writes train.jsonl (every item) and
-report.json (right / wrong / unparsed sampled letters per ability); a killed run resumes.""")
+summary.json (right / wrong / unparsed sampled letters per ability); a killed run resumes.""")
 
 LOGITS_STAGE = Stage(
     "logits", "generate_logits.py", "teacher_logits", "LogitsConfig",
@@ -170,7 +174,16 @@ Per item: the teacher's log-probabilities over the option letters at the answer 
 also the top-k log-probabilities and the leftover tail mass at every response token after the
 letter (usable for token-level KD when the student shares the teacher's vocabulary; the index
 records a tokenizer fingerprint so train.py can tell). index.json also holds the teacher's
-accuracy (summary.json too). A killed run keeps its finished shards; the same command resumes.""")
+accuracy (summary.json too). A killed run keeps its finished shards; the same command resumes.
+
+A served teacher instead of its weights (vLLM, SGLang, llama.cpp, a hosted API):
+
+    python generate_logits.py --api_base http://127.0.0.1:8000/v1 --api_model teacher --model_path TEACHER_TOKENIZER_DIR --dataset_path ... --output_dir ...
+
+letters from the answer position's top_logprobs (at most --top_logprobs_cap), token-level targets
+from the prompt log-probs (--prompt_logprobs echo | prompt_logprobs | none) where the server gives
+them; --model_path holds the tokenizer alone, or is empty (option level only). Every answer is kept
+as it arrives: a killed run asks only the rest.""")
 
 TRAIN_STAGE = Stage(
     "train", "train.py", "trainer", "TrainConfig",
@@ -231,17 +244,26 @@ def stage_named(name: str) -> Stage:
     raise KeyError(f"no stage {name!r}; the stages: {', '.join(s.name for s in STAGES)}, workflow")
 
 
-def step_folder(letter: str) -> str:
-    """The folder step `letter` writes (also its log's stem): "A" -> "A_student_reply"."""
+def step_kind(letter: str) -> StepKind:
+    """Step `letter` of the workflow: its stage and its folder."""
     for step in STEPS:
         if step.letter == letter:
-            return step.folder
+            return step
     raise KeyError(f"no step {letter!r}")
+
+
+def step_folder(letter: str) -> str:
+    """The folder step `letter` writes (also its log's stem): "A" -> "A_student_reply"."""
+    return step_kind(letter).folder
+
+
+def stage_of_config(config_name: str) -> Stage | None:
+    """The stage whose config class is called `config_name` (main.py's loop for WorkflowConfig); None outside
+    the table."""
+    return next((stage for stage in (*STAGES, WORKFLOW) if stage.config == config_name), None)
 
 
 def prompts_of(config_name: str) -> tuple[str, ...] | None:
     """The prompts the stage of config class `config_name` renders; None for a config outside the table."""
-    for stage in STAGES:
-        if stage.config == config_name:
-            return stage.prompts
-    return None
+    stage = stage_of_config(config_name)
+    return stage.prompts if stage is not None and stage is not WORKFLOW else None

@@ -18,7 +18,7 @@ replies as an uninterrupted one.
 
 Outputs: train.jsonl (every input item, in input order; chosen ones carry `student_reply`,
 `student_letter`, `student_correct` and, when the answer line commits to a letter, `student_reason`)
-and report.json (how many were chosen and practised, the sampled letters right / wrong / unparsed,
+and summary.json (how many were chosen and practised, the sampled letters right / wrong / unparsed,
 overall and per ability, and the sampling's wall time).
 """
 
@@ -59,7 +59,7 @@ class StudentSamplingConfig(StageConfig):
     input_file: str = setting(role=INPUT, help="training items .jsonl (D's validated items, D2's mix or D3's "
                                                "explained items)")
     output_file: str = setting(role=OUTPUT, help="training items .jsonl with the student's replies on the chosen "
-                                                 "ones (report.json goes beside it)")
+                                                 "ones (summary.json goes beside it)")
     share: float = setting(1.0, check=between(0.0, 1.0),
                            help="share of the written (non-replayed) items the student practises; 1: all")
     seed: int = setting(0, help="which items are chosen, and the sampler's seed per batch")
@@ -74,7 +74,7 @@ class StudentSamplingConfig(StageConfig):
     trust_remote_code: bool = STUDENT_FLAGS.setting("trust_remote_code")
 
     def outputs(self) -> list[Path]:
-        return [Path(self.output_file), paths.report_path(self.output_file)]
+        return [Path(self.output_file), paths.summary_path(self.output_file)]
 
 
 def chosen_keys(items: list[Question], share: float, seed: int) -> set[str]:
@@ -120,7 +120,7 @@ def practice_record(q: Question, reply: str, who: Answerer) -> dict:
 
 
 def build_report(records: list[dict], items: list[Question], cfg: StudentSamplingConfig, seconds: float) -> dict:
-    """report.json: items chosen and practised, the sampled letters right / wrong / unparsed, per ability."""
+    """summary.json: items chosen and practised, the sampled letters right / wrong / unparsed, per ability."""
     by_leaf: dict[str, dict] = {}
     totals = {"chosen": 0, "right": 0, "wrong": 0, "unparsed": 0}
     for q, rec in zip(items, records):
@@ -168,7 +168,7 @@ def run(cfg: StudentSamplingConfig) -> dict | None:
     records = [practice_record(q, done[q.key]["raw_reply"], who) if q.key in chosen else q.to_dict() for q in items]
     report = build_report(records, items, cfg, time.perf_counter() - start)
     write_jsonl(cfg.output_file, records)
-    write_json(paths.report_path(cfg.output_file), report)
+    write_json(paths.summary_path(cfg.output_file), report)
     record.write()
     part_log.remove()
     log.info("on-policy practice: %d of %d written items chosen; sampled letters right %d, wrong %d, unparsed %d "

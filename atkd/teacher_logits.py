@@ -18,7 +18,7 @@ written last.
 from __future__ import annotations
 
 import logging
-from dataclasses import MISSING, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -28,27 +28,30 @@ from .batching import left_pad, length_sorted_batches
 from .cli import INPUT, OUTPUT, StageConfig, at_least, lang, setting
 from .errors import InputError
 from .fingerprint import DoneRecord
-from .model_source import TREE_FLAGS
+from .model_source import TREE_FLAGS, EndpointSettings
 from .head import HeadAtPositions
 from .io import PartLog, write_bytes
 from .logits_store import FORMAT, assemble, pack, shard_name
-from .paths import logits_index, logits_summary
+from .paths import done_record, logits_index, logits_summary
 from .records import MAX_OPTIONS, Question, load_questions, question_from_dict
 from .scoring import scores_from_logits, with_exact_letters
 from .on_policy import item_sequence, practised_letter
 from .sequence import sha256_ids, sha256_text, tokenizer_fingerprint
+from .served_logprobs import DEFAULT_TOP_LOGPROBS
+from .served_teacher import PROMPT_LOGPROB_MODES
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class LogitsConfig(StageConfig):
+class LogitsConfig(EndpointSettings, StageConfig):
     """generate_logits.py: store the teacher's logits for distillation."""
 
     # 2: letter logits in float32, ties recorded, head verified; responses end with the end-of-turn token
     version: ClassVar[int] = 2
-    model_path: str = TREE_FLAGS.setting("model_path", default=MISSING,
-                                         help="the teacher: a local Hugging Face model folder")
+    model_path: str = TREE_FLAGS.setting("model_path", help="the teacher: a local Hugging Face model folder; with "
+                                                            "--api_base, a folder holding only its tokenizer "
+                                                            "(token-level targets) or empty (option level only)")
     dataset_path: str = setting(role=INPUT, help="questions .jsonl (the data the student trains on)")
     output_dir: str = setting(role=OUTPUT, help="folder for index.json, summary.json and the shards")
     top_k: int = setting(20, check=at_least(1), help="token-level KD: teacher log-probs kept per response token")
@@ -57,16 +60,27 @@ class LogitsConfig(StageConfig):
     response_field: str | None = setting(None, help="record field holding a longer response (e.g. an explanation) "
                                                     "for token-level KD; unset: option-level only")
     shard_size: int = setting(500, check=at_least(1), help="items per safetensors shard (the unit of resume)")
+    # a served teacher (--api_base, atkd.served_teacher): what it is asked
+    top_logprobs_cap: int = setting(DEFAULT_TOP_LOGPROBS, check=at_least(1),
+                                    help="endpoint: the most log-probs asked per position (hosted APIs and vLLM's "
+                                         "default allow 20); --top_k above it is lowered to it")
+    prompt_logprobs: str = setting("echo", choices=PROMPT_LOGPROB_MODES,
+                                   help="endpoint, token-level targets: echo = completions echo + logprobs (vLLM, "
+                                        "SGLang, llama.cpp); prompt_logprobs = vLLM's extension; none = option level "
+                                        "only (hosted chat APIs). A server that gives none: option level, counted")
     gpu_ids: list[int] = TREE_FLAGS.setting("gpu_ids")
     model_placement: str = TREE_FLAGS.setting("model_placement")
     dtype: str = TREE_FLAGS.setting("dtype")
     trust_remote_code: bool = TREE_FLAGS.setting("trust_remote_code")
 
+    def unused_settings(self) -> tuple[str, ...]:
+        return () if self.api_base else ("top_logprobs_cap", "prompt_logprobs")
+
     def outputs(self) -> list[Path]:
         return [logits_index(self.output_dir), logits_summary(self.output_dir)]
 
     def record_path(self) -> Path:
-        return Path(self.output_dir) / "logits.done.json"
+        return done_record(self.output_dir, type(self).__name__)
 
 
 def plan_shards(n_items: int, shard_size: int) -> list[list[int]]:
@@ -170,6 +184,29 @@ def validate_inputs(questions: list[Question], tokenizer, lang: str, top_k: int,
         log.warning('no item has a non-empty "%s" field: only option-level logits will be stored', response_field)
 
 
+def served_gives_letters(source, probe: Question, lang: str, cfg: LogitsConfig) -> bool:
+    """Whether the served teacher returns the letters' log-probs (one request on `probe`). A server that
+    gives none (`transformers serve`) leaves the work to the local teacher when --model_path holds its
+    weights (a warning), else the stage fails saying so."""
+    from .errors import StageFailed
+    from .models import has_model
+    from .served_logprobs import LogprobsRefused, mcq_messages, served_letter_logprobs_each
+
+    source.check()
+    try:
+        next(served_letter_logprobs_each(source.client(), [mcq_messages(probe, lang)], [probe.letters], cfg.top_k,
+                                         cfg.top_logprobs_cap))
+        return True
+    except LogprobsRefused as err:
+        refused = str(err)
+    if not has_model(cfg.model_path):
+        raise StageFailed(f"{refused}; step E needs the teacher's log-probs: serve it with an engine that returns "
+                          "them (vLLM, SGLang, llama.cpp), or give its weights in --model_path") from None
+    log.warning("%s gives no log-probs (%s): the teacher's weights in %s give them instead", source.name, refused,
+                cfg.model_path)
+    return False
+
+
 def run(cfg: LogitsConfig) -> dict | None:
     """Compute (or finish) the store; returns its summary (the teacher's accuracy), None when done before."""
     from .models import load_tokenizer, placement_plan, usable_gpu_ids
@@ -179,10 +216,23 @@ def run(cfg: LogitsConfig) -> dict | None:
     record = DoneRecord(cfg)
     if record.is_done():
         return None
-    gpus = usable_gpu_ids(cfg.gpu_ids)
     questions = load_questions(cfg.dataset_path)
+    lang = language_of(questions, cfg.lang)
+    source = TREE_FLAGS.of(cfg)
+    if source.is_served and served_gives_letters(source, questions[0], lang, cfg):
+        from .served_teacher import run_served
+
+        tokenizer = None
+        if cfg.model_path:
+            tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code, weights=False)
+            validate_inputs(questions, tokenizer, lang, cfg.top_k, cfg.response_field, cfg.dataset_path)
+        elif cfg.response_field:
+            log.warning("no teacher tokenizer (--model_path): option-level targets only, --response_field unused")
+        record.start()
+        return run_served(cfg, source, questions, lang, tokenizer, record)
+    gpus = usable_gpu_ids(cfg.gpu_ids)
     tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
-    resolved = replace(cfg, lang=language_of(questions, cfg.lang))
+    resolved = replace(cfg, lang=lang)
     validate_inputs(questions, tokenizer, resolved.lang, cfg.top_k, cfg.response_field, cfg.dataset_path)
     workers, spread = placement_plan(cfg.model_path, gpus, cfg.model_placement)
     record.start()

@@ -43,7 +43,7 @@ from .fingerprint import DoneRecord
 from .kd_loss import KD_KINDS, combined_loss, response_loss_sums
 from .logits_store import LogitsStore
 from .models import check_model_dir, load_tokenizer
-from .paths import checkpoint_dir, final_adapter_dir, final_model_dir
+from .paths import checkpoint_dir, done_record, final_adapter_dir, final_model_dir
 from .records import load_questions
 from .train_data import (ExampleStats, TrainExample, build_examples, collate, epoch_micro_batches, local_slice,
                          token_counts)
@@ -142,7 +142,7 @@ class TrainConfig(StageConfig):
         return lora.lora_config(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target_modules)
 
     def record_path(self) -> Path:
-        return Path(self.output_dir) / "train.done.json"
+        return done_record(self.output_dir, type(self).__name__)  # in output_dir, not in final_model/
 
 
 @dataclass

@@ -60,7 +60,7 @@ class AnalyzerConfig(StageConfig):
     answers_file: str = setting(role=INPUT, help="the question JSONL with gold answer_idx")
     student_responses_file: str = setting(role=INPUT, help="inference.py replies JSONL (id, pred_letter)")
     output_tree_path: str = setting(role=OUTPUT, help="where the scored tree JSON goes")
-    output_stats_path: str = setting(role=OUTPUT, help="where the stats JSON goes")
+    output_stats_path: str = setting(role=OUTPUT, help="where the stats JSON goes (main.py: summary.json beside the tree)")
     prior_strength: float = setting(4.0, check=at_least(0),
                                     help="Beta prior strength, in pseudo-questions: each node shrinks toward its "
                                          "parent (0 = raw accuracy)")
@@ -68,7 +68,7 @@ class AnalyzerConfig(StageConfig):
                                             "(default: the first element shared by all ability paths when it is "
                                             "not a level-1 node, else 'root')")
 
-    version = 2  # 2: stats.json carries each node's ci95 and the per-question results
+    version = 2  # 2: the stats (summary.json in main.py's runs) carry each node's ci95 and the per-question results
 
     def outputs(self) -> list[Path]:
         return [Path(self.output_tree_path), Path(self.output_stats_path)]

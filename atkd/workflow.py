@@ -23,8 +23,8 @@ from .cli import fed as _fed_by
 from .errors import InputError
 from .io import iter_jsonl, read_json, write_json, write_jsonl
 from .leakage import Repeat, check_iteration_files
-from .plan import (FEEDS, ability_file, eval_files, eval_steps, iteration_steps, model_source, round_files,
-                   teacher_eval_steps, tree_step)
+from .plan import (FEEDS, ability_file, baseline_eval_steps, eval_files, eval_steps, iteration_steps, model_source,
+                   round_files, teacher_eval_steps, tree_step)
 from .records import load_ability_paths, load_questions
 from .steps import Step, StepFailed, run_step
 from .trainer import TrainConfig
@@ -34,7 +34,8 @@ RESPONSE_STYLES = ("letter", "rationale")
 RESPONSE_SOURCES = ("teacher", "student", "mixed")  # RESPONSES: who writes the responses the student trains on
 MODEL_SETTINGS = ("teacher_model_path", "student_model_path", "agent_model_1_path", "agent_model_2_path")
 ENDPOINTS = ("teacher", "agent_1", "agent_2")  # <who>_api_base / <who>_api_model
-SERVED_AGENTS = {"agent_model_1_path": "agent_1_api_base", "agent_model_2_path": "agent_2_api_base"}
+SERVED = {"teacher_model_path": "teacher_api_base", "agent_model_1_path": "agent_1_api_base",
+          "agent_model_2_path": "agent_2_api_base"}
 
 
 def fed(name: str, help: str | None = None):
@@ -96,11 +97,14 @@ class WorkflowConfig(StageConfig):
     accelerate_config_file: str = setting(help="accelerate config for training (empty: one process per GPU)")
     # serving engines (OpenAI-compatible endpoints) and placement on GPUs
     teacher_api_base: str = fed("teacher_api_base", "endpoint of the served teacher, e.g. http://127.0.0.1:8000/v1: "
-                                                    "it builds the tree and writes the questions; its logits (step "
-                                                    "E) still come from TEACHER_MODEL_PATH; empty: the local folder "
-                                                    "does all")
+                                                    "it does all the teacher's steps (tree, labels, questions, "
+                                                    "rationales, its evaluation, its log-probs for step E); "
+                                                    "TEACHER_MODEL_PATH then holds only its tokenizer (token-level "
+                                                    "targets) or is empty (option level only); empty: the local "
+                                                    "folder does all")
     teacher_api_model: str = fed("teacher_api_model", "the teacher's model name at TEACHER_API_BASE")
-    agent_1_api_base: str = fed("agent_1_api_base", "endpoint of agent 1 (it then answers in generate mode); empty: "
+    agent_1_api_base: str = fed("agent_1_api_base", "endpoint of agent 1 (it scores from the letters' log-probs its "
+                                                    "server returns, else answers in generate mode); empty: "
                                                     "AGENT_MODEL_1_PATH, locally, in score mode")
     agent_1_api_model: str = fed("agent_1_api_model", "agent 1's model name at AGENT_1_API_BASE")
     agent_2_api_base: str = fed("agent_2_api_base", "endpoint of agent 2, like AGENT_1_API_BASE")
@@ -159,9 +163,6 @@ class WorkflowConfig(StageConfig):
         for who in ENDPOINTS:
             if getattr(self, f"{who}_api_base") and not getattr(self, f"{who}_api_model"):
                 out.append(f"{who.upper()}_API_BASE needs {who.upper()}_API_MODEL (the model name the server serves)")
-        if self.min_confidence > 0 and self.agent_1_api_base and self.agent_2_api_base:
-            out.append("MIN_CONFIDENCE needs an agent that scores locally (agents at endpoints answer in generate "
-                       "mode, without probabilities): set it to 0 or clear one AGENT_N_API_BASE")
         if self.eval_ability_class_path and not self.eval_dataset_path:
             out.append("EVAL_ABILITY_CLASS_PATH is set but EVAL_DATASET_PATH is not: set both, or neither")
         if not self.existing_ability_tree_path and not self.domain:
@@ -171,9 +172,8 @@ class WorkflowConfig(StageConfig):
         return out
 
     def served(self, model_setting: str) -> bool:
-        """Whether an endpoint stands in for that agent's folder (the teacher's folder is always used:
-        its logits, step E, are taken locally)."""
-        return model_setting in SERVED_AGENTS and bool(getattr(self, SERVED_AGENTS[model_setting]))
+        """Whether an endpoint stands in for that model's folder (the teacher's may still name its tokenizer)."""
+        return model_setting in SERVED and bool(getattr(self, SERVED[model_setting]))
 
     def outputs(self) -> list[Path]:
         return [Path(self.workflow_output_dir) / paths.REPORT_JSON]
@@ -196,6 +196,8 @@ def check_inputs(cfg: WorkflowConfig) -> list[int]:
     for name in MODEL_SETTINGS:
         if not cfg.served(name):
             check_model_dir(getattr(cfg, name))
+    if cfg.served("teacher_model_path"):
+        print(served_teacher_folder(cfg.teacher_model_path), flush=True)
     for who in ENDPOINTS:
         source = model_source(cfg, who, [])
         if source.is_served and not cfg.dry_run:  # a dry run may come before the servers
@@ -218,6 +220,23 @@ def check_inputs(cfg: WorkflowConfig) -> list[int]:
         require_peft()  # before any work, not hours later at training
     tracking.require_trackers(cfg.report_to, cfg.source)  # likewise: a tracker's package
     return usable_gpu_ids(cfg.gpus_to_use)
+
+
+def served_teacher_folder(folder: str) -> str:
+    """What a served teacher's TEACHER_MODEL_PATH gives step E (`InputError` when it names no tokenizer)."""
+    from .models import check_tokenizer_dir
+
+    if not folder:
+        return ("the teacher is served and TEACHER_MODEL_PATH is empty: step E stores option-level targets only "
+                "(no token-level ones), and train.py checks the student's prompts by their words")
+    from .models import has_model
+
+    if has_model(folder):
+        return (f"the teacher is served; its weights in {folder} are loaded only where its server gives no log-probs "
+                "(step E, its evaluation, labelling), else only its tokenizer is read")
+    check_tokenizer_dir(folder)
+    return (f"the teacher is served: step E uses only the tokenizer in {folder} (token-level targets for items with "
+            "a response), no weights are loaded from it")
 
 
 def check_tree_domain(tree_file: str, domain: str) -> None:
@@ -313,8 +332,7 @@ def run(cfg: WorkflowConfig) -> int:
         with_eval = bool(cfg.eval_dataset_path)
         if with_eval:
             ev = eval_files(cfg, workflow, tree, gpus)
-            baseline = eval_steps(cfg, paths.baseline_eval(workflow), cfg.student_model_path, tree, gpus, workflow,
-                                  ev.ability_paths)
+            baseline = baseline_eval_steps(cfg, workflow, tree, gpus, ev.ability_paths)
             for step in ([ev.label_step] if ev.label_step else []) + baseline:
                 run_step(step, cfg.dry_run)
             for step in teacher_eval_steps(cfg, workflow, tree, gpus, ev.ability_paths):
@@ -325,7 +343,7 @@ def run(cfg: WorkflowConfig) -> int:
             print(f"=== iteration {i}/{cfg.num_iterations}: student {student}", flush=True)
             steps = iteration_steps(cfg, it, student, tree, gpus, round_files(cfg, it, tree, gpus, drop))
             if with_eval:
-                steps += eval_steps(cfg, it.eval, str(it.final_model), tree, gpus, it.dir, ev.ability_paths)
+                steps += eval_steps(cfg, it.eval, str(it.final_model), tree, gpus, ev.ability_paths)
             ran = [run_step(step, cfg.dry_run) != "done" for step in with_tracking(cfg, steps, workflow, models, i)]
             student = str(it.final_model)  # the next round distils into this round's result
             if not cfg.dry_run:

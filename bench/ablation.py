@@ -107,9 +107,10 @@ def run_demo(name: str, seed: int, flags: list[str], work: Path, threads: int) -
 
 def weak_abilities(workflow: Path) -> list[str]:
     """Leaves ("Area > Leaf") whose smoothed accuracy in iteration 1's step B is below WEAK_BELOW."""
+    from atkd.paths import IterationPaths
     from atkd.tree import load_tree
 
-    tree = load_tree(workflow / "iteration_1" / "B_student_tree" / "tree.json")
+    tree = load_tree(IterationPaths(workflow, workflow.parent / "models", 1).scored_tree)
     return [" > ".join(n.path[1:]) for n in tree.leaves() if (n.stats.get("smoothed_accuracy") or 0) < WEAK_BELOW]
 
 
@@ -122,9 +123,11 @@ def pooled(accs: dict, names: list[str]) -> float | None:
 
 def run_numbers(workflow: Path) -> dict:
     """{group: [before, after iteration 1, ...]} in %, plus what each round trained on."""
+    from atkd.paths import REPORT_JSON
     from atkd.report import leaf_names
+    from atkd.stages import step_folder
 
-    report = json.loads((workflow / "report.json").read_text(encoding="utf-8"))
+    report = json.loads((workflow / REPORT_JSON).read_text(encoding="utf-8"))
     weak = weak_abilities(workflow)
     stages = [report["baseline_eval"]] + [e["eval_after"] for e in report["iterations"]]
     other = [n for n in leaf_names(stages[0]) if n not in weak]
@@ -135,7 +138,7 @@ def run_numbers(workflow: Path) -> dict:
                      for e in report["iterations"]]
     steps = step_seconds(workflow.parent / "main.log")
     out["round_seconds"] = [round(sum(s.values()), 1) for s in steps]
-    out["d4_seconds"] = [s.get("D4_student_responses", 0.0) for s in steps]
+    out["d4_seconds"] = [s.get(step_folder("D4"), 0.0) for s in steps]
     out["step_seconds"] = steps
     return out
 

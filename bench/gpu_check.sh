@@ -2,6 +2,7 @@
 # Every GPU check of the open targets in one call (budget: under 8 minutes on one H200):
 #   bash bench/gpu_check.sh [OUT_DIR]          # OUT_DIR defaults to $OUT, else bench/results/gpu
 #   CPU_DRY_RUN=1 bash bench/gpu_check.sh DIR  # the same parts at small sizes on the CPU: proves the script
+#   PARTS="demo_gpu fsdp2_gpu" bash bench/gpu_check.sh  # only the named parts (a rerun after a cut-off call)
 # 1. scoring      bench/scoring.py, 0.5B-shaped random Qwen2: items/s against per-item generate
 #                 (target >= 200x) and achieved TFLOP/s as a share of the FLOP limit (target >= 45%)
 # 2. generation   bench/generation.py, batch 16 against one at a time (target >= 10x)
@@ -25,8 +26,9 @@ stamp="$out/.started"
 touch "$stamp"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 failed=0
-part() {  # part NAME COMMAND...: run, log, count failures
+part() {  # part NAME COMMAND...: run, log, count failures (only the parts PARTS names, when set)
     local name=$1; shift
+    case " ${PARTS:-$name} " in *" $name "*) ;; *) return 0 ;; esac
     echo "== $name: $*"
     local start=$SECONDS
     if ! "$@" >"$out/$name.log" 2>&1; then failed=$((failed + 1)); echo "   FAILED (see $out/$name.log)"; fi

@@ -50,6 +50,7 @@ def main(argv=None) -> int:
 
     from atkd.fingerprint import versions
     from atkd.io import read_json, write_json
+    from atkd.paths import args_path
     from atkd.models import set_quiet_env
 
     setup_logging()
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
                 demo.build_models(cfg.models_dir, seed=cfg.seed, dtype=dtype, names=(name,))
                 built[name] = round(time.time() - start, 1)
                 log.info("built the %s in %.0f s", name, built[name])
-            write_json(report.with_name("build_report.args.json"),
+            write_json(args_path(report),
                        {"argv": [sys.argv[0], *to_argv(cfg)], "versions": versions()})
         log.info("measuring the models in %s", cfg.models_dir)
         fig = demo.demo_figures(cfg.models_dir, cfg.data_dir, per_leaf=cfg.check_per_leaf, seed=cfg.seed)

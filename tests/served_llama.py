@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -161,12 +162,46 @@ def build_tiny_llama3(out_dir: Path, seed: int = 0, letter_bias: float = 0.0, he
     return save_model(model, tok, out_dir)
 
 
-def convert_to_gguf(model_dir: Path, out_path: Path, work_dir: Path) -> Path:
-    """An f32 GGUF of `model_dir`, written by llama.cpp's own converter (a subprocess)."""
+# Runs the converter with one change: a BPE tokenizer it does not recognise (it knows tokenizers by the
+# hash of their ids on a test text, so a vocabulary trained here is never known) gets the pre-tokenizer
+# named by argv[2]. Used only for tokenizers `gpt2_byte_level` has checked split text exactly as GPT-2's.
+_CONVERT_AS = """
+import runpy, sys
+from pathlib import Path
+script, pre = sys.argv[1], sys.argv[2]
+root = str(Path(script).parent)
+sys.path[:0] = [root, root + "/gguf-py"]
+import conversion.base as base
+known = base.TextModel.get_vocab_base_pre
+def get_vocab_base_pre(self, tokenizer):
+    try:
+        return known(self, tokenizer)
+    except NotImplementedError:
+        return pre
+base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+sys.argv = [script] + sys.argv[3:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def gpt2_byte_level(model_dir: Path) -> bool:
+    """Whether the folder's tokenizer splits text exactly as GPT-2's: byte-level BPE, no normaliser, the
+    byte-level pre-tokenizer with GPT-2's regex and no added prefix space (llama.cpp's "gpt-2"). The demo's
+    tokenizers are such (`atkd.tiny.train_tokenizer`, style bytelevel)."""
+    spec = json.loads((Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+    pre = spec.get("pre_tokenizer") or {}
+    return (spec["model"]["type"] == "BPE" and spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
+            and pre.get("use_regex", True) and not pre.get("add_prefix_space", False))
+
+
+def convert_to_gguf(model_dir: Path, out_path: Path, work_dir: Path, pre: str | None = None) -> Path:
+    """An f32 GGUF of `model_dir`, written by llama.cpp's own converter (a subprocess). `pre`: the
+    pre-tokenizer to write when the converter does not recognise the tokenizer (see `_CONVERT_AS`)."""
     script = converter_script(work_dir)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     env.pop("NO_LOCAL_GGUF", None)  # the converter must use its own gguf-py, not whatever is installed
-    res = subprocess.run([sys.executable, str(script), str(model_dir), "--outfile", str(out_path), "--outtype", "f32"],
+    head = [sys.executable, str(script)] if pre is None else [sys.executable, "-c", _CONVERT_AS, str(script), pre]
+    res = subprocess.run([*head, str(model_dir), "--outfile", str(out_path), "--outtype", "f32"],
                          capture_output=True, text=True, env=env, timeout=CONVERT_TIMEOUT_S)
     if res.returncode != 0 or not out_path.exists():
         raise RuntimeError(f"convert_hf_to_gguf.py failed ({res.returncode}):\n{res.stderr[-3000:]}")
@@ -239,3 +274,25 @@ def served_llama(tmp_path_factory):
 
     with stack:
         yield serve
+
+
+DEMO_MODELS = ROOT / "data" / "demo" / "models"
+
+
+@pytest.fixture(scope="session")
+def served_demo(tmp_path_factory):
+    """The demo's teacher and agent served by llama.cpp (two servers, aliases "teacher" and "agent"), their
+    GGUFs converted from data/demo/models with GPT-2's pre-tokenizer (`gpt2_byte_level` checks the
+    tokenizers split text as it does): a dict name -> `ServedLlama`, kept for the session."""
+    reason = llama_cpp_missing()
+    if reason:
+        pytest.skip(reason)
+    work = tmp_path_factory.mktemp("served-demo")
+    with contextlib.ExitStack() as stack:
+        out = {}
+        for name in ("teacher", "agent"):
+            model_dir = DEMO_MODELS / name
+            assert gpt2_byte_level(model_dir), f"{model_dir}: not GPT-2's byte-level pre-tokenizer"
+            gguf = convert_to_gguf(model_dir, work / f"{name}.gguf", work, pre="gpt-2")
+            out[name] = stack.enter_context(llama_cpp_server(gguf, model_dir, work, alias=name))
+        yield out

@@ -133,7 +133,7 @@ def test_numbers_equal_hand_computed(tmp_path, run):
     assert (resp_node.stats["n"], resp_node.stats["correct"]) == (2, 0)
     assert resp_node.stats["smoothed_accuracy"] == pytest.approx(0.2375)
     # The done-record beside the outputs holds the command line and the fingerprint of the run.
-    record = json.loads((tmp_path / "out" / "tree.done.json").read_text(encoding="utf-8"))
+    record = json.loads((tmp_path / "out" / "analyze.done.json").read_text(encoding="utf-8"))
     assert record["argv"][record["argv"].index("--prior_strength") + 1] == "2.0"
     assert record["fingerprint"]["prior_strength"] == 2.0 and record["fingerprint"]["stage"] == "AnalyzerConfig"
     assert not list((tmp_path / "out").glob("*.args.json"))

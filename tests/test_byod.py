@@ -182,11 +182,14 @@ def test_a_converted_dataset_without_ability_paths_is_labelled_and_distilled(byo
 
     # The teacher labelled both sets before the steps that need paths, and every question got a leaf.
     out = proc.stdout
-    assert out.index("[run] L_eval_ability_labels") < out.index("[run] H_eval_tree")
+    assert out.index("[run] eval_labels/L_ability_labels") < out.index("[run] baseline_eval/H_eval_tree")
     assert out.index("[run] L_ability_labels") < out.index("[run] B_student_tree")
-    labels = {"eval": jsonl(base / "workflow" / "L_eval_ability_labels" / "ability_paths.jsonl"),
+    assert (base / "workflow" / "eval_labels" / "L_ability_labels.log").stat().st_size > 0  # beside its folder
+    labels = {"eval": jsonl(base / "workflow" / "eval_labels" / "L_ability_labels" / "ability_paths.jsonl"),
               "pool": jsonl(it1 / "L_ability_labels" / "ability_paths.jsonl")}
     assert [r["id"] for r in labels["pool"]] == [q.id for q in kept]
+    for folder in (base / "workflow" / "eval_labels" / "L_ability_labels", it1 / "L_ability_labels"):
+        assert sorted(p.name for p in folder.iterdir()) == ["ability_paths.jsonl", "label.done.json", "summary.json"]
     assert len(labels["eval"]) == 40
     tree = json.loads((ROOT / "ability_trees" / "demo_tree.json").read_text(encoding="utf-8"))["Clinical medicine"]
     for r in labels["eval"] + labels["pool"]:
@@ -194,7 +197,7 @@ def test_a_converted_dataset_without_ability_paths_is_labelled_and_distilled(byo
         assert leaf in tree[area] and len(r["confidence"]) == 2 and all(0 < p <= 1 for p in r["confidence"])
 
     # The loop ran on those labels: every question scored, questions written, the student trained, the report.
-    stats = json.loads((it1 / "B_student_tree" / "stats.json").read_text(encoding="utf-8"))
+    stats = json.loads((it1 / "B_student_tree" / "summary.json").read_text(encoding="utf-8"))
     assert stats["scored"] == len(kept) and stats["questions_without_path"]["count"] == 0
     entry = json.loads((base / "workflow" / "report.json").read_text(encoding="utf-8"))["iterations"][0]
     assert entry["generated"] > 0 and 0 < entry["validated"] <= entry["generated"]
@@ -211,7 +214,7 @@ def test_the_labelling_steps_are_skipped_when_done(byod_run):
                     "--eval_ability_class_path", "", "--drop_eval_overlap", "--num_distill_samples", "40",
                     "--train_epochs", "2")
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "[skip] L_eval_ability_labels" in again.stdout and "[skip] L_ability_labels" in again.stdout
+    assert "[skip] eval_labels/L_ability_labels" in again.stdout and "[skip] L_ability_labels" in again.stdout
     assert "[run]" not in again.stdout and "[rerun]" not in again.stdout
 
 

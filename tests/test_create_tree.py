@@ -116,7 +116,7 @@ def test_end_to_end_on_a_tiny_local_model(tmp_path, run, llama_dir):
         names = [c.name.casefold() for c in node.children]
         assert len(set(names)) == len(names)
     assert all(len(c.path) == 3 and not c.children for n in level1 for c in n.children)
-    record = json.loads((tmp_path / "trees" / "t.done.json").read_text(encoding="utf-8"))
+    record = json.loads((tmp_path / "trees" / "tree.done.json").read_text(encoding="utf-8"))
     argv = record["argv"]
     assert argv[argv.index("--nodes_per_level") + 1] == "3,2" and record["fingerprint"]["nodes_per_level"] == [3, 2]
 

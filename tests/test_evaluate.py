@@ -14,7 +14,7 @@ from atkd.answering import Answerer
 from atkd.cross_check import same_model, verdict
 from atkd.io import parts_dir_for, write_jsonl
 from atkd.models import load_model, load_tokenizer
-from atkd.paths import agent_answers_path, rejected_path, report_path
+from atkd.paths import agent_answers_path, rejected_path, summary_path
 from atkd.records import question_from_dict
 from atkd.scoring import score_questions
 from conftest import make_questions, run_script, send_chat_reply
@@ -70,7 +70,7 @@ def test_two_agents_are_two_models_and_both_are_reported(two_agents, llama_dir, 
     _, out, stderr = two_agents
     assert "same model" not in stderr
     kept, rejected = read_jsonl(out), read_jsonl(rejected_path(out))
-    report = json.loads(report_path(out).read_text(encoding="utf-8"))
+    report = json.loads(summary_path(out).read_text(encoding="utf-8"))
     assert len(kept) + len(rejected) == len(rows)
 
     first, second = own_answers(llama_dir, rows), own_answers(qwen_plain_dir, rows)
@@ -111,7 +111,7 @@ def test_same_model_twice_is_flagged_and_min_confidence_applies(tmp_path, run, l
     res = evaluate(run, tmp_path / "gen.jsonl", out, llama_dir, copy, "--min_confidence", threshold)
     assert res.returncode == 0, res.stderr
     assert "both agents are the same model" in res.stderr
-    report = json.loads(report_path(out).read_text(encoding="utf-8"))
+    report = json.loads(summary_path(out).read_text(encoding="utf-8"))
     assert report["same_model"] is True and report["min_confidence"] == threshold
     kept = {r["id"] for r in read_jsonl(out)}
     want = {r["id"] for r in rows if mine[r["id"]][0] == r["answer_idx"] and mine[r["id"]][1] >= threshold}
@@ -156,7 +156,7 @@ def test_second_agent_crash_keeps_the_first_agents_answers(tmp_path, run, two_ag
     assert "agent 1: 24 of 24 answers already written" in res.stderr
     assert out.read_bytes() == fresh.read_bytes()  # the same as the uninterrupted run
     assert rejected_path(out).read_bytes() == rejected_path(fresh).read_bytes()
-    assert report_path(out).read_bytes() == report_path(fresh).read_bytes()
+    assert summary_path(out).read_bytes() == summary_path(fresh).read_bytes()
     assert not parts_of(out, 1).exists()
 
 
@@ -218,7 +218,7 @@ def test_generate_mode_never_reads_a_capital_inside_a_word(tmp_path, run):
     assert rejected["t"]["reject_reason"] == "unparsed" and rejected["t"]["agent_1_pred"] is None
     assert rejected["t"]["agent_2_pred"] == "A"
     assert rejected["w"]["reject_reason"] == "agent_2_wrong" and rejected["w"]["agent_2_pred"] == "B"
-    report = json.loads(report_path(out).read_text(encoding="utf-8"))
+    report = json.loads(summary_path(out).read_text(encoding="utf-8"))
     assert report["agents"]["agent_1"]["mode"] == report["agents"]["agent_2"]["mode"] == "generate"
     assert report["same_model"] is False
     assert report["agents"]["agent_1"]["unparsed"] == 1 and report["by_leaf"]["Med"] == {
@@ -232,7 +232,7 @@ def test_generate_mode_with_local_tiny_models(tmp_path, run, llama_dir, qwen_pla
     res = evaluate(run, tmp_path / "gen.jsonl", out, llama_dir, qwen_plain_dir, "--mode", "generate",
                    "--max_new_tokens", 6)
     assert res.returncode == 0, res.stderr
-    report = json.loads(report_path(out).read_text(encoding="utf-8"))
+    report = json.loads(summary_path(out).read_text(encoding="utf-8"))
     rejected = read_jsonl(rejected_path(out))
     assert report["kept"] + sum(report["by_reason"].values()) == 8 == report["total"]
     assert all("agent_1_reply" in r and "agent_2_reply" in r for r in rejected if r["reject_reason"] == "unparsed")
@@ -245,9 +245,6 @@ def test_generate_mode_with_local_tiny_models(tmp_path, run, llama_dir, qwen_pla
     (["--agent_1_api_base", "http://127.0.0.1:9/v1"], "--agent_1_api_base needs --agent_1_api_model"),
     (["--agent_1_api_base", "http://127.0.0.1:9/v1", "--agent_1_api_model", "m"],
      "error: http://127.0.0.1:9/v1: no OpenAI-compatible server answers there"),
-    (["--agent_1_api_base", "http://127.0.0.1:9/v1", "--agent_1_api_model", "m", "--agent_2_api_base",
-      "http://127.0.0.1:9/v1", "--agent_2_api_model", "n", "--min_confidence", "0.5"],
-     "--min_confidence needs a local agent in score mode"),
     (["--min_confidence", "1.5"], "error: --min_confidence must be between 0.0 and 1.0 (got 1.5)"),
 ])
 def test_bad_settings_exit_2_without_output(tmp_path, run, llama_dir, extra, problem):

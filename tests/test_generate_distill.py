@@ -19,7 +19,7 @@ from atkd import question_writing as qw
 from atkd.allocation import allocate
 from atkd.io import PartLog, parts_dir_for, write_jsonl
 from atkd.model_source import LocalModel
-from atkd.paths import plan_path
+from atkd.paths import summary_path
 from atkd.records import load_questions, question_problem
 from atkd.tree import load_tree, tree_from_nested
 from conftest import ROOT, make_questions, send_chat_reply
@@ -248,7 +248,7 @@ def test_cli_tiny_random_teacher_reports_its_shortfall(inputs, llama_dir, run):
               *cli_args(inputs, out, "--num_samples", 6, "--max_retries", 1, "--max_new_tokens", 16,
                         "--batch_size", 8, "--id_prefix", "it1"), env=ONE_THREAD)
     assert res.returncode == 0, res.stderr
-    plan = json.loads(plan_path(out).read_text(encoding="utf-8"))
+    plan = json.loads(summary_path(out).read_text(encoding="utf-8"))
     lines = out.read_text(encoding="utf-8").splitlines()
     assert len(lines) == plan["achieved"] < 6  # a random model writes (almost) nothing parsable
     assert plan["shortfall"] == 6 - plan["achieved"] and "short by" in res.stderr
@@ -257,7 +257,7 @@ def test_cli_tiny_random_teacher_reports_its_shortfall(inputs, llama_dir, run):
     targets = [row["target"] for row in plan["leaves"]]
     assert targets == [3, 2, 1, 0] and plan["leaves_without_seeds"] == [["Med", "Surgery", "Ortho"]]
     assert [row["seeds_available"] for row in plan["leaves"]] == [10, 10, 9, 0]
-    assert (out.parent / "generated.done.json").is_file() and not parts_dir_for(out).exists()
+    assert (out.parent / "write_questions.done.json").is_file() and not parts_dir_for(out).exists()
     assert not (out.parent / "generated.args.json").exists()
 
 
@@ -375,5 +375,5 @@ def test_cli_http_teacher_resumes_after_kill_to_the_same_file(inputs):
     assert server.count == uninterrupted_requests - 8  # the logged replies were not asked again
     assert f"taking over the lock on {cut.parent}" in res.stderr  # the killed run's lock did not block this one
     assert cut.read_bytes() == whole.read_bytes()
-    assert plan_path(cut).read_bytes() == plan_path(whole).read_bytes()
+    assert summary_path(cut).read_bytes() == summary_path(whole).read_bytes()
     assert not parts_dir_for(cut).exists()

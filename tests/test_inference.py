@@ -58,7 +58,7 @@ def check_replies(inputs: list[dict], out: Path, mode: str, model_dir: Path) -> 
     assert (summary["n"], summary["correct"], summary["mode"], summary["lang"]) == (len(inputs), correct, mode, "en")
     assert summary["accuracy"] == pytest.approx(correct / len(inputs))
     assert summary["model_path"] == str(model_dir) and summary["items_per_s"] > 0
-    assert (out.parent / "replies.done.json").is_file() and not (out.parent / "replies.args.json").exists()
+    assert (out.parent / "answer.done.json").is_file() and not (out.parent / "replies.args.json").exists()
     assert not parts_dir_for(out).exists()
     return replies, summary
 
@@ -283,7 +283,7 @@ def test_rerun_is_a_no_op_and_a_changed_input_redoes_it(tmp_path, llama_dir, run
     args = ["--model_path", llama_dir, "--dataset_path", data, "--output_path", out]
     assert run("inference.py", *args, env=ONE_THREAD).returncode == 0
     stamps = [(p.name, p.stat().st_mtime_ns) for p in sorted(out.parent.iterdir())]
-    assert [name for name, _ in stamps] == ["replies.done.json", "replies.jsonl", "summary.json"]
+    assert [name for name, _ in stamps] == ["answer.done.json", "replies.jsonl", "summary.json"]
 
     again = run("inference.py", *args, env=ONE_THREAD)
     assert again.returncode == 0 and "nothing to do" in again.stderr

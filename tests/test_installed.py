@@ -84,7 +84,7 @@ def test_a_stage_runs_from_another_folder(installed, tmp_path):
     stats = json.loads((tmp_path / "B" / "stats.json").read_text(encoding="utf-8"))
     right = sum(json.loads(line)["answer_idx"] == "A" for line in (DEMO / "iteration_1.jsonl").read_text().splitlines())
     assert (stats["scored"], stats["correct"]) == (192, right)
-    record = json.loads((tmp_path / "B" / "tree.done.json").read_text(encoding="utf-8"))
+    record = json.loads((tmp_path / "B" / "analyze.done.json").read_text(encoding="utf-8"))
     assert record["argv"][0] == "python -m atkd analyze"  # the record names the command that can rerun it
 
 

@@ -224,12 +224,12 @@ def test_batched_run_equals_each_question_scored_alone(llama_dir, files, tmp_pat
         assert tree.match(r["ability_path"]).is_leaf
     assert any(len(r["ability_path"]) == 2 for r in got)
 
-    summary = json.loads((out.parent / "paths.summary.json").read_text(encoding="utf-8"))
+    summary = json.loads((out.parent / "summary.json").read_text(encoding="utf-8"))
     assert summary["n"] == 24 and summary["levels"][0]["placed"] == 24
     assert summary["levels"][0]["mean"] == pytest.approx(sum(r["confidence"][0] for r in got) / 24)
     assert sum(summary["questions_per_node"][name] for name in TOPICS) == 24
     assert 0 < summary["letter_mass"]["mean_letter_mass"] <= 1
-    assert (out.parent / "paths.done.json").is_file() and not parts_dir_for(out).exists()
+    assert (out.parent / "label.done.json").is_file() and not parts_dir_for(out).exists()
 
     again = label(llama_dir, files, out, "--batch_size", 2)  # batch size cannot change results: nothing to do
     assert again.returncode == 0 and "nothing to do" in again.stderr
@@ -265,7 +265,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(llama_dir, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "discarding partial work" not in res.stderr and "already written by an earlier run" in res.stderr
     assert out.read_bytes() == whole.read_bytes()
-    summary, reference = (json.loads((p.parent / "paths.summary.json").read_text()) for p in (out, whole))
+    summary, reference = (json.loads((p.parent / "summary.json").read_text()) for p in (out, whole))
     assert 0 < summary["resumed"] <= done and reference["resumed"] == 0
     for key in ("levels", "questions_per_node", "letter_mass", "cost"):  # cost: resumed prompts included
         assert summary[key] == reference[key]

@@ -1,5 +1,5 @@
 """atkd.leakage: which questions repeat an evaluation question, the error main.py stops with, and step C
-dropping generated questions that repeat one (near_duplicate_eval in plan.json)."""
+dropping generated questions that repeat one (near_duplicate_eval in step C's summary.json)."""
 
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def test_step_c_drops_generated_repeats_of_evaluation_questions_and_counts_them(
     without, _ = qw.run_rounds(leaves, [3], cfg, dataset, produce)  # no evaluation set: the copy of e0 is kept
     assert "near_duplicate_eval" not in qw.plan_report(leaves, [3], without, 3, 1, {})["rejected"]
     assert without.all_records()[0]["question"] == STEM
-    assert json.dumps(plan)  # plain JSON, as written to plan.json
+    assert json.dumps(plan)  # plain JSON, as written to step C's summary.json
 
 
 def test_the_stage_reads_the_evaluation_set_as_an_input(tmp_path):

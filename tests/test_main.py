@@ -110,6 +110,34 @@ def test_demo_loop_trains_the_student_and_reports(reference):
         assert f"[run] {step}" in proc.stdout
 
 
+# The demo run's step folders (D2: REPLAY_FRACTION is on by default), each with its summary, its done-record named
+# after its stage and its log beside it; F writes its model under the models folder, its log in the iteration's.
+RUN_LAYOUT = {"iteration_1": {"A_student_reply": "answer", "B_student_tree": "analyze", "C_distill_data": "write_questions",
+                              "D_validated_data": "cross_check", "D2_replay": "replay", "E_teacher_logits": "logits",
+                              "G_eval_reply": "answer", "H_eval_tree": "analyze"},
+              "baseline_eval": {"G_eval_reply": "answer", "H_eval_tree": "analyze"},
+              "teacher_eval": {"G_eval_reply": "answer", "H_eval_tree": "analyze"}}
+
+
+@pytest.mark.e2e
+def test_every_step_folder_holds_summary_json_its_stages_record_and_its_log_beside_it(reference):
+    base, _ = reference
+    workflow = base / "workflow"
+    assert sorted(p.name for p in workflow.iterdir() if p.is_dir()) == sorted(RUN_LAYOUT)
+    for where, steps in RUN_LAYOUT.items():
+        assert sorted(p.name for p in (workflow / where).iterdir() if p.is_dir()) == sorted(steps), where
+        for folder, stage in steps.items():
+            summary = workflow / where / folder / "summary.json"
+            assert json.loads(summary.read_text()), summary  # the step's summary, under the one name
+            assert sorted(p.name for p in (workflow / where / folder).glob("*.done.json")) == [f"{stage}.done.json"]
+            assert (workflow / where / f"{folder}.log").stat().st_size > 0
+        for old in ("stats.json", "plan.json", "report.json", "replay.json"):
+            assert not list((workflow / where).rglob(old)), old
+    assert (it1(base) / "F_train.log").stat().st_size > 0
+    assert (base / "models" / "iteration_1_student_model" / "train.done.json").is_file()
+    assert not list(workflow.glob("*.log"))  # every log beside its step's folder (no tree step: the demo gives it)
+
+
 @pytest.mark.e2e
 def test_killed_during_generation_then_during_training_resumes_to_the_same_run_and_reruns_only_what_changed(
         reference, tmp_path):
@@ -132,7 +160,7 @@ def test_killed_during_generation_then_during_training_resumes_to_the_same_run_a
     for step in ("A_student_reply", "B_student_tree", "C_distill_data", "D_validated_data", "E_teacher_logits"):
         assert f"[skip] {step}" in proc.stdout
     assert "[resume] F_train" in proc.stdout
-    for rel in ("C_distill_data/generated.jsonl", "C_distill_data/plan.json", "D_validated_data/validated.jsonl"):
+    for rel in ("C_distill_data/generated.jsonl", "C_distill_data/summary.json", "D_validated_data/validated.jsonl"):
         assert (it1(tmp_path) / rel).read_bytes() == (it1(ref) / rel).read_bytes(), rel
     final = Path("models") / "iteration_1_student_model" / "final_model"
     assert_same_weights(tmp_path / final, ref / final)
@@ -141,8 +169,9 @@ def test_killed_during_generation_then_during_training_resumes_to_the_same_run_a
     assert "[run]" not in again.stdout and again.stdout.count("[skip]") >= 8
 
     changed = run_main(tmp_path, "--num_distill_samples", "72")
-    for step in ("A_student_reply", "B_student_tree", "G_eval_reply", "H_eval_tree"):
-        assert f"[skip] {step}" in changed.stdout  # baseline evaluation and the measurement stay
+    for step in ("A_student_reply", "B_student_tree", "baseline_eval/G_eval_reply", "baseline_eval/H_eval_tree",
+                 "teacher_eval/G_eval_reply"):
+        assert f"[skip] {step}" in changed.stdout  # the evaluations before training and the measurement stay
     assert "[rerun] C_distill_data: changed since the last run: num_samples 60 -> 72" in changed.stdout
     for step, source in (("D_validated_data", "input_file"), ("E_teacher_logits", "dataset_path"),
                          ("F_train", "teacher_logits_dir")):
@@ -196,13 +225,14 @@ def test_new_weights_at_the_same_path_redo_the_work_in_main_and_by_hand(tmp_path
 
     rewrite(0.5)
     again = run_main(tmp_path, "--student_model_path", str(student), "--num_distill_samples", "24",
-                     "--train_epochs", "1")
-    for step in ("G_eval_reply", "A_student_reply"):
-        assert f"[rerun] {step}: changed since the last run: model_path (contents)" in again.stdout
-    assert "[rerun] F_train: changed since the last run:" in again.stdout  # the student is F's input too
+                     "--train_epochs", "1", "--dry_run")  # the plan says what a run would redo, and why
+    for step in ("baseline_eval/G_eval_reply", "A_student_reply"):
+        assert f"[plan] {step}: changed since the last run: model_path (contents)" in again.stdout
+    assert "[plan] F_train: changed since the last run:" in again.stdout  # the student is F's input too
+    assert "[skip] teacher_eval/G_eval_reply" in again.stdout  # the teacher did not change
 
     replies = it1(tmp_path) / "A_student_reply" / "replies.jsonl"
-    record = it1(tmp_path) / "A_student_reply" / "replies.done.json"
+    record = it1(tmp_path) / "A_student_reply" / "answer.done.json"
     old_replies, old_signature = replies.read_bytes(), json.loads(record.read_text())["fingerprint"]["model_path"]
     rewrite(3.0)  # and by hand: the command main.py printed for step A sees the new weights too
     by_hand = subprocess.run(printed_commands(first.stdout)["A_student_reply"], capture_output=True, text=True,

@@ -203,8 +203,8 @@ def test_main_with_student_responses_killed_during_sampling_resumes_to_the_same_
 
     ref_d4 = ref / "wf" / "iteration_1" / "D4_student_responses"
     assert (d4 / "train.jsonl").read_bytes() == (ref_d4 / "train.jsonl").read_bytes()
-    report = json.loads((d4 / "report.json").read_text())
-    want = json.loads((ref_d4 / "report.json").read_text())
+    report = json.loads((d4 / "summary.json").read_text())
+    want = json.loads((ref_d4 / "summary.json").read_text())
     assert {k: v for k, v in report.items() if k != "seconds"} == {k: v for k, v in want.items() if k != "seconds"}
     assert report["chosen"] == report["written"] > 0 and report["practised"] > 0
     assert report["right"] + report["wrong"] + report["unparsed"] == report["chosen"]

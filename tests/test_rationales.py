@@ -101,7 +101,7 @@ def test_answer_first_reasons_are_kept_and_the_rest_dropped_and_counted(tmp_path
     assert {k: r["drop_reason"] for k, r in dropped.items()} == {"wrong": "disagrees", "mute": "unparsed",
                                                                  "bare": "no_reason"}
     assert dropped["wrong"]["teacher_letter"] == "B" and dropped["wrong"]["teacher_reply"] == REPLIES["WRONG"]
-    report = json.loads(paths.report_path(out).read_text())
+    report = json.loads(paths.summary_path(out).read_text())
     assert report["total"] == 5 and report["kept"] == 2 and report["dropped"] == 3
     assert report["from_teacher"] == 1 and report["from_dataset"] == 1
     assert report["by_reason"] == {"unparsed": 1, "disagrees": 1, "no_reason": 1}
@@ -221,7 +221,7 @@ def test_demo_loop_trains_on_replayed_and_explained_items(tmp_path):
     explained = read_jsonl(it.explained)
     replayed = [r for r in mix if r.get("source") == "replay"]
     assert len(mix) == len(explained) + len(replayed) and len(replayed) == replay_count(len(explained), 0.25)
-    report = json.loads(paths.report_path(it.explained).read_text())
+    report = json.loads(paths.summary_path(it.explained).read_text())
     assert report["total"] == len(validated) and report["kept"] == len(explained) >= 0.8 * len(validated)
     assert report["from_teacher"] == len(explained) and {r["explanation_source"] for r in explained} == {"teacher"}
     assert not any(r.get("source") == "replay" for r in explained) and not any("explanation" in r for r in replayed)

@@ -62,7 +62,7 @@ def test_replay_items_make_the_set_share_with_gold_answers_favouring_known_abili
                                                                    original["answer_idx"])
     known = sum(r["ability_path"] == ["Root", "Area", "Known"] for r in replayed)
     assert known >= 8, known  # weights 0.95 against 0.05: the known ability dominates the draw
-    record = json.loads(paths.replay_record_path(out).read_text())
+    record = json.loads(paths.summary_path(out).read_text())
     assert record["generated"] == 30 and record["replay"] == 10 and record["share"] == 0.25 and record["seed"] == 3
     assert record["training_items"] == 40
     assert record["by_ability"]["Root > Area > Known"] == {"available": 20, "weight": 0.95, "drawn": known}
@@ -89,7 +89,7 @@ def test_more_than_the_dataset_takes_all_of_it_then_repeats_the_known_abilities(
     again = [r for r in replayed if r["replay_pass"] == 2]
     assert all(r["id"] == f"replay2-{r['replay_of']}" for r in again)
     assert len(again) == 8 and sum(r["ability_path"][-1] == "Known" for r in again) == 5  # ... then the known first
-    record = json.loads(paths.replay_record_path(tmp_path / "all.jsonl").read_text())
+    record = json.loads(paths.summary_path(tmp_path / "all.jsonl").read_text())
     assert record["replay_wanted"] == record["replay"] == 18 and record["passes"] == 2 and record["share"] == 0.375
 
 
@@ -127,13 +127,13 @@ def test_two_items_at_a_fifth_get_one_replayed(tmp_path, run):
     inputs(tmp_path, n_generated=2)
     mix = replay(run, tmp_path, tmp_path / "two.jsonl", "--replay_fraction", "0.2")
     assert sum(r.get("source") == "replay" for r in mix) == 1 and len(mix) == 3
-    record = json.loads(paths.replay_record_path(tmp_path / "two.jsonl").read_text())
+    record = json.loads(paths.summary_path(tmp_path / "two.jsonl").read_text())
     assert record["replay"] == 1 and record["share"] == 1 / 3 and record["training_items"] == 3
 
 
 def chain(run, tmp_path, server, fraction: float, use_dataset_explanation: bool) -> tuple[list[dict], dict]:
     """D3 then D2 as main.py chains them in rationale style with replay, on 5 validated items of which the
-    scripted teacher's replies keep 2; returns the file E and F read, and replay.json."""
+    scripted teacher's replies keep 2; returns the file E and F read, and D2's summary.json."""
     import main
     from dataclasses import replace
 
@@ -159,7 +159,7 @@ def chain(run, tmp_path, server, fraction: float, use_dataset_explanation: bool)
     for step in training_data_steps(cfg, it, str(tmp_path / "data.jsonl"), str(tmp_path / "paths.jsonl"), 0, []):
         res = run(step.script, *to_argv(step.cfg), env=env)
         assert res.returncode == 0, res.stderr
-    return read_jsonl(training_items(cfg, it)), json.loads(paths.replay_record_path(it.replay_mix).read_text())
+    return read_jsonl(training_items(cfg, it)), json.loads(paths.summary_path(it.replay_mix).read_text())
 
 
 def test_the_share_is_exact_over_the_items_left_after_rationales(tmp_path, run, teacher):

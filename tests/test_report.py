@@ -77,7 +77,7 @@ def finished_run(tmp_path):
     it = paths.IterationPaths(wf, models, 1)
     scored(it.scored_tree, {"Easy": (5, 5), "Hard": (1, 5)})
     scored(it.eval.scored_tree, {"Easy": (9, 10), "Hard": (5, 10)})
-    write_json(paths.report_path(it.validated), {"by_leaf": {
+    write_json(paths.summary_path(it.validated), {"by_leaf": {
         "Root > Area > Hard": {"total": 20, "kept": 8, "pass_rate": 0.4, "rejected": {"both_wrong": 12}},
         "Root > Area > Easy": {"total": 2, "kept": 2, "pass_rate": 1.0, "rejected": {}}}})
     return wf, models
@@ -128,7 +128,7 @@ def evaluated(ev: paths.EvalPaths, right: dict[str, set[int]]) -> None:
             replies[key] = {"id": key, "pred_letter": "A" if k in ok else "B"}
     analysis = analyze(tree, questions, ability, replies, "replies.jsonl", prior_strength=4.0)
     tree.save_scored(ev.scored_tree)
-    write_json(ev.stats, analysis.stats())
+    write_json(ev.tree_summary, analysis.stats())
 
 
 def test_wilson_interval_and_mcnemar_p_equal_hand_computed():

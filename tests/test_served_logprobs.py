@@ -237,7 +237,7 @@ def test_prompt_logprobs_overlap_the_local_top_k_after_the_shift(served_llama, b
     server = served_llama("letters" if bos else "nobos", seed=0, letter_bias=6.0, bos=bos)
     tok, model = load_local(server)
     api = api_for(server)
-    qs = mcq_questions(4 if bos else 2)
+    qs = mcq_questions(1)  # llama-cpp-python's echo sorts the 128k vocabulary per position: ~10 s an item here
     seqs = [rationale_item(q, tok) for q in qs]
     items = [(s.prompt_ids + s.response_ids, len(s.prompt_ids) + 1) for s in seqs]
     shift = echo_shift(api, tok, seqs[0].prompt_ids)

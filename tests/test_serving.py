@@ -21,7 +21,7 @@ import pytest
 from atkd.api import APIError, ChatAPI
 from atkd.errors import InputError
 from atkd.io import parts_dir_for, write_jsonl
-from atkd.paths import agent_answers_path, plan_path, rejected_path, report_path
+from atkd.paths import agent_answers_path, rejected_path, summary_path
 from conftest import ROOT, free_port, make_questions, send_chat_reply, served_requests, tail, transformers_serve
 
 DEMO = ROOT / "data" / "demo"
@@ -77,15 +77,18 @@ def test_main_with_the_teacher_and_agent_1_behind_transformers_serve(tmp_path):
     assert agents["agent_1"]["mode"] == "generate" and agents["agent_1"]["model"] == f"{server['model']} @ {server['base']}"
     assert agents["agent_2"]["mode"] == "score" and same_path(agents["agent_2"]["model"], DEMO / "models" / "agent")
     assert "agent 1 " in (tmp_path / "workflow" / "report.md").read_text(encoding="utf-8")
-    d_report = json.loads(report_path(it1 / "D_validated_data" / "validated.jsonl").read_text(encoding="utf-8"))
+    d_report = json.loads(summary_path(it1 / "D_validated_data" / "validated.jsonl").read_text(encoding="utf-8"))
     assert d_report["agents"]["agent_1"]["mean_letter_mass"] is None  # no logits from an endpoint
     assert d_report["agents"]["agent_2"]["mean_letter_mass"] is not None
-    # Every question was written and every item answered by agent 1 at the server, one request each.
-    plan = json.loads(plan_path(it1 / "C_distill_data" / "generated.jsonl").read_text(encoding="utf-8"))
-    assert answered == plan["attempts"] + d_report["total"]
+    # Every question was written and every item answered by agent 1 at the server, one request each, and three
+    # stages asked once whether the server gives log-probs (D's agent 1, the teacher's evaluation, E): it does not.
+    plan = json.loads(summary_path(it1 / "C_distill_data" / "generated.jsonl").read_text(encoding="utf-8"))
+    assert answered == plan["attempts"] + d_report["total"] + 3
+    teacher_eval = json.loads((tmp_path / "workflow" / "teacher_eval" / "G_eval_reply" / "summary.json").read_text())
+    assert teacher_eval["mode"] == "score" and teacher_eval["api_model"] is None  # the local weights scored
     records = [json.loads(x) for x in (it1 / "C_distill_data" / "generated.jsonl").read_text().splitlines()]
     assert {r["teacher"] for r in records} == {server["model"]}
-    # The teacher's logits (E) came from its local folder.
+    # E asked the server, which gives no log-probs (transformers serve): the teacher's local weights gave them.
     commands = {line.split()[1].rstrip(":"): shlex.split(nxt[4:]) for line, nxt in
                 zip(proc.stdout.splitlines(), proc.stdout.splitlines()[1:]) if line.startswith("[run] ")}
     c_cmd, e_cmd = commands["C_distill_data"], commands["E_teacher_logits"]
@@ -119,15 +122,23 @@ def test_main_plans_the_endpoints_and_refuses_bad_endpoint_settings(tmp_path):
     d = command["evaluate_distilled_data.py"]
     assert d[d.index("--agent_2_api_base") + 1] == url and "--agent_model_2_path" not in d
     assert same_path(d[d.index("--agent_model_1_path") + 1], DEMO / "models" / "teacher")
-    assert same_path(command["generate_logits.py"][command["generate_logits.py"].index("--model_path") + 1],
-                     DEMO / "models" / "teacher")
+    # E asks the served teacher for its log-probs; TEACHER_MODEL_PATH is only its tokenizer there
+    e = command["generate_logits.py"]
+    assert e[e.index("--api_base") + 1] == url and e[e.index("--api_model") + 1] == "big"
+    assert same_path(e[e.index("--model_path") + 1], DEMO / "models" / "teacher")
+    # the teacher's evaluation is answered at its endpoint too; the student's stays local
+    answers = [shlex.split(line.strip()) for line in lines if " -m atkd answer " in line]
+    teacher_eval = [a for a in answers if "teacher_eval" in a[a.index("--output_path") + 1]]
+    assert len(teacher_eval) == 1 and teacher_eval[0][teacher_eval[0].index("--api_base") + 1] == url
+    assert same_path(teacher_eval[0][teacher_eval[0].index("--model_path") + 1], DEMO / "models" / "teacher")
+    assert all("--api_base" not in a for a in answers if a not in teacher_eval)
 
     for extra, problem in (
             (["--teacher_api_base", url], "TEACHER_API_BASE needs TEACHER_API_MODEL"),
             (["--teacher_api_base", url, "--teacher_api_model", "big"],
              f"error: {url}: no OpenAI-compatible server answers there"),
-            (["--agent_1_api_base", url, "--agent_1_api_model", "a", "--agent_2_api_base", url,
-              "--agent_2_api_model", "b", "--min_confidence", "0.5"], "MIN_CONFIDENCE needs an agent that scores")):
+            (["--teacher_api_base", url, "--teacher_api_model", "big", "--teacher_model_path", str(tmp_path)],
+             f"error: {tmp_path}: no tokenizer files here")):
         res = subprocess.run(main_args(tmp_path, *extra), capture_output=True, text=True, env=env(), cwd=ROOT,
                              timeout=120)
         assert res.returncode == 2 and problem in res.stderr and "Traceback" not in res.stderr, res.stderr
@@ -196,39 +207,40 @@ def test_endpoint_agent_generates_beside_a_scoring_agent_and_resumes_per_answer(
                          text=True, env=env(), timeout=300)
     server.close()
     assert res.returncode == 0, res.stderr
-    assert server.count == 20
-    report = json.loads(report_path(whole).read_text(encoding="utf-8"))
+    assert server.count == 1 + 20  # one request tells its server gives no log-probs (it then generates)
+    report = json.loads(summary_path(whole).read_text(encoding="utf-8"))
     assert report["agents"]["agent_1"]["mode"] == "generate" and report["agents"]["agent_2"]["mode"] == "score"
     assert report["agents"]["agent_1"]["unparsed"] == 0 and report["agents"]["agent_2"]["mean_label_prob"] > 0
 
-    # SIGKILL while requests 12 and 13 are in flight: 11 answers are logged, not a whole batch of 8 more.
+    # SIGKILL while requests 13 and 14 are in flight (after the probe): 11 answers are logged, not a whole batch
+    # of 8 more.
     parts = parts_dir_for(agent_answers_path(cut, 1))
 
     def logged() -> int:
         return sum(len(p.read_text(encoding="utf-8").splitlines()) for p in parts.glob("part-*.jsonl"))
 
-    server = ScriptedAgent(port, block_at=12)
+    server = ScriptedAgent(port, block_at=13)
     proc = subprocess.Popen(validate_cmd(tmp_path / "gen.jsonl", cut, server.url, llama_dir),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
     try:
         deadline = time.monotonic() + 240
-        while (logged() < 11 or server.count < 13) and time.monotonic() < deadline:
+        while (logged() < 11 or server.count < 14) and time.monotonic() < deadline:
             assert proc.poll() is None, "the run ended before the kill point"
             time.sleep(0.05)
         proc.kill()
         proc.wait(60)
     finally:
         server.close()
-    assert logged() == 11 and server.count == 13 and not cut.exists()
+    assert logged() == 11 and server.count == 14 and not cut.exists()
 
     server = ScriptedAgent(port)
     res = subprocess.run(validate_cmd(tmp_path / "gen.jsonl", cut, server.url, llama_dir), capture_output=True,
                          text=True, env=env(), timeout=300)
     server.close()
     assert res.returncode == 0, res.stderr
-    assert server.count == 20 - 11  # only the answers not logged were asked again
+    assert server.count == 1 + 20 - 11  # the probe, then only the answers not logged
     assert "agent 1: 11 of 20 answers already written by an earlier run" in res.stderr
-    for path in (whole, rejected_path(whole), report_path(whole)):
+    for path in (whole, rejected_path(whole), summary_path(whole)):
         assert (cut.parent / path.name).read_bytes() == path.read_bytes(), path.name
 
 

@@ -16,8 +16,8 @@ from atkd.answering import InferenceConfig
 from atkd.cli import parse_config
 from atkd.cross_check import CrossCheckConfig
 from atkd.labelling import LabelConfig
-from atkd.plan import (FEEDS, SET_PER_STEP, STAGE_CONFIGS, eval_files, eval_steps, iteration_steps, round_files,
-                       teacher_eval_steps, tree_step)
+from atkd.plan import (FEEDS, SET_PER_STEP, STAGE_CONFIGS, baseline_eval_steps, eval_files, iteration_steps,
+                       round_files, teacher_eval_steps, tree_step)
 from atkd.question_writing import QuestionWritingConfig
 from atkd.rationale_writing import RationaleConfig
 from atkd.replay import ReplayConfig
@@ -68,11 +68,14 @@ DEFAULTED = {
     **{(QuestionWritingConfig, f): "step C's own defaults" for f in ("top_p", "max_new_tokens", "alloc_floor",
                                                                      "seeds_per_prompt", "dedup_threshold")},
     (QuestionWritingConfig, "domain"): "read from the tree",
-    (CrossCheckConfig, "mode"): "score for local agents (an agent at an endpoint always generates)",
+    (CrossCheckConfig, "mode"): "score (an agent at an endpoint whose server gives no letter log-probs generates)",
     (CrossCheckConfig, "max_new_tokens"): "generate mode only",
     (RationaleConfig, "max_new_tokens"): "step D3's own default",
     (StudentSamplingConfig, "max_new_tokens"): "step D4's own default",
     (LogitsConfig, "shard_size"): "storage only",
+    (LogitsConfig, "top_logprobs_cap"): "a served teacher: 20, what hosted APIs and vLLM's default allow",
+    (LogitsConfig, "prompt_logprobs"): "a served teacher: echo, kept option-level (and counted) where the server "
+                                       "gives no prompt log-probs",
     **{(TrainConfig, f): "train.py's own defaults" for f in ("max_length", "gradient_checkpointing", "warmup_ratio",
                                                              "weight_decay", "lr_scheduler", "max_grad_norm",
                                                              "logging_steps")},
@@ -127,8 +130,7 @@ def all_steps(cfg: WorkflowConfig, tmp_path: Path) -> list:
     ev = eval_files(cfg, workflow, tree, [])
     files = round_files(cfg, it, tree, [], dropped=False)
     return [tree_step(cfg, workflow, []), ev.label_step,
-            *eval_steps(cfg, paths.baseline_eval(workflow), cfg.student_model_path, tree, [], workflow,
-                        ev.ability_paths),
+            *baseline_eval_steps(cfg, workflow, tree, [], ev.ability_paths),
             *teacher_eval_steps(cfg, workflow, tree, [], ev.ability_paths),
             *iteration_steps(cfg, it, "student-of-round-2", tree, [], files)]
 

@@ -37,7 +37,7 @@ def step(tmp_path) -> Step:
     out = tmp_path / "B"
     cfg = AnalyzerConfig(initial_tree_path=str(tmp_path / "tree.json"), paths_file=str(tmp_path / "paths.jsonl"),
                          answers_file=str(tmp_path / "q.jsonl"), student_responses_file=str(tmp_path / "replies.jsonl"),
-                         output_tree_path=str(out / "tree.json"), output_stats_path=str(out / "stats.json"))
+                         output_tree_path=str(out / "tree.json"), output_stats_path=str(out / "summary.json"))
     return Step("B_student_tree", "student_data_analyzer.py", cfg, log_path=tmp_path / "B.log")
 
 
@@ -101,6 +101,24 @@ def test_a_stage_run_by_hand_after_main_does_nothing_and_main_skips_a_stage_run_
     other = replace(step.cfg, prior_strength=1.0)
     assert run("student_data_analyzer.py", *to_argv(other)).returncode == 0  # by hand, with another setting
     assert run_step(replace(step, cfg=other)) == "done"  # main.py agrees: it reads the same record
+
+
+def test_one_stage_run_into_one_folder_under_two_names_never_takes_the_others_record(step, capsys):
+    """The record is named after the stage (`analyze.done.json`), so two outputs of one stage in one folder share
+    it: it names the outputs it is for, and the other output is not done."""
+    run_step(step)
+    out = Path(step.cfg.output_tree_path).parent
+    other = replace(step.cfg, prior_strength=0.0, output_tree_path=str(out / "other.json"),
+                    output_stats_path=str(out / "other_summary.json"))
+    assert run_step(replace(step, cfg=other)) == "new"
+    assert json.loads(step.cfg.record_path().read_text())["outputs"] == ["other.json", "other_summary.json"]
+    # The first output with the other's settings: the record's fingerprint matches and its files exist, but they
+    # hold prior 4.0's numbers; the record is not theirs, so it runs.
+    first = replace(step, cfg=replace(step.cfg, prior_strength=0.0))
+    assert run_step(first) == "new"
+    assert "is of other outputs (other.json, other_summary.json)" in capsys.readouterr().out
+    assert json.loads(Path(step.cfg.output_stats_path).read_text())["prior_strength"] == 0.0
+    assert run_step(first) == "done"
 
 
 def test_failure_names_the_log_and_leaves_no_record(step):
