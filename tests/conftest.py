@@ -30,6 +30,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)
 
+# The files whose end-to-end tests take the longest (seconds of main.py runs on 2 cores), heaviest first. Run
+# first, so that with one file per worker (pytest-xdist --dist loadfile) the short files fill in at the end
+# instead of one worker idling while the other finishes a long file.
+HEAVY_FILES = ("test_main.py", "test_quick_start.py", "test_on_policy.py", "test_serving.py", "test_byod.py",
+               "test_served_teacher.py", "test_rationales.py", "test_served_logprobs.py", "test_train_scale.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FILES)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))  # stable: the rest keep order
+
+
 WORDS = ("heart lung liver kidney aspirin insulin metoprolol amoxicillin femur tibia nerve muscle virus "
          "bacteria fungus enzyme protein vein artery cell blood bone skin brain").split()
 

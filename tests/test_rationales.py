@@ -207,7 +207,8 @@ def test_demo_loop_trains_on_replayed_and_explained_items(tmp_path):
            "--dataset_files_per_iteration", str(demo / "iteration_1.jsonl"),
            "--ability_class_files_per_iteration", str(demo / "iteration_1_ability_paths.jsonl"),
            "--num_distill_samples", "48", "--train_epochs", "1", "--gpus_to_use", "",
-           "--replay_fraction", "0.25", "--response_style", "rationale"]
+           "--replay_fraction", "0.25", "--response_style", "rationale",
+           "--eval_dataset_path", "", "--eval_ability_class_path", ""]  # the training items are what is checked
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

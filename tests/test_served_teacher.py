@@ -175,13 +175,18 @@ def test_served_step_e_cut_short_resumes_to_the_uninterrupted_store(served_demo,
                         lambda self, path, payloads: (asked.append(len(payloads)), real(self, path, payloads))[1])
     teacher_logits.run(cfg("cut"))
     assert asked == [1, 0, 14]  # the probe; no letter request again; the 14 token requests not answered before
+    # The same store, up to the engine's own rounding: llama.cpp reuses the KV cache of the prompt prefix it
+    # shares with the request before, so a value can move in the last bits with the order of the requests.
     whole, cut = LogitsStore.open(tmp_path / "whole"), LogitsStore.open(tmp_path / "cut")
-    assert {k: {f: v for f, v in e.items() if f != "shard"} for k, e in whole.items.items()} == \
-           {k: {f: v for f, v in e.items() if f != "shard"} for k, e in cut.items.items()}
+    plain = ("shard", "letter_mass")
+    assert {k: {f: v for f, v in e.items() if f not in plain} for k, e in whole.items.items()} == \
+           {k: {f: v for f, v in e.items() if f not in plain} for k, e in cut.items.items()}
     for key in whole.items:
-        assert torch.equal(whole.option_logprobs(key), cut.option_logprobs(key))
-        for x, y in zip(whole.token_level(key), cut.token_level(key)):
-            assert torch.equal(x, y)
+        assert whole.items[key]["letter_mass"] == pytest.approx(cut.items[key]["letter_mass"], abs=1e-5)
+        assert torch.allclose(whole.option_logprobs(key), cut.option_logprobs(key), atol=1e-4)
+        (ids_a, top_a, lp_a, tail_a), (ids_b, top_b, lp_b, tail_b) = whole.token_level(key), cut.token_level(key)
+        assert torch.equal(ids_a, ids_b) and torch.equal(top_a[:, :5], top_b[:, :5])
+        assert torch.allclose(lp_a[:, :5], lp_b[:, :5], atol=1e-3) and torch.allclose(tail_a, tail_b, atol=1e-3)
 
 
 @pytest.mark.e2e
@@ -209,8 +214,15 @@ def test_served_models_answer_in_score_mode_and_fall_back_to_generate_without_lo
         fell_back = run_stage("answer", "--api_base", plain.base, "--api_model", plain.model, "--dataset_path",
                               str(few), "--output_path", str(tmp_path / "plain" / "replies.jsonl"),
                               "--api_max_attempts", "1", "--max_new_tokens", "16")
+        # a served teacher whose folder also holds its weights: they answer in score mode instead
+        local_instead = run_stage("answer", "--api_base", plain.base, "--api_model", plain.model, "--model_path",
+                                  str(DEMO / "models" / "teacher"), "--dataset_path", str(few), "--output_path",
+                                  str(tmp_path / "instead" / "replies.jsonl"), "--api_max_attempts", "1")
     assert "gives no letter log-probs, so it answers in generate mode" in fell_back.stderr
     assert read_json(tmp_path / "plain" / "summary.json")["mode"] == "generate"
+    assert "answers in score mode instead" in local_instead.stderr
+    instead = read_json(tmp_path / "instead" / "summary.json")
+    assert instead["mode"] == "score" and instead["api_model"] is None
 
     # labelling scores the served teacher the same way: the same paths as the local teacher's
     labels = {}
@@ -233,6 +245,7 @@ def test_main_with_the_teacher_and_agents_served_killed_and_resumed(served_demo,
            "--dataset_files_per_iteration", str(DEMO / "iteration_1.jsonl"),
            "--ability_class_files_per_iteration", str(DEMO / "iteration_1_ability_paths.jsonl"),
            "--num_distill_samples", "60", "--train_epochs", "1", "--gpus_to_use", "",
+           "--eval_dataset_path", "", "--eval_ability_class_path", "",  # the served evaluation: tested above
            "--teacher_model_path", str(tokenizer_only(tmp_path / "teacher_tokenizer")),
            "--teacher_api_base", teacher.base, "--teacher_api_model", teacher.model,
            "--agent_model_1_path", "", "--agent_1_api_base", teacher.base, "--agent_1_api_model", teacher.model,
@@ -255,10 +268,7 @@ def test_main_with_the_teacher_and_agents_served_killed_and_resumed(served_demo,
     assert "step E uses only the tokenizer" in rerun.stdout
     it = tmp_path / "workflow" / "iteration_1"
     report = read_json(tmp_path / "workflow" / "report.json")["iterations"][0]
-    assert report["eval_after"]["overall"]["n"] == 240
     assert {row["mode"] for row in report["agents"].values()} == {"score"}  # both served agents scored
     store = read_json(it / "E_teacher_logits" / "summary.json")
     assert store["served"]["model"] == "teacher" and store["n"] > 0
-    teacher_eval = read_json(tmp_path / "workflow" / "teacher_eval" / "G_eval_reply" / "summary.json")
-    assert teacher_eval["mode"] == "score" and teacher_eval["api_model"] == "teacher"
     assert (tmp_path / "models" / "iteration_1_student_model" / "final_model").is_dir()
