@@ -245,7 +245,18 @@ def run(cfg: TrainConfig) -> Path | None:
     accelerator.wait_for_everyone()
     if accelerator.log_with:
         accelerator.end_training()
+    _close_process_group()
     return final
+
+
+def _close_process_group() -> None:
+    """Destroy the process group before the interpreter exits: a gloo group left to the exit can abort the
+    process after the work is saved ("terminate called without an active exception", SIGABRT), and NCCL
+    warns that the group was not destroyed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _tracker_kwargs(cfg: TrainConfig) -> dict:
