@@ -153,20 +153,44 @@ def answer_local(model, tokenizer, questions: list[Question], who: Answerer) -> 
     return [answer_record(q.key, reply_letter(t, q, who), raw_reply=t) for q, t in zip(questions, texts)]
 
 
+def letter_logprobs_refused(who: Answerer, probe: Question, top_k: int = 20, cap: int = 20) -> str | None:
+    """None when `who`'s server returns the letters' log-probs for `probe` (one request asking `top_k`, at
+    most `cap`), else the server's words."""
+    from .served_logprobs import LogprobsRefused, served_option_scores_each
+
+    try:
+        next(served_option_scores_each(who.client(), [probe], who.lang, top_k, cap))
+    except LogprobsRefused as err:
+        return str(err)
+    return None
+
+
 def at_endpoint(who: Answerer, probe: Question) -> Answerer:
     """How `who` answers at its endpoint: score mode stays when the server returns the letters'
     log-probs for `probe` (one request), else generate mode (a warning names the server's words).
     A local model, or generate mode, is returned unchanged."""
-    from .served_logprobs import LogprobsRefused, served_option_scores_each
-
     if not who.api_base or who.mode != "score":
         return who
-    try:
-        next(served_option_scores_each(who.client(), [probe], who.lang))
-    except LogprobsRefused as err:
-        log.warning("%s gives no letter log-probs, so it answers in generate mode (%s)", who.name, err)
+    refused = letter_logprobs_refused(who, probe)
+    if refused:
+        log.warning("%s gives no letter log-probs, so it answers in generate mode (%s)", who.name, refused)
         return replace(who, mode="generate")
     return who
+
+
+def scoring_source(source, who: Answerer, probe: Question | None, folder: str):
+    """(source, answerer) that answer `who`'s questions: `at_endpoint`'s choice, except that where the server
+    gives no letter log-probs and `folder` (a served teacher's TEACHER_MODEL_PATH) holds the model's weights,
+    those weights answer instead, in the mode asked (a warning). `probe` None: nothing is asked."""
+    if not source.is_served or probe is None:
+        return source, who
+    served = at_endpoint(who, probe)
+    if served.mode == who.mode or not has_model(folder):
+        return source, served
+    log.warning("%s gives no letter log-probs: the model in %s answers in %s mode instead", source.name, folder,
+                who.mode)
+    local = replace(source, api_base="", api_model="")
+    return local, Answerer.of(local, mode=who.mode, lang=who.lang, max_new_tokens=who.max_new_tokens, seed=who.seed)
 
 
 def answer_by_api(who: Answerer, questions: list[Question], writer, desc: str) -> None:
@@ -337,15 +361,9 @@ def run(cfg: InferenceConfig) -> dict | None:
     questions = load_questions(cfg.dataset_path)
     source = TREE_FLAGS.of(cfg)
     source.check()
-    how = dict(mode=cfg.mode, lang=language_of(questions, cfg.lang), max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    who = Answerer.of(source, **how)
-    if source.is_served:
-        who = at_endpoint(who, questions[0])
-        if who.mode != cfg.mode and has_model(cfg.model_path):  # a served teacher whose folder also holds it
-            log.warning("%s gives no letter log-probs: the model in %s answers in %s mode instead", source.name,
-                        cfg.model_path, cfg.mode)
-            source = replace(source, api_base="", api_model="")
-            who = Answerer.of(source, **how)
+    who = Answerer.of(source, mode=cfg.mode, lang=language_of(questions, cfg.lang), max_new_tokens=cfg.max_new_tokens,
+                      seed=cfg.seed)
+    source, who = scoring_source(source, who, questions[0], cfg.model_path)
     gpus = [] if source.is_served else usable_gpu_ids(cfg.gpu_ids)
     device = device_for(gpus[0] if gpus else None)
     if source.is_served:
@@ -363,9 +381,9 @@ def run(cfg: InferenceConfig) -> dict | None:
     record.start()
 
     part_log = PartLog(output_path, {**record.fingerprint, **numbers})
-    how = (f"one request each, {source.api_concurrency} in flight" if source.is_served
-           else f"in {len(batches)} batches of up to {cfg.batch_size}")
-    log.info("%s mode, %d questions %s, language %s, on %s", who.mode, len(questions), how, who.lang, where)
+    asked = (f"one request each, {source.api_concurrency} in flight" if source.is_served
+             else f"in {len(batches)} batches of up to {cfg.batch_size}")
+    log.info("%s mode, %d questions %s, language %s, on %s", who.mode, len(questions), asked, who.lang, where)
     start = time.perf_counter()
     done, n_resumed = answer_all(who, questions, batches, gpus, part_log, f"inference ({who.mode})")
     seconds = time.perf_counter() - start

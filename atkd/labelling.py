@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from . import paths
-from .answering import Answerer, LoadedModel, answer_all, at_endpoint, plan_batches
+from .answering import Answerer, LoadedModel, answer_all, plan_batches, scoring_source
 from .cli import INPUT, OUTPUT, StageConfig, at_least, lang, setting
 from .errors import InputError
 from .fingerprint import DoneRecord
@@ -252,7 +252,7 @@ def run(cfg: LabelConfig) -> dict | None:
     parts folder). None when the outputs were already done.
     """
     from .letters import letter_token_ids
-    from .models import device_for, has_model, load_tokenizer, resolve_dtype, usable_gpu_ids
+    from .models import device_for, load_tokenizer, resolve_dtype, usable_gpu_ids
     from .prompts import language_of
     from .scoring import letter_mass_summary
 
@@ -269,13 +269,10 @@ def run(cfg: LabelConfig) -> dict | None:
     who = Answerer.of(source, mode="score", lang=language_of(questions, cfg.lang))
     widest = max(len(n.children) for n in tree.nodes())
     probe = next(iter(labelling_probe(tree, questions, who.lang)), None)
-    if source.is_served and probe is not None and at_endpoint(who, probe).mode != "score":
-        if not has_model(cfg.model_path):
-            raise InputError(source.name, "the server gives no letter log-probs, and labelling needs the teacher's "
-                                          "probabilities: give the questions' ability paths, or a teacher folder")
-        log.warning("%s gives no letter log-probs: the model in %s labels instead", source.name, cfg.model_path)
-        source = replace(source, api_base="", api_model="")
-        who = Answerer.of(source, mode="score", lang=who.lang)
+    source, who = scoring_source(source, who, probe, cfg.model_path)
+    if who.mode != "score":
+        raise InputError(source.name, "the server gives no letter log-probs, and labelling needs the teacher's "
+                                      "probabilities: give the questions' ability paths, or a teacher folder")
     if source.is_served:
         tokenizer, gpus, numbers, where = None, [], {}, source.name
     else:

@@ -135,7 +135,10 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False, weights: b
     alone, a served model's), left-padded, with a pad token."""
     from transformers import AutoTokenizer
 
-    check_model_dir(path) if weights else check_tokenizer_dir(path)
+    if weights:
+        check_model_dir(path)
+    else:
+        check_tokenizer_dir(path)
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     tok.padding_side = "left"
     if tok.pad_token is None:

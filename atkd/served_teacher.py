@@ -135,6 +135,8 @@ def token_mode(api, tokenizer, seqs: list[TrainSequence] | None, token_items: li
 
 def run_served(cfg, source: ModelSource, questions: list[Question], lang: str, tokenizer, record) -> dict:
     """Step E at an endpoint: log every answer, then build the store (`teacher_logits.run` checked the inputs)."""
+    from safetensors.torch import save as st_save
+
     from .console import progress_bar as tqdm
     from .sequence import tokenizer_fingerprint
     from .teacher_logits import plan_shards
@@ -175,8 +177,6 @@ def run_served(cfg, source: ModelSource, questions: list[Question], lang: str, t
         tensors, entries = shard_tensors([questions[i] for i in ids], [done[f"L:{questions[i].key}"] for i in ids],
                                          [done.get(f"T:{questions[i].key}") for i in ids],
                                          [seqs[i] for i in ids] if seqs else None, lang, k)
-        from safetensors.torch import save as st_save
-
         write_bytes(part_log.dir / shard_name(s), st_save(tensors, metadata={"format": FORMAT}))
         records.append({"shard": s, "file": shard_name(s), "items": entries})
     token_recs = [done.get(f"T:{questions[i].key}") for i in token_items] if mode != "none" else []

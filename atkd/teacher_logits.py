@@ -188,17 +188,15 @@ def served_gives_letters(source, probe: Question, lang: str, cfg: LogitsConfig) 
     """Whether the served teacher returns the letters' log-probs (one request on `probe`). A server that
     gives none (`transformers serve`) leaves the work to the local teacher when --model_path holds its
     weights (a warning), else the stage fails saying so."""
+    from .answering import Answerer, letter_logprobs_refused
     from .errors import StageFailed
     from .models import has_model
-    from .served_logprobs import LogprobsRefused, mcq_messages, served_letter_logprobs_each
 
     source.check()
-    try:
-        next(served_letter_logprobs_each(source.client(), [mcq_messages(probe, lang)], [probe.letters], cfg.top_k,
-                                         cfg.top_logprobs_cap))
+    refused = letter_logprobs_refused(Answerer.of(source, mode="score", lang=lang), probe, cfg.top_k,
+                                      cfg.top_logprobs_cap)
+    if refused is None:
         return True
-    except LogprobsRefused as err:
-        refused = str(err)
     if not has_model(cfg.model_path):
         raise StageFailed(f"{refused}; step E needs the teacher's log-probs: serve it with an engine that returns "
                           "them (vLLM, SGLang, llama.cpp), or give its weights in --model_path") from None

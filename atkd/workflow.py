@@ -224,13 +224,11 @@ def check_inputs(cfg: WorkflowConfig) -> list[int]:
 
 def served_teacher_folder(folder: str) -> str:
     """What a served teacher's TEACHER_MODEL_PATH gives step E (`InputError` when it names no tokenizer)."""
-    from .models import check_tokenizer_dir
+    from .models import check_tokenizer_dir, has_model
 
     if not folder:
         return ("the teacher is served and TEACHER_MODEL_PATH is empty: step E stores option-level targets only "
                 "(no token-level ones), and train.py checks the student's prompts by their words")
-    from .models import has_model
-
     if has_model(folder):
         return (f"the teacher is served; its weights in {folder} are loaded only where its server gives no log-probs "
                 "(step E, its evaluation, labelling), else only its tokenizer is read")
