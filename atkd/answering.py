@@ -38,8 +38,8 @@ from . import paths
 from .batching import length_sorted_batches
 from .cli import INPUT, OUTPUT, StageConfig, at_least, dtype, gpu_ids, lang, setting, trust_remote_code
 from .errors import InputError
-from .fingerprint import DoneRecord
-from .io import PartLog, write_json, write_jsonl
+from .io import PartLog
+from .lifecycle import Outputs, Parts, run_stage
 from .model_source import TREE_FLAGS, EndpointSettings
 from .models import device_for, has_model, load, resolve_dtype, usable_gpu_ids
 from .prompts import encode_prompt, language_of, mcq_prompt, mcq_user_text, rationale_prompt, rationale_user_text
@@ -193,28 +193,35 @@ def scoring_source(source, who: Answerer, probe: Question | None, folder: str):
     return local, Answerer.of(local, mode=who.mode, lang=who.lang, max_new_tokens=who.max_new_tokens, seed=who.seed)
 
 
-def answer_by_api(who: Answerer, questions: list[Question], writer, desc: str) -> None:
-    """Every question to the endpoint, each answer logged the moment it arrives: a kill loses only the
-    requests in flight. Score mode: the letters' log-probs at the answer position (`at_endpoint` decided
-    the server gives them); generate mode: a greedy reply, letter extracted. Deterministic, so a rerun
-    asks the same."""
+def scores_by_api(who: Answerer, questions: list[Question], writer, desc: str) -> None:
+    """Score mode at an endpoint (`at_endpoint` decided the server gives the letters' log-probs): every
+    question's letter log-probs at the answer position, each answer logged the moment it arrives (a kill
+    loses only the requests in flight). Deterministic, so a rerun asks the same."""
     from .console import progress_bar as tqdm
     from .served_logprobs import served_option_scores_each
 
-    api = who.client()
     with tqdm(total=len(questions), desc=desc, unit="q") as bar:
-        if who.mode == "score":
-            for i, scores, _ in served_option_scores_each(api, questions, who.lang):
-                q = questions[i]
-                writer.write([answer_record(q.key, scores.pred_letter, scores.probs(), scores.letter_mass,
-                                            scores.tied)])
-                bar.update(1)
-            return
-        requests = [(user_text(q, who), None) for q in questions]
-        for i, text in api.chat_each(requests, who.max_new_tokens):
+        for i, scores, _ in served_option_scores_each(who.client(), questions, who.lang):
             q = questions[i]
-            writer.write([answer_record(q.key, reply_letter(text, q, who), raw_reply=text)])
+            writer.write([answer_record(q.key, scores.pred_letter, scores.probs(), scores.letter_mass, scores.tied)])
             bar.update(1)
+
+
+def replies_by_api(who: Answerer, questions: list[Question], part_log: PartLog,
+                   desc: str) -> tuple[dict[str, dict], int]:
+    """Generate (and explain) mode at an endpoint: greedy replies through `ModelSource.texts`, the one
+    "prompts in, texts out" path (each reply logged as it arrives, a rerun asks only the rest), then the
+    letter read from each reply; (answers by id, how many came from an earlier run)."""
+    from .model_source import Prompt, PromptBatch
+
+    # The part log holds replies as texts ({"id", "text"}), not answer records: parts of the older form
+    # get another fingerprint, so they are discarded, never misread.
+    part_log.fingerprint = {**part_log.fingerprint, "parts_format": "texts"}
+    resumed = len(part_log.open().keys() & {q.key for q in questions})
+    texts = who.source.texts([PromptBatch([Prompt(q.key, user_text(q, who)) for q in questions])],
+                             max_new_tokens=who.max_new_tokens, temperature=0.0, part_log=part_log, desc=desc)
+    return {q.key: answer_record(q.key, reply_letter(texts[q.key], q, who), raw_reply=texts[q.key])
+            for q in questions}, resumed
 
 
 class LoadedModel:
@@ -260,6 +267,8 @@ def answer_all(who: Answerer, questions: list[Question], batches: list[list[int]
     does not hold yet is computed (whole batches locally, single questions at an endpoint).
     `gpus`: one local worker each (empty: one worker, on the CPU or spread over `who.spread_over`).
     `loaded` keeps the local model for the caller's next call."""
+    if who.api_base and who.mode != "score":
+        return replies_by_api(who, questions, part_log, desc)
     done = part_log.open()
     if who.api_base:
         todo = [q for q in questions if q.key not in done]
@@ -271,7 +280,7 @@ def answer_all(who: Answerer, questions: list[Question], batches: list[list[int]
         log.info("%s: %d of %d answers already written by an earlier run", desc, resumed, len(questions))
     if who.api_base:
         if todo:
-            answer_by_api(who, todo, part_log.writer(0), desc)
+            scores_by_api(who, todo, part_log.writer(0), desc)
     else:
         run_workers(answer_worker, todo, gpus, part_log, (who, questions, desc, loaded or LoadedModel()))
     done = part_log.done()
@@ -344,17 +353,30 @@ def summarize(replies: list[dict], cfg: InferenceConfig, who: Answerer, items_pe
 
 
 def run(cfg: InferenceConfig) -> dict | None:
-    """Answer every question of the dataset; write the replies and the summary (returned).
+    """Answer every question of the dataset; write the replies and the summary (returned); None when the
+    outputs were already done. Every input is checked before anything is written (`atkd.lifecycle`)."""
+    return run_stage(cfg, lambda: check_inputs(cfg), answer_dataset)
 
-    All inputs are validated before anything is written, so bad input (an `InputError`) leaves
-    neither an output file nor a parts folder behind. None when the outputs were already done.
-    """
+
+@dataclass
+class AnswerJob:
+    """What step A/G's inputs resolved to: the questions, who answers them where, and the batches."""
+
+    cfg: InferenceConfig
+    questions: list[Question]
+    source: object  # atkd.model_source.ModelSource
+    who: Answerer
+    gpus: list[int]
+    batches: list
+    numbers: dict  # what the answers depend on beyond the settings (device type, dtype; the served mode)
+    where: str
+
+
+def check_inputs(cfg: InferenceConfig) -> AnswerJob:
+    """Read and check the dataset, the model and the output path; plan the batches."""
     from .letters import letter_token_ids
     from .models import load_tokenizer
 
-    record = DoneRecord(cfg)
-    if record.is_done():
-        return None
     output_path = Path(cfg.output_path)
     if output_path.is_dir():
         raise InputError(output_path, "output path is a folder; give a .jsonl file name")
@@ -365,38 +387,36 @@ def run(cfg: InferenceConfig) -> dict | None:
                       seed=cfg.seed)
     source, who = scoring_source(source, who, questions[0], cfg.model_path)
     gpus = [] if source.is_served else usable_gpu_ids(cfg.gpu_ids)
-    device = device_for(gpus[0] if gpus else None)
     if source.is_served:
-        batches, where, numbers = [], source.name, {"mode": who.mode}
-    else:
-        tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
-        if cfg.mode == "score":  # every letter used must be one token at the answer position
-            letter_token_ids(tokenizer, list(LETTERS[: max(len(q.options) for q in questions)]), who.lang,
-                             source=cfg.model_path)
-        batches = plan_batches(who, questions, cfg.batch_size, tokenizer)
-        # Device type and dtype change the numbers: parts from a CPU run are not mixed into a GPU run.
-        torch_dtype = resolve_dtype(cfg.dtype, device)
-        numbers = {"device_type": device.type, "dtype": str(torch_dtype)}
-        where = (f"GPUs {gpus}" if gpus else "CPU") + f" ({str(torch_dtype).replace('torch.', '')})"
-    record.start()
+        return AnswerJob(cfg, questions, source, who, gpus, [], {"mode": who.mode}, source.name)
+    device = device_for(gpus[0] if gpus else None)
+    tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
+    if cfg.mode == "score":  # every letter used must be one token at the answer position
+        letter_token_ids(tokenizer, list(LETTERS[: max(len(q.options) for q in questions)]), who.lang,
+                         source=cfg.model_path)
+    batches = plan_batches(who, questions, cfg.batch_size, tokenizer)
+    # Device type and dtype change the numbers: parts from a CPU run are not mixed into a GPU run.
+    torch_dtype = resolve_dtype(cfg.dtype, device)
+    where = (f"GPUs {gpus}" if gpus else "CPU") + f" ({str(torch_dtype).replace('torch.', '')})"
+    return AnswerJob(cfg, questions, source, who, gpus, batches,
+                     {"device_type": device.type, "dtype": str(torch_dtype)}, where)
 
-    part_log = PartLog(output_path, {**record.fingerprint, **numbers})
-    asked = (f"one request each, {source.api_concurrency} in flight" if source.is_served
-             else f"in {len(batches)} batches of up to {cfg.batch_size}")
-    log.info("%s mode, %d questions %s, language %s, on %s", who.mode, len(questions), asked, who.lang, where)
+
+def answer_dataset(job: AnswerJob, parts: Parts) -> Outputs:
+    """Every question's reply (resuming the part log), and the summary."""
+    cfg, questions, who = job.cfg, job.questions, job.who
+    part_log = parts.log(cfg.output_path, extra=job.numbers)
+    asked = (f"one request each, {job.source.api_concurrency} in flight" if job.source.is_served
+             else f"in {len(job.batches)} batches of up to {cfg.batch_size}")
+    log.info("%s mode, %d questions %s, language %s, on %s", who.mode, len(questions), asked, who.lang, job.where)
     start = time.perf_counter()
-    done, n_resumed = answer_all(who, questions, batches, gpus, part_log, f"inference ({who.mode})")
+    done, n_resumed = answer_all(who, questions, job.batches, job.gpus, part_log, f"inference ({who.mode})")
     seconds = time.perf_counter() - start
 
     replies = [reply_record(q, who.mode, done[q.key]) for q in questions]
     computed = len(questions) - n_resumed
     summary = summarize(replies, cfg, who, computed / seconds if computed and seconds > 0 else None,
                         seconds, n_resumed)
-    write_jsonl(output_path, replies)
-    write_json(paths.summary_path(output_path), summary)
-    record.write()
-    part_log.remove()
     unparsed = f", {summary['unparsed']} unparsed" if summary["unparsed"] is not None else ""
-    log.info("accuracy %.4f (%d/%d)%s; wrote %s", summary["accuracy"], summary["correct"], summary["n"], unparsed,
-             output_path)
-    return summary
+    log.info("accuracy %.4f (%d/%d)%s", summary["accuracy"], summary["correct"], summary["n"], unparsed)
+    return Outputs(summary, {Path(cfg.output_path): replies, paths.summary_path(cfg.output_path): summary})

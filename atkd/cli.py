@@ -270,7 +270,7 @@ def setup_logging(main_process: bool = True) -> None:
 def stage_main(cls, run: Callable, argv=None, description: str | None = None, defaults: dict | None = None) -> int:
     """What every stage script does: parse its config, then `run(config)`; bad input exits 2."""
     from .lock import holding
-    from .models import set_quiet_env
+    from .console import set_quiet_env
 
     parser = build_parser(cls, description, defaults)
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ at most every LINE_INTERVAL_S seconds, and once at the end (the stage's last pro
 from __future__ import annotations
 
 import io
+import os
 import sys
 
 LINE_INTERVAL_S = 30.0  # seconds between progress lines in a log (a terminal's bar redraws freely)
@@ -49,3 +50,13 @@ def progress_bar(iterable=None, total: int | float | None = None, desc: str = ""
         return tqdm(iterable, **kwargs)
     return tqdm(iterable, **kwargs, file=_Lines(), mininterval=LINE_INTERVAL_S, maxinterval=LINE_INTERVAL_S,
                 ascii=True, ncols=120)
+
+
+def set_quiet_env() -> None:
+    """Keep tokenizers' thread pool from fighting our worker processes, never touch the hub, and draw no
+    hub or transformers progress bars (transformers 5 draws a "Loading weights" bar per model load; the
+    variable reaches the processes this one starts, `quiet_transformers` covers this one)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

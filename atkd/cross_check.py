@@ -30,8 +30,8 @@ from . import paths
 from .answering import MODES, Answerer, answer_all, at_endpoint, plan_batches
 from .cli import INPUT, OUTPUT, StageConfig, at_least, between, lang, setting
 from .errors import InputError
-from .fingerprint import MISSING_PATH, DoneRecord, fingerprint, signature
-from .io import PartLog, write_json, write_jsonl
+from .fingerprint import MISSING_PATH, fingerprint, signature
+from .lifecycle import Outputs, Parts, run_stage
 from .model_source import AGENT_FLAGS
 from .models import load_tokenizer
 from .prompts import language_of
@@ -221,16 +221,27 @@ def build_report(items: list[Question], answers: Answers, kept: list[dict], reje
 
 def run(cfg: CrossCheckConfig) -> dict | None:
     """Both agents answer every item; write validated, rejected and the report (returned)."""
-    record = DoneRecord(cfg)
-    if record.is_done():
-        return None
+    return run_stage(cfg, lambda: check_inputs(cfg), cross_checked)
+
+
+@dataclass
+class CrossCheckJob:
+    cfg: CrossCheckConfig
+    items: list
+    agents: list  # the two Answerers, in score mode where they can score
+    workers: dict[int, list[int]]  # agent -> GPUs with one local worker each
+    is_same: bool
+
+
+def check_inputs(cfg: CrossCheckConfig) -> CrossCheckJob:
+    """The items, and both agents: their settings checked, served agents probed for the letters' log-probs."""
     path = Path(cfg.input_file)
     if path.is_file() and not path.read_text(encoding="utf-8").strip():
         raise InputError(path, "no questions to validate (the generation step wrote none: see its summary.json)")
     items = load_questions(path)
     lang = language_of(items, cfg.lang)
     agents = [answerer(cfg, n, lang) for n in AGENTS]
-    workers = {}  # agent -> GPUs with one local worker each
+    workers = {}
     for n, who in zip(AGENTS, agents):
         source = AGENT_FLAGS[n].of(cfg)
         source.check()
@@ -243,34 +254,32 @@ def run(cfg: CrossCheckConfig) -> dict | None:
     if is_same:
         log.warning("both agents are the same model (%s): validation is one model's opinion twice, "
                     "not a cross-check (summary.json says same_model: true)", agents[0].name)
-    record.start()
+    return CrossCheckJob(cfg, items, agents, workers, is_same)
 
-    answers, logs = {}, []
+
+def cross_checked(job: CrossCheckJob, parts: Parts) -> Outputs:
+    """Each agent's answers (its own part log), then the items both answer as labelled, and the report."""
+    cfg, items, agents = job.cfg, job.items, job.agents
+    answers = {}
     for n, who in zip(AGENTS, agents):  # one after the other: one model in memory at a time
         # An agent's answers depend on it, its mode and the input only: not on the other agent.
-        part_log = PartLog(paths.agent_answers_path(cfg.output_file, n),
-                           {**fingerprint(cfg, exclude=agent_fields(3 - n)), "agent_mode": who.mode})
+        part_log = parts.log(paths.agent_answers_path(cfg.output_file, n), extra={"agent_mode": who.mode},
+                             fingerprint=fingerprint(cfg, exclude=agent_fields(3 - n)))
         batches = [] if who.api_base else plan_batches(who, items, cfg.batch_size,
                                                         load_tokenizer(who.model_path, who.trust_remote_code))
         log.info("agent %d: %s, %s mode", n, who.name, who.mode)
-        answers[n], _ = answer_all(who, items, batches, workers.get(n, []), part_log, f"agent {n}")
+        answers[n], _ = answer_all(who, items, batches, job.workers.get(n, []), part_log, f"agent {n}")
         _free_memory()
-        logs.append(part_log)
 
     kept, rejected = judged_records(items, answers, cfg.min_confidence)
-    report = build_report(items, answers, kept, rejected, agents, is_same, cfg.min_confidence)
-    write_jsonl(cfg.output_file, kept)
-    write_jsonl(paths.rejected_path(cfg.output_file), rejected)
-    write_json(paths.summary_path(cfg.output_file), report)
-    record.write()
-    for part_log in logs:
-        part_log.remove()
+    report = build_report(items, answers, kept, rejected, agents, job.is_same, cfg.min_confidence)
     log.info("kept %d of %d questions (pass rate %s); rejected by reason: %s", report["kept"], report["total"],
              report["pass_rate"], {k: v for k, v in report["by_reason"].items() if v} or "none")
     for name, row in report["agents"].items():
         if row["mode"] == "generate":  # a reply that commits to no single letter is data, not a guess
             log.info("%s: %d of %d replies unread (unparsed)", name.replace("_", " "), row["unparsed"], report["total"])
-    return report
+    return Outputs(report, {Path(cfg.output_file): kept, paths.rejected_path(cfg.output_file): rejected,
+                            paths.summary_path(cfg.output_file): report})
 
 
 def _free_memory() -> None:

@@ -231,8 +231,14 @@ class DoneRecord:
 
 
 def versions() -> dict:
-    """The versions a result was computed with (recorded, not fingerprinted: an upgrade keeps finished work)."""
-    import torch
-    import transformers
+    """The versions a result was computed with (recorded, not fingerprinted: an upgrade keeps finished work).
+    Read from the installed packages' metadata: a stage that needs no model (B, D2) does not import torch for it."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), "torch": installed("torch"), "transformers": installed("transformers")}

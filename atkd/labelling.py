@@ -53,9 +53,8 @@ from . import paths
 from .answering import Answerer, LoadedModel, answer_all, plan_batches, scoring_source
 from .cli import INPUT, OUTPUT, StageConfig, at_least, lang, setting
 from .errors import InputError
-from .fingerprint import DoneRecord
+from .lifecycle import Outputs, Parts, run_stage
 from .model_source import TREE_FLAGS, EndpointSettings
-from .io import PartLog, write_json, write_jsonl
 from .prompts import ABILITY_SEP, ability_question
 from .records import LETTERS, Question, load_questions
 from .tree import AbilityTree, Node, load_tree
@@ -251,14 +250,27 @@ def run(cfg: LabelConfig) -> dict | None:
     Every input is checked before anything is written (an `InputError` leaves no output and no
     parts folder). None when the outputs were already done.
     """
+    return run_stage(cfg, lambda: check_inputs(cfg), labelled)
+
+
+@dataclass
+class LabelJob:
+    cfg: LabelConfig
+    questions: list[Question]
+    tree: AbilityTree
+    who: Answerer
+    tokenizer: object  # None at an endpoint
+    gpus: list[int]
+    numbers: dict  # what the answers depend on beyond the settings (device type, dtype)
+    where: str
+
+
+def check_inputs(cfg: LabelConfig) -> LabelJob:
+    """The dataset, the tree and the model (which must give the letters' probabilities)."""
     from .letters import letter_token_ids
     from .models import device_for, load_tokenizer, resolve_dtype, usable_gpu_ids
     from .prompts import language_of
-    from .scoring import letter_mass_summary
 
-    record = DoneRecord(cfg)
-    if record.is_done():
-        return None
     output = Path(cfg.output_path)
     if output.is_dir():
         raise InputError(output, "output path is a folder; give a .jsonl file name")
@@ -267,54 +279,54 @@ def run(cfg: LabelConfig) -> dict | None:
     source = TREE_FLAGS.of(cfg)
     source.check()
     who = Answerer.of(source, mode="score", lang=language_of(questions, cfg.lang))
-    widest = max(len(n.children) for n in tree.nodes())
     probe = next(iter(labelling_probe(tree, questions, who.lang)), None)
     source, who = scoring_source(source, who, probe, cfg.model_path)
     if who.mode != "score":
         raise InputError(source.name, "the server gives no letter log-probs, and labelling needs the teacher's "
                                       "probabilities: give the questions' ability paths, or a teacher folder")
     if source.is_served:
-        tokenizer, gpus, numbers, where = None, [], {}, source.name
-    else:
-        gpus = usable_gpu_ids(cfg.gpu_ids)
-        device = device_for(gpus[0] if gpus else None)
-        tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
-        letter_token_ids(tokenizer, list(LETTERS[:min(widest, MAX_CHOICES)]), who.lang, source=cfg.model_path)
-        # Device type and dtype change the numbers: parts from a CPU run are not mixed into a GPU run.
-        numbers = {"device_type": device.type, "dtype": str(resolve_dtype(cfg.dtype, device))}
-        where = f"GPUs {gpus}" if gpus else "CPU"
-    record.start()
+        return LabelJob(cfg, questions, tree, who, None, [], {}, source.name)
+    widest = max(len(n.children) for n in tree.nodes())
+    gpus = usable_gpu_ids(cfg.gpu_ids)
+    device = device_for(gpus[0] if gpus else None)
+    tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
+    letter_token_ids(tokenizer, list(LETTERS[:min(widest, MAX_CHOICES)]), who.lang, source=cfg.model_path)
+    # Device type and dtype change the numbers: parts from a CPU run are not mixed into a GPU run.
+    numbers = {"device_type": device.type, "dtype": str(resolve_dtype(cfg.dtype, device))}
+    return LabelJob(cfg, questions, tree, who, tokenizer, gpus, numbers, f"GPUs {gpus}" if gpus else "CPU")
 
-    part_log = PartLog(output, {**record.fingerprint, **numbers})
+
+def labelled(job: LabelJob, parts: Parts) -> Outputs:
+    """Every question placed level by level (the model's answers resumed from the part log), and the summary."""
+    from .scoring import letter_mass_summary
+
+    cfg, who, tree = job.cfg, job.who, job.tree
+    part_log = parts.log(cfg.output_path, extra=job.numbers)
     loaded, masses, resumed = LoadedModel(), [], 0
     cost = {"prompts": 0, "forward_passes": 0}  # labelling prompts scored, and the batches they went in
 
     def ask(mcqs: list[Question], desc: str) -> dict[str, dict]:
         nonlocal resumed
-        batches = plan_batches(who, mcqs, cfg.batch_size, tokenizer)
+        batches = plan_batches(who, mcqs, cfg.batch_size, job.tokenizer)
         cost["prompts"] += len(mcqs)
         cost["forward_passes"] += len(batches)
-        done, n_resumed = answer_all(who, mcqs, batches, gpus, part_log, desc, loaded)
+        done, n_resumed = answer_all(who, mcqs, batches, job.gpus, part_log, desc, loaded)
         resumed += n_resumed
         masses.extend(done[q.key]["letter_mass"] for q in mcqs)
         return done
 
     log.info("labelling %d questions on a tree of %d leaves (widest node: %d children), language %s, on %s",
-             len(questions), len(tree.leaves()), widest, who.lang, where)
+             len(job.questions), len(tree.leaves()), max(len(n.children) for n in tree.nodes()), who.lang, job.where)
     start = time.perf_counter()
-    placements = place_all(tree, questions, who.lang, ask, cfg.rotations)
+    placements = place_all(tree, job.questions, who.lang, ask, cfg.rotations)
     loaded.release()
     summary = summarize(placements, tree, letter_mass_summary(masses, who.name), cost,
                         time.perf_counter() - start, resumed, cfg, who.lang)
-    write_jsonl(output, label_records(placements))
-    write_json(paths.summary_path(output), summary)
-    record.write()
-    part_log.remove()
     for level in summary["levels"]:
         log.info("level %d: %d placed, confidence mean %.3f, median %.3f, %.1f%% below %.1f", level["level"],
                  level["placed"], level["mean"], level["median"], 100 * level["share_below_0.5"], LOW_CONFIDENCE)
     log.info("%d labelling prompts (%.1f per question, every choice under %s), %d forward passes",
              cost["prompts"], summary["cost"]["prompts_per_question"],
              f"{cfg.rotations} rotations at most" if cfg.rotations else "every rotation", cost["forward_passes"])
-    log.info("wrote %s", output)
-    return summary
+    return Outputs(summary, {Path(cfg.output_path): label_records(placements),
+                             paths.summary_path(cfg.output_path): summary})

@@ -14,7 +14,6 @@ slow). `--model_placement` forces either; `auto` decides from the weights' size 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -242,16 +241,6 @@ def load(path: str | Path, device: torch.device | None = None, dtype: str = "aut
 def input_device(model) -> torch.device:
     """Where inputs go: the embedding's device (differs from model.device when spread over GPUs)."""
     return model.get_input_embeddings().weight.device
-
-
-def set_quiet_env() -> None:
-    """Keep tokenizers' thread pool from fighting our worker processes, never touch the hub, and draw no
-    hub or transformers progress bars (transformers 5 draws a "Loading weights" bar per model load; the
-    variable reaches the processes this one starts, `quiet_transformers` covers this one)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def quiet_transformers() -> None:

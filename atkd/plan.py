@@ -373,12 +373,20 @@ def free_port() -> int:
 
 
 def train_step(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, gpus: list[int]) -> Step:
-    """F: train.py under `accelerate launch`, one process per GPU (or one CPU process).
+    """F: train.py under `accelerate launch`, one process per GPU; on the CPU, one plain process.
 
     With the user's accelerate config file, the file decides processes, precision and the
     distributed backend (command-line values would override it); only the port stays ours, a
-    free one, so two runs on one machine do not collide.
+    free one, so two runs on one machine do not collide. One CPU process needs no launcher: it runs
+    like any other stage (bad input exits 2 by itself, so no `--check_only` pass first), which saves
+    the launcher's and the check's interpreters (about 4 s of imports); no GPU is visible to it.
     """
+    weighs_reasons = cfg.response_style == "rationale" or cfg.responses != "teacher"
+    train_cfg = configured(TrainConfig, cfg, student_model_path=student, train_file_path=str(training_items(cfg, it)),
+        teacher_logits_dir=str(it.logits_dir), output_dir=str(it.student_dir), seed=cfg.seed + it.iteration - 1,
+        reason_weight=cfg.reason_weight if weighs_reasons else 0.0)
+    if not gpus and not cfg.accelerate_config_file:
+        return stage_step("F", it, train_cfg, env={"CUDA_VISIBLE_DEVICES": ""})
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]
     if cfg.accelerate_config_file:
         launcher += ["--config_file", cfg.accelerate_config_file]
@@ -388,8 +396,4 @@ def train_step(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, gpus
         if len(gpus) > 1:
             launcher += ["--multi_gpu"]
     env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {}
-    weighs_reasons = cfg.response_style == "rationale" or cfg.responses != "teacher"
-    train_cfg = configured(TrainConfig, cfg, student_model_path=student, train_file_path=str(training_items(cfg, it)),
-        teacher_logits_dir=str(it.logits_dir), output_dir=str(it.student_dir), seed=cfg.seed + it.iteration - 1,
-        reason_weight=cfg.reason_weight if weighs_reasons else 0.0)
     return stage_step("F", it, train_cfg, launcher=launcher, env=env, precheck_flags=["--check_only"])

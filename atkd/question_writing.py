@@ -37,8 +37,8 @@ from .allocation import allocate, leaf_weakness
 from .cli import INPUT, OUTPUT, Check, StageConfig, above, at_least, lang, setting
 from .dedup import DEFAULT_THRESHOLD, NearDupIndex, features, rarest_first
 from .errors import InputError
-from .fingerprint import DoneRecord
-from .io import PartLog, iter_jsonl, write_json, write_jsonl
+from .io import PartLog, iter_jsonl
+from .lifecycle import Outputs, Parts, run_stage
 from .leakage import EvalIndex
 from .model_source import TEACHER_FLAGS, LocalModel, ModelSource, Prompt, PromptBatch
 from .option_order import shuffle_options
@@ -402,13 +402,24 @@ def teacher_producer(teacher: ModelSource, cfg: QuestionWritingConfig, part_log:
 
 def run(cfg: QuestionWritingConfig) -> dict | None:
     """Allocate, write, accept; write generated.jsonl and the plan, summary.json (returned)."""
+    return run_stage(cfg, lambda: check_inputs(cfg), written_questions)
+
+
+@dataclass
+class WriteJob:
+    cfg: QuestionWritingConfig  # with the language and the domain resolved
+    leaves: list[LeafSeeds]
+    dataset: list[Question]
+    eval_questions: list[Question]
+    workers: list[int]
+    spread: list[int]
+
+
+def check_inputs(cfg: QuestionWritingConfig) -> WriteJob:
+    """The teacher's settings, the tree, the dataset and its ability paths, the evaluation set."""
     from .prompts import language_of
 
-    record = DoneRecord(cfg)
-    if record.is_done():
-        return None
-    teacher = cfg.teacher
-    teacher.check()
+    cfg.teacher.check()
     tree = load_tree(cfg.ability_tree_path, domain=cfg.domain)
     dataset = load_questions(cfg.full_dataset_path)
     load_ability_paths(cfg.ability_class_path)  # field and duplicate-id checks, with line numbers
@@ -417,10 +428,15 @@ def run(cfg: QuestionWritingConfig) -> dict | None:
     if not any(leaf.seeds for leaf in leaves):
         raise InputError(cfg.ability_class_path, "no question of the dataset is labelled with a leaf of "
                                                  "the ability tree: there is nothing to write from")
-    resolved = replace(cfg, lang=language_of(dataset, cfg.lang), domain=tree.domain)
-    workers, spread = teacher.placement()
-    record.start()
+    workers, spread = cfg.teacher.placement()
+    return WriteJob(replace(cfg, lang=language_of(dataset, cfg.lang), domain=tree.domain), leaves, dataset,
+                    eval_questions, workers, spread)
 
+
+def written_questions(job: WriteJob, parts: Parts) -> Outputs:
+    """The samples allocated over the leaves, written by the teacher (its replies resumed from the part log)
+    and accepted round by round; the plan (summary)."""
+    cfg, leaves = job.cfg, job.leaves
     alloc = allocate([leaf.weakness for leaf in leaves], [len(leaf.seeds) for leaf in leaves],
                      cfg.num_samples, cfg.alloc_temperature, cfg.alloc_floor)
     allocation = {"rule": "share ~ weakness^(1/temperature), floor for leaves with seeds, largest remainder",
@@ -432,21 +448,18 @@ def run(cfg: QuestionWritingConfig) -> dict | None:
         log.info("%-60s weakness %.3f  seeds %4d  target %d", " > ".join(leaf.path), leaf.weakness,
                  len(leaf.seeds), target)
 
-    part_log = PartLog(cfg.output_path, record.fingerprint)
+    part_log = parts.log(cfg.output_path)
     part_log.open()
-    local = LocalModel(teacher, spread)  # loaded once, kept over the rounds
-    acc, rounds = run_rounds(leaves, alloc.targets, resolved, dataset,
-                             teacher_producer(teacher, resolved, part_log, local, workers), eval_questions)
+    teacher = cfg.teacher
+    local = LocalModel(teacher, job.spread)  # loaded once, kept over the rounds
+    acc, rounds = run_rounds(leaves, alloc.targets, cfg, job.dataset,
+                             teacher_producer(teacher, cfg, part_log, local, job.workers), job.eval_questions)
     local.release()
 
     plan = plan_report(leaves, alloc.targets, acc, cfg.num_samples, rounds, allocation)
-    write_jsonl(cfg.output_path, acc.all_records())
-    write_json(paths.summary_path(cfg.output_path), plan)
-    record.write()
-    part_log.remove()
-    log.info("wrote %d of %d questions to %s (acceptance rate %s; rejected: %s)", plan["achieved"],
-             cfg.num_samples, cfg.output_path, plan["acceptance_rate"], plan["rejected"] or "none")
+    log.info("%d of %d questions written (acceptance rate %s; rejected: %s)", plan["achieved"],
+             cfg.num_samples, plan["acceptance_rate"], plan["rejected"] or "none")
     if plan["shortfall"]:
         log.warning("short by %d questions after %d round(s): see %s", plan["shortfall"], rounds,
                     paths.summary_path(cfg.output_path))
-    return plan
+    return Outputs(plan, {Path(cfg.output_path): acc.all_records(), paths.summary_path(cfg.output_path): plan})

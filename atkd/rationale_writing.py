@@ -33,8 +33,7 @@ from . import paths
 from .answering import EXPLAIN, Answerer, answer_all, plan_batches
 from .cli import INPUT, OUTPUT, StageConfig, at_least, lang, setting
 from .errors import StageFailed
-from .fingerprint import DoneRecord
-from .io import PartLog, write_json, write_jsonl
+from .lifecycle import Outputs, Parts, run_stage
 from .model_source import TEACHER_FLAGS
 from .models import load_tokenizer
 from .prompts import language_of, reason_of
@@ -129,9 +128,22 @@ def build_report(items: list[Question], kept: list[dict], dropped: list[dict], t
 
 def run(cfg: RationaleConfig) -> dict | None:
     """Explain every item (or keep its own explanation); write explained, dropped and the report (returned)."""
-    record = DoneRecord(cfg)
-    if record.is_done():
-        return None
+    return run_stage(cfg, lambda: check_inputs(cfg), explained)
+
+
+@dataclass
+class RationaleJob:
+    cfg: RationaleConfig
+    items: list
+    own: dict[str, str]  # item key -> the dataset's own explanation (kept, not asked)
+    ask: list  # the items the teacher explains
+    who: Answerer
+    batches: list
+    gpus: list[int]
+
+
+def check_inputs(cfg: RationaleConfig) -> RationaleJob:
+    """The items (and their own explanations), the teacher's settings, the batches."""
     items = load_questions(cfg.input_file)
     lang = language_of(items, cfg.lang)
     own = {}
@@ -147,21 +159,21 @@ def run(cfg: RationaleConfig) -> dict | None:
         gpus, spread = teacher.placement()
         who.spread_over = tuple(spread)
     batches = plan_batches(who, ask, cfg.batch_size, tokenizer) if ask else []
-    record.start()
+    return RationaleJob(cfg, items, own, ask, who, batches, gpus)
 
-    part_log = PartLog(cfg.output_file, record.fingerprint)
-    answers = answer_all(who, ask, batches, gpus, part_log, "rationales")[0] if ask else {}
-    kept, dropped = explained_records(items, own, answers, cfg.explanation_field)
+
+def explained(job: RationaleJob, parts: Parts) -> Outputs:
+    """The teacher's rationales (resumed from the part log), the items kept and dropped, the report."""
+    cfg = job.cfg
+    part_log = parts.log(cfg.output_file)
+    answers = answer_all(job.who, job.ask, job.batches, job.gpus, part_log, "rationales")[0] if job.ask else {}
+    kept, dropped = explained_records(job.items, job.own, answers, cfg.explanation_field)
     if not kept:  # the part log stays: it holds every reply
         raise StageFailed(f"the teacher's replies kept no item ({len(dropped)} dropped: "
                           f"{dict(Counter(r['drop_reason'] for r in dropped))}); its replies are in {part_log.dir}")
-    report = build_report(items, kept, dropped, who.name)
-    write_jsonl(cfg.output_file, kept)
-    write_jsonl(paths.dropped_path(cfg.output_file), dropped)
-    write_json(paths.summary_path(cfg.output_file), report)
-    record.write()
-    part_log.remove()
+    report = build_report(job.items, kept, dropped, job.who.name)
     log.info("kept %d of %d items with a rationale (%d from the teacher, %d from the dataset); dropped: %s",
              report["kept"], report["total"], report["from_teacher"], report["from_dataset"],
              {k: v for k, v in report["by_reason"].items() if v} or "none")
-    return report
+    return Outputs(report, {Path(cfg.output_file): kept, paths.dropped_path(cfg.output_file): dropped,
+                            paths.summary_path(cfg.output_file): report})

@@ -42,8 +42,8 @@ from . import paths
 from .allocation import leaf_weakness
 from .cli import INPUT, OUTPUT, Check, StageConfig, setting
 from .errors import InputError
-from .fingerprint import DoneRecord
-from .io import iter_jsonl, write_json, write_jsonl
+from .io import iter_jsonl
+from .lifecycle import Outputs, run_stage
 from .records import REPLAY_PREFIX, Question, load_questions
 from .tree import load_tree
 
@@ -135,10 +135,13 @@ def replay_record(q: Question, path: tuple, pass_: int, drop_field: str = "") ->
 
 
 def run(cfg: ReplayConfig) -> dict | None:
-    """Write the training mix and its record (returned); None when it was already done."""
-    record = DoneRecord(cfg)
-    if record.is_done():
-        return None
+    """Write the training mix and its summary (returned); None when it was already done."""
+    return run_stage(cfg, lambda: training_mix(cfg), lambda out, _parts: out)
+
+
+def training_mix(cfg: ReplayConfig) -> Outputs:
+    """The generated items, then the replay items drawn for them, and the summary: computed from the inputs
+    alone (no model), so the whole step is its input check."""
     validated = Path(cfg.validated_file)
     # D writes an empty file when it rejected every item (replay then adds none: its count is a share).
     generated = [] if validated.is_file() and not validated.read_text(encoding="utf-8").strip() else \
@@ -159,14 +162,10 @@ def run(cfg: ReplayConfig) -> dict | None:
         if str(rec["id"]) in seen:
             raise InputError(cfg.dataset_path, f"replay id {rec['id']!r} is also a generated item's id")
         seen.add(str(rec["id"]))
-    record.start()
     summary = replay_summary(cfg, len(generated), wanted, candidates, chosen, weighted)
-    write_jsonl(cfg.output_path, mix)
-    write_json(paths.summary_path(cfg.output_path), summary)
-    record.write()
     log.info("training items: %d generated + %d replayed (share %.3f, asked %.3f; %d pass(es) over the dataset)",
              len(generated), len(chosen), summary["share"], cfg.replay_fraction, summary["passes"])
-    return summary
+    return Outputs(summary, {Path(cfg.output_path): mix, paths.summary_path(cfg.output_path): summary})
 
 
 def replay_summary(cfg: ReplayConfig, n_generated: int, wanted: int, candidates: list[Question],

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .api import APIError
-from .io import PartLog, write_bytes
+from .io import write_bytes
 from .logits_store import FORMAT, assemble, pack, shard_name
 from .model_source import ModelSource
 from .on_policy import item_sequence, practised_letter
@@ -133,8 +133,9 @@ def token_mode(api, tokenizer, seqs: list[TrainSequence] | None, token_items: li
         return "none", 0, f"the server gives no prompt log-probs ({asked}): {str(err)[:200]}"
 
 
-def run_served(cfg, source: ModelSource, questions: list[Question], lang: str, tokenizer, record) -> dict:
-    """Step E at an endpoint: log every answer, then build the store (`teacher_logits.run` checked the inputs)."""
+def run_served(cfg, source: ModelSource, questions: list[Question], lang: str, tokenizer, parts) -> dict:
+    """Step E at an endpoint: log every answer (a part log from `parts`, `atkd.lifecycle.Parts`), then build the
+    store; its summary (`teacher_logits.run` checked the inputs)."""
     from safetensors.torch import save as st_save
 
     from .console import progress_bar as tqdm
@@ -150,8 +151,8 @@ def run_served(cfg, source: ModelSource, questions: list[Question], lang: str, t
              f"{mode} ({len(token_items)} items)" if mode != "none" else f"none ({why_none or 'no response tokens'})")
 
     output_dir = Path(cfg.output_dir)
-    part_log = PartLog(output_dir, {**record.fingerprint, "top_logprobs": k, "token_mode": mode, "echo_shift": shift},
-                       key_field="key")
+    part_log = parts.log(output_dir, extra={"top_logprobs": k, "token_mode": mode, "echo_shift": shift},
+                         key_field="key")
     done = part_log.open()
     writer = part_log.writer(0)
     todo = [i for i, q in enumerate(questions) if f"L:{q.key}" not in done]
@@ -195,8 +196,6 @@ def run_served(cfg, source: ModelSource, questions: list[Question], lang: str, t
               if tokenizer else None, "vocab_size": len(tokenizer) if tokenizer else None, "lang": lang, "top_k": k,
               "response_field": cfg.response_field, "served": served}
     index = assemble(output_dir, part_log.dir, records, header)
-    record.write()
-    part_log.remove()
     summary = index["summary"]
     log.info("teacher accuracy %.3f (%d/%d) on %s; %d token-level items, %d kept option-level; %d items with a "
              "letter outside the top %d", summary["accuracy"], summary["correct"], summary["n"], cfg.dataset_path,

@@ -36,9 +36,8 @@ from . import paths
 from .answering import EXPLAIN, Answerer, prompt_ids, reply_letter
 from .batching import length_sorted_batches
 from .cli import INPUT, OUTPUT, StageConfig, at_least, between, lang, setting
-from .fingerprint import DoneRecord
+from .lifecycle import Outputs, Parts, run_stage
 from .model_source import STUDENT_FLAGS
-from .io import PartLog, write_json, write_jsonl
 from .models import check_model_dir, device_for, load, load_tokenizer, usable_gpu_ids
 from .on_policy import STUDENT_CORRECT, STUDENT_LETTER, STUDENT_REASON, STUDENT_REPLY
 from .prompts import language_of, reason_of
@@ -141,9 +140,21 @@ def build_report(records: list[dict], items: list[Question], cfg: StudentSamplin
 
 def run(cfg: StudentSamplingConfig) -> dict | None:
     """Sample the chosen items' replies (or finish an interrupted run); write the items and the report (returned)."""
-    record = DoneRecord(cfg)
-    if record.is_done():
-        return None
+    return run_stage(cfg, lambda: check_inputs(cfg), sampled)
+
+
+@dataclass
+class SamplingJob:
+    cfg: StudentSamplingConfig
+    items: list
+    chosen: set
+    ask: list  # the chosen items, in input order
+    who: Answerer
+    batches: list[list[int]]
+
+
+def check_inputs(cfg: StudentSamplingConfig) -> SamplingJob:
+    """The items, the student, the items chosen and their batches."""
     items = load_questions(cfg.input_file)
     check_model_dir(cfg.student_model_path)
     tokenizer = load_tokenizer(cfg.student_model_path, cfg.trust_remote_code)
@@ -151,27 +162,28 @@ def run(cfg: StudentSamplingConfig) -> dict | None:
     chosen = chosen_keys(items, cfg.share, cfg.seed)
     ask = [q for q in items if q.key in chosen]
     batches = length_sorted_batches([len(prompt_ids(tokenizer, q, who)) for q in ask], cfg.batch_size)
-    record.start()
+    return SamplingJob(cfg, items, chosen, ask, who, batches)
 
+
+def sampled(job: SamplingJob, parts: Parts) -> Outputs:
+    """The chosen items' sampled replies (the batches in the part log are not sampled again), the report."""
+    cfg, ask, who = job.cfg, job.ask, job.who
     start = time.perf_counter()
-    part_log = PartLog(cfg.output_file, record.fingerprint)
+    part_log = parts.log(cfg.output_file)
     done = part_log.open()
-    todo = [(b, batch) for b, batch in enumerate(batches) if not all(ask[i].key in done for i in batch)]
-    if len(todo) < len(batches):
-        log.info("resuming: %d of %d batches already sampled", len(batches) - len(todo), len(batches))
+    todo = [(b, batch) for b, batch in enumerate(job.batches) if not all(ask[i].key in done for i in batch)]
+    if len(todo) < len(job.batches):
+        log.info("resuming: %d of %d batches already sampled", len(job.batches) - len(todo), len(job.batches))
     torch.manual_seed(cfg.seed)
     run_workers(sampling_worker, todo, usable_gpu_ids(cfg.gpu_ids), part_log, (cfg, who, ask))
     done = part_log.done()
     missing = [q.key for q in ask if q.key not in done]
     if missing:  # a worker died without raising: keep the parts so a rerun finishes the job
         raise RuntimeError(f"{len(missing)} items were not sampled (first: {missing[0]}); rerun to finish")
-    records = [practice_record(q, done[q.key]["raw_reply"], who) if q.key in chosen else q.to_dict() for q in items]
-    report = build_report(records, items, cfg, time.perf_counter() - start)
-    write_jsonl(cfg.output_file, records)
-    write_json(paths.summary_path(cfg.output_file), report)
-    record.write()
-    part_log.remove()
+    records = [practice_record(q, done[q.key]["raw_reply"], who) if q.key in job.chosen else q.to_dict()
+               for q in job.items]
+    report = build_report(records, job.items, cfg, time.perf_counter() - start)
     log.info("on-policy practice: %d of %d written items chosen; sampled letters right %d, wrong %d, unparsed %d "
              "(practised: %d); %.1f s", report["chosen"], report["written"], report["right"], report["wrong"],
              report["unparsed"], report["practised"], report["seconds"])
-    return report
+    return Outputs(report, {Path(cfg.output_file): records, paths.summary_path(cfg.output_file): report})

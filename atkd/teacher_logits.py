@@ -27,10 +27,10 @@ import torch
 from .batching import left_pad, length_sorted_batches
 from .cli import INPUT, OUTPUT, StageConfig, at_least, lang, setting
 from .errors import InputError
-from .fingerprint import DoneRecord
 from .model_source import TREE_FLAGS, EndpointSettings
 from .head import HeadAtPositions
-from .io import PartLog, write_bytes
+from .io import write_bytes
+from .lifecycle import Outputs, Parts, run_stage
 from .logits_store import FORMAT, assemble, pack, shard_name
 from .paths import done_record, logits_index, logits_summary
 from .records import MAX_OPTIONS, Question, load_questions, question_from_dict
@@ -207,59 +207,78 @@ def served_gives_letters(source, probe: Question, lang: str, cfg: LogitsConfig) 
 
 def run(cfg: LogitsConfig) -> dict | None:
     """Compute (or finish) the store; returns its summary (the teacher's accuracy), None when done before."""
+    return run_stage(cfg, lambda: check_inputs(cfg), stored_logits)
+
+
+@dataclass
+class LogitsRun:
+    """Step E's inputs, checked: where the teacher is, the items, their language and the tokenizer."""
+
+    cfg: LogitsConfig  # with the language resolved
+    questions: list[Question]
+    source: object  # atkd.model_source.ModelSource; served: scored at its endpoint
+    served: bool
+    tokenizer: object  # None for a served teacher without a tokenizer folder (option level only)
+    workers: list[int]
+    spread: list[int]
+
+
+def check_inputs(cfg: LogitsConfig) -> LogitsRun:
+    """The items and the teacher: served (it gives the letters' log-probs) or local weights; the items fit the
+    tokenizer."""
     from .models import load_tokenizer, placement_plan, usable_gpu_ids
     from .prompts import language_of
-    from .workers import run_workers
 
-    record = DoneRecord(cfg)
-    if record.is_done():
-        return None
     questions = load_questions(cfg.dataset_path)
-    lang = language_of(questions, cfg.lang)
+    cfg = replace(cfg, lang=language_of(questions, cfg.lang))
     source = TREE_FLAGS.of(cfg)
-    if source.is_served and served_gives_letters(source, questions[0], lang, cfg):
-        from .served_teacher import run_served
-
+    if source.is_served and served_gives_letters(source, questions[0], cfg.lang, cfg):
         tokenizer = None
         if cfg.model_path:
             tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code, weights=False)
-            validate_inputs(questions, tokenizer, lang, cfg.top_k, cfg.response_field, cfg.dataset_path)
+            validate_inputs(questions, tokenizer, cfg.lang, cfg.top_k, cfg.response_field, cfg.dataset_path)
         elif cfg.response_field:
             log.warning("no teacher tokenizer (--model_path): option-level targets only, --response_field unused")
-        record.start()
-        return run_served(cfg, source, questions, lang, tokenizer, record)
+        return LogitsRun(cfg, questions, source, True, tokenizer, [], [])
     gpus = usable_gpu_ids(cfg.gpu_ids)
     tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
-    resolved = replace(cfg, lang=lang)
-    validate_inputs(questions, tokenizer, resolved.lang, cfg.top_k, cfg.response_field, cfg.dataset_path)
+    validate_inputs(questions, tokenizer, cfg.lang, cfg.top_k, cfg.response_field, cfg.dataset_path)
     workers, spread = placement_plan(cfg.model_path, gpus, cfg.model_placement)
-    record.start()
+    return LogitsRun(cfg, questions, source, False, tokenizer, workers, spread)
 
+
+def stored_logits(job: LogitsRun, parts: Parts) -> Outputs:
+    """The store, written shard by shard (finished shards are kept by a killed run); its summary."""
+    from .workers import run_workers
+
+    cfg = job.cfg
+    if job.served:
+        from .served_teacher import run_served
+
+        return Outputs(run_served(cfg, job.source, job.questions, cfg.lang, job.tokenizer, parts))
     output_dir = Path(cfg.output_dir)
-    part_log = PartLog(output_dir, record.fingerprint, key_field="shard")
+    part_log = parts.log(output_dir, key_field="shard")
     part_log.open()
-    job = LogitsJob(cfg=resolved, parts_dir=str(part_log.dir), questions=[q.to_dict() for q in questions],
-                    shards=plan_shards(len(questions), cfg.shard_size), spread=spread)
+    shards = plan_shards(len(job.questions), cfg.shard_size)
+    work = LogitsJob(cfg=cfg, parts_dir=str(part_log.dir), questions=[q.to_dict() for q in job.questions],
+                     shards=shards, spread=job.spread)
 
     def done_shards() -> dict[int, dict]:
         """Shards whose file and part-log record both exist (a kill between the two redoes the shard)."""
         return {int(k): v for k, v in part_log.done().items() if (part_log.dir / v["file"]).is_file()}
 
-    todo = [s for s in range(len(job.shards)) if s not in done_shards()]
-    if len(todo) < len(job.shards):
-        log.info("resuming: %d of %d shards already done", len(job.shards) - len(todo), len(job.shards))
-    run_workers(logits_worker, todo, workers, part_log, job)
+    todo = [s for s in range(len(shards)) if s not in done_shards()]
+    if len(todo) < len(shards):
+        log.info("resuming: %d of %d shards already done", len(shards) - len(todo), len(shards))
+    run_workers(logits_worker, todo, job.workers, part_log, work)
     done = done_shards()
-    missing = [s for s in range(len(job.shards)) if s not in done]
+    missing = [s for s in range(len(shards)) if s not in done]
     if missing:
         raise RuntimeError(f"shards {missing} were not written; run the same command again")
-    header = {"teacher_model": cfg.model_path, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-              "vocab_size": len(tokenizer), "lang": resolved.lang, "top_k": cfg.top_k,
+    header = {"teacher_model": cfg.model_path, "tokenizer_fingerprint": tokenizer_fingerprint(job.tokenizer),
+              "vocab_size": len(job.tokenizer), "lang": cfg.lang, "top_k": cfg.top_k,
               "response_field": cfg.response_field}
-    index = assemble(output_dir, part_log.dir, [done[s] for s in range(len(job.shards))], header)
-    record.write()
-    part_log.remove()
-    summary = index["summary"]
+    summary = assemble(output_dir, part_log.dir, [done[s] for s in range(len(shards))], header)["summary"]
     log.info("teacher accuracy %.3f (%d/%d) on %s; %d shard(s) in %s", summary["accuracy"], summary["correct"],
              summary["n"], cfg.dataset_path, summary["shards"], cfg.output_dir)
-    return summary
+    return Outputs(summary)

@@ -39,7 +39,7 @@ from .cli import (INPUT, MODEL, OUTPUT, Check, StageConfig, above, at_least, bet
                   trust_remote_code)
 from .console import progress_bar
 from .errors import InputError
-from .fingerprint import DoneRecord
+from .lifecycle import Outputs, Parts, run_stage
 from .kd_loss import KD_KINDS, combined_loss, response_loss_sums
 from .logits_store import LogitsStore
 from .models import check_model_dir, load_tokenizer
@@ -153,12 +153,12 @@ class Prepared:
     examples: list[TrainExample]
     stats: ExampleStats
     lang: str
-    fingerprint: dict
+    fingerprint: dict = field(default_factory=dict)  # the done-record's (set when training starts)
     resume_from: Path | None = None
     stale: list[Path] = field(default_factory=list)  # checkpoints of other settings or inputs
 
 
-def prepare(cfg: TrainConfig, fingerprint: dict) -> Prepared:
+def prepare(cfg: TrainConfig) -> Prepared:
     """Check every input (InputError on the first problem); read nothing twice, write nothing."""
     tracking.require_trackers(cfg.report_to, "--report_to")
     check_model_dir(cfg.student_model_path)
@@ -174,13 +174,17 @@ def prepare(cfg: TrainConfig, fingerprint: dict) -> Prepared:
     examples, stats = build_examples(questions, store, tokenizer, lang, cfg.max_length, cfg.train_file_path)
     if not examples:
         raise InputError(cfg.train_file_path, f"no item fits in --max_length {cfg.max_length} tokens")
-    prep = Prepared(tokenizer=tokenizer, examples=examples, stats=stats, lang=lang, fingerprint=fingerprint)
-    for ckpt in complete_checkpoints(cfg.output_dir):
+    return Prepared(tokenizer=tokenizer, examples=examples, stats=stats, lang=lang)
+
+
+def find_checkpoints(prep: Prepared, output_dir: str, fingerprint: dict) -> None:
+    """The checkpoint to resume from (saved under this fingerprint), and the stale ones (other settings or inputs)."""
+    prep.fingerprint = fingerprint
+    for ckpt in complete_checkpoints(output_dir):
         if trainer_state(ckpt).get("fingerprint") == fingerprint:
             prep.resume_from = ckpt
         else:
             prep.stale.append(ckpt)
-    return prep
 
 
 # --------------------------------------------------------------------------- loss
@@ -211,16 +215,18 @@ class Position:
 
 
 def run(cfg: TrainConfig) -> Path | None:
-    """Train (or finish training) and return the final_model folder; None when it was already trained."""
-    record = DoneRecord(cfg)
-    if not cfg.check_only and record.is_done():
-        return None
-    prep = prepare(cfg, record.fingerprint)
-    if cfg.check_only:
-        return None
-    record.start()
+    """Train (or finish training) and return the final_model folder; None when it was already trained (or with
+    --check_only, after checking the inputs)."""
+    return run_stage(cfg, lambda: (cfg, prepare(cfg)), train, check_only=cfg.check_only)
+
+
+def train(job: tuple[TrainConfig, Prepared], parts: Parts) -> Outputs:
+    """The training loop, from the last checkpoint saved under these settings; its final model (on every
+    process), and the model cards (main process). The done-record is written by the main process only."""
     from accelerate.utils import set_seed
 
+    cfg, prep = job
+    find_checkpoints(prep, cfg.output_dir, parts.fingerprint)
     accelerator = distributed.make_accelerator(cfg.dtype, cfg.gradient_accumulation_steps, **_tracker_kwargs(cfg))
     set_seed(cfg.seed)
     _log_examples(prep.stats, accelerator.is_main_process)
@@ -241,12 +247,12 @@ def run(cfg: TrainConfig) -> Path | None:
     loop.save_final(final)
     if accelerator.is_main_process:
         _write_cards(cfg, prep, final, loop)
-        record.write()
     accelerator.wait_for_everyone()
     if accelerator.log_with:
         accelerator.end_training()
+    is_main = accelerator.is_main_process
     _close_process_group()
-    return final
+    return Outputs(final, write_record=is_main)
 
 
 def _close_process_group() -> None:

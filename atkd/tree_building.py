@@ -34,7 +34,7 @@ from typing import Callable
 
 from .cli import OUTPUT, Check, StageConfig, at_least, setting
 from .errors import StageFailed
-from .fingerprint import DoneRecord
+from .lifecycle import Outputs, run_stage
 from .model_source import TREE_FLAGS, LocalModel, ModelSource, Prompt, PromptBatch
 from .prompts import ABILITY_SEP, tree_level_user_text
 from .qparse import normalize_text
@@ -302,22 +302,25 @@ def asker(cfg: TreeConfig) -> tuple[Ask, LocalModel]:
 
 def run(cfg: TreeConfig) -> AbilityTree | None:
     """Ask the model level by level and write the nested tree; None when it was already written."""
+    return run_stage(cfg, lambda: check_inputs(cfg), built_tree)
+
+
+def check_inputs(cfg: TreeConfig) -> tuple[TreeConfig, str]:
+    """The writer's settings checked; the prompts' language."""
     from .prompts import detect_language
 
-    record = DoneRecord(cfg)
-    if record.is_done():
-        return None
-    lang = detect_language([cfg.domain]) if cfg.lang == "auto" else cfg.lang
     cfg.writer.check()
-    record.start()
+    return cfg, detect_language([cfg.domain]) if cfg.lang == "auto" else cfg.lang
+
+
+def built_tree(job: tuple[TreeConfig, str], _parts) -> Outputs:
+    """The tree, level by level (returned), and its nested form to write."""
+    cfg, lang = job
     ask, local = asker(cfg)
     tree, shortfalls = build_tree(ask, cfg.domain.strip(), cfg.nodes_per_level, lang, cfg.max_retries)
     local.release()
-    out_path = cfg.outputs()[0]
-    tree.save_nested(out_path)
-    record.write()
     depth_counts = [sum(1 for n in tree.nodes() if len(n.path) == d + 1) for d in range(1, len(cfg.nodes_per_level) + 1)]
-    log.info("wrote %s: %s nodes per level (asked %s), %d shortfall(s)", out_path, depth_counts,
+    log.info("%s nodes per level (asked %s), %d shortfall(s)", depth_counts,
              [cfg.nodes_per_level[0]] + [a * b for a, b in zip(depth_counts, cfg.nodes_per_level[1:])],
              len(shortfalls))
-    return tree
+    return Outputs(tree, {cfg.outputs()[0]: tree.to_nested()})

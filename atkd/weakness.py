@@ -41,9 +41,9 @@ from pathlib import Path
 
 from .cli import INPUT, OUTPUT, StageConfig, at_least, setting
 from .errors import InputError
-from .fingerprint import DoneRecord
 from .intervals import wilson_interval
-from .io import iter_jsonl, read_json, write_json
+from .io import iter_jsonl, read_json
+from .lifecycle import Outputs, run_stage
 from .records import Question, load_ability_paths, load_questions, load_replies
 from .tree import DEFAULT_ROOT, SCORE_KEYS, AbilityTree, Node, is_scored, tree_from_nested, tree_from_scored
 
@@ -295,25 +295,26 @@ def check_some_path_matches(tree: AbilityTree, paths: dict[str, list[str]], path
 
 def run(cfg: AnalyzerConfig) -> dict | None:
     """Score the tree; write the scored tree and the stats (returned)."""
-    record = DoneRecord(cfg)
-    if record.is_done():
-        return None
-    # Read and check every input before writing anything.
+    return run_stage(cfg, lambda: analysis_of(cfg), scored_outputs)
+
+
+def analysis_of(cfg: AnalyzerConfig) -> tuple[AnalyzerConfig, Analysis, int]:
+    """Read and check every input; score the tree (no model: this is all the step computes)."""
     paths = load_ability_paths(cfg.paths_file)
     questions = load_questions(cfg.answers_file)
     replies = load_replies(cfg.student_responses_file)
     tree = tree_for_analysis(read_json(cfg.initial_tree_path), cfg.initial_tree_path, cfg.domain, paths)
     check_some_path_matches(tree, paths, cfg.paths_file)
-    analysis = analyze(tree, questions, paths, replies, cfg.student_responses_file, cfg.prior_strength)
-    record.start()
+    return cfg, analyze(tree, questions, paths, replies, cfg.student_responses_file, cfg.prior_strength), len(questions)
+
+
+def scored_outputs(job: tuple[AnalyzerConfig, Analysis, int], _parts) -> Outputs:
+    """The scored tree and the stats file (returned as the summary)."""
+    cfg, analysis, n_questions = job
     analysis.log_warnings()
     stats = analysis.stats()
-    tree.save_scored(cfg.output_tree_path)
-    write_json(cfg.output_stats_path, stats)
-    record.write()
-    log.info("scored %d of %d questions on %d nodes: accuracy %s", stats["scored"], len(questions),
+    log.info("scored %d of %d questions on %d nodes: accuracy %s", stats["scored"], n_questions,
              len(stats["nodes"]), "n/a" if stats["accuracy"] is None else f"{stats['accuracy']:.4f}")
     for leaf in stats["leaves_weakest_first"][:5]:
         log.info("  weak: %-50s n=%-4d weakness=%.3f", " > ".join(leaf["path"]), leaf["n"], leaf["weakness"])
-    log.info("wrote %s and %s", cfg.output_tree_path, cfg.output_stats_path)
-    return stats
+    return Outputs(stats, {Path(cfg.output_tree_path): analysis.tree.to_scored(), Path(cfg.output_stats_path): stats})

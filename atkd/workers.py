@@ -33,7 +33,7 @@ def split_evenly(items: Sequence, n: int) -> list[list]:
 def _spawned(rank: int, fn: Callable, slices: list[list], gpu_ids: list[int], part_log: PartLog, payload) -> None:
     import torch
 
-    from .models import set_quiet_env
+    from .console import set_quiet_env
 
     set_quiet_env()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,

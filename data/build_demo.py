@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     from atkd.fingerprint import versions
     from atkd.io import read_json, write_json
     from atkd.paths import args_path
-    from atkd.models import set_quiet_env
+    from atkd.console import set_quiet_env
 
     setup_logging()
     set_quiet_env()

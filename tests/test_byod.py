@@ -126,13 +126,13 @@ def test_evaluation_questions_in_an_iteration_file_stop_the_run_or_are_dropped(t
 # --------------------------------------------------------------------------- end to end
 
 def medqa_rows() -> list[dict]:
-    """The demo's questions in MedQA's published layout (no categories), a few broken rows, and ten
+    """70 of the demo's questions in MedQA's published layout (no categories), a few broken rows, and ten
     questions given twice (so the split can put one copy in the evaluation set and one in the pool)."""
     out = []
-    for q in jsonl(DEMO / "iteration_1.jsonl")[:150]:
+    for q in jsonl(DEMO / "iteration_1.jsonl")[:70]:
         out.append({"question": q["question"], "answer": q["options"][q["answer_idx"]], "options": q["options"],
                     "meta_info": "step1", "answer_idx": q["answer_idx"]})
-    out += [dict(row) for row in out[:100:10]]
+    out += [dict(row) for row in out[::7]]
     out += [{"question": "Which vitamin deficiency causes scurvy?", "answer": "", "meta_info": "step1",
              "options": {"A": "A", "B": "B12", "C": "C", "D": "D"}},  # no answer_idx
             {"question": "Which organ makes insulin?", "answer": "Pancreas", "meta_info": "step1", "answer_idx": "C",
@@ -140,6 +140,11 @@ def medqa_rows() -> list[dict]:
             {"question": "Which nerve supplies the deltoid?", "answer": "?", "meta_info": "step1", "answer_idx": "E",
              "options": {"A": "Axillary", "B": "Radial", "C": "Ulnar", "D": "Median"}}]  # answer outside
     return out
+
+
+# Small on purpose: each stage is a subprocess whose start-up dominates, and nothing below needs more questions
+# written or more training than some of each.
+RUN_SIZES = ["--num_distill_samples", "16", "--train_epochs", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +158,7 @@ def byod_run(tmp_path_factory):
     assert conv.returncode == 0, conv.stderr
     proc = main_py(base, "--num_iterations", "1", "--dataset_files_per_iteration", data / "iteration_1.jsonl",
                    "--ability_class_files_per_iteration", "", "--eval_dataset_path", data / "eval.jsonl",
-                   "--eval_ability_class_path", "", "--drop_eval_overlap", "--num_distill_samples", "40",
-                   "--train_epochs", "2")
+                   "--eval_ability_class_path", "", "--drop_eval_overlap", *RUN_SIZES)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return base, data, conv, proc
 
@@ -163,10 +167,10 @@ def byod_run(tmp_path_factory):
 def test_a_converted_dataset_without_ability_paths_is_labelled_and_distilled(byod_run):
     base, data, conv, proc = byod_run
     report = json.loads((data / "convert_report.json").read_text(encoding="utf-8"))
-    assert (report["rows"], report["kept"], report["dropped"]) == (163, 160, 3)
+    assert (report["rows"], report["kept"], report["dropped"]) == (83, 80, 3)
     assert report["dropped_by_reason"] == {"answer outside options": 1, "empty option": 1, "no answer": 1}
     assert not (data / "ability_paths.jsonl").exists()  # MedQA has no categories
-    assert report["files"] == {"questions.jsonl": 160, "eval.jsonl": 40, "iteration_1.jsonl": 120}
+    assert report["files"] == {"questions.jsonl": 80, "eval.jsonl": 20, "iteration_1.jsonl": 60}
 
     # The copies the split put on both sides are dropped from the pool, and the steps read what is left.
     eval_keys = {exact_key(q.question, q.options) for q in load_questions(data / "eval.jsonl")}
@@ -174,7 +178,7 @@ def test_a_converted_dataset_without_ability_paths_is_labelled_and_distilled(byo
     repeats = [q for q in pool if exact_key(q.question, q.options) in eval_keys]
     assert repeats, "the split must put a copy on each side of at least one repeated question"
     it1 = base / "workflow" / "iteration_1"
-    assert (f"dropping {len(repeats)} of 120 questions of {data / 'iteration_1.jsonl'} that repeat evaluation "
+    assert (f"dropping {len(repeats)} of 60 questions of {data / 'iteration_1.jsonl'} that repeat evaluation "
             "questions") in proc.stdout
     kept = load_questions(it1 / "data" / "questions.jsonl")
     assert [q.key for q in kept] == [q.key for q in pool if q not in repeats]
@@ -190,7 +194,7 @@ def test_a_converted_dataset_without_ability_paths_is_labelled_and_distilled(byo
     assert [r["id"] for r in labels["pool"]] == [q.id for q in kept]
     for folder in (base / "workflow" / "eval_labels" / "L_ability_labels", it1 / "L_ability_labels"):
         assert sorted(p.name for p in folder.iterdir()) == ["ability_paths.jsonl", "label.done.json", "summary.json"]
-    assert len(labels["eval"]) == 40
+    assert len(labels["eval"]) == 20
     tree = json.loads((ROOT / "ability_trees" / "demo_tree.json").read_text(encoding="utf-8"))["Clinical medicine"]
     for r in labels["eval"] + labels["pool"]:
         area, leaf = r["ability_path"]
@@ -201,7 +205,7 @@ def test_a_converted_dataset_without_ability_paths_is_labelled_and_distilled(byo
     assert stats["scored"] == len(kept) and stats["questions_without_path"]["count"] == 0
     entry = json.loads((base / "workflow" / "report.json").read_text(encoding="utf-8"))["iterations"][0]
     assert entry["generated"] > 0 and 0 < entry["validated"] <= entry["generated"]
-    assert entry["eval_before"]["overall"]["n"] == entry["eval_after"]["overall"]["n"] == 40
+    assert entry["eval_before"]["overall"]["n"] == entry["eval_after"]["overall"]["n"] == 20
     assert (base / "models" / "iteration_1_student_model" / "final_model").is_dir()
     assert "| ability (evaluation set) |" in (base / "workflow" / "report.md").read_text(encoding="utf-8")
 
@@ -211,8 +215,7 @@ def test_the_labelling_steps_are_skipped_when_done(byod_run):
     base, data, _, _ = byod_run
     again = main_py(base, "--num_iterations", "1", "--dataset_files_per_iteration", data / "iteration_1.jsonl",
                     "--ability_class_files_per_iteration", "", "--eval_dataset_path", data / "eval.jsonl",
-                    "--eval_ability_class_path", "", "--drop_eval_overlap", "--num_distill_samples", "40",
-                    "--train_epochs", "2")
+                    "--eval_ability_class_path", "", "--drop_eval_overlap", *RUN_SIZES)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "[skip] eval_labels/L_ability_labels" in again.stdout and "[skip] L_ability_labels" in again.stdout
     assert "[run]" not in again.stdout and "[rerun]" not in again.stdout

@@ -117,4 +117,4 @@ def test_main_py_plans_its_steps_as_python_m_atkd(installed, tmp_path):
     assert proc.returncode == 0, proc.stderr + proc.stdout
     commands = [line.strip() for line in proc.stdout.splitlines() if line.startswith("  ")]
     assert commands and all(" -m atkd " in c for c in commands), commands
-    assert any("-m accelerate.commands.launch" in c and " -m atkd train " in c for c in commands)
+    assert any(" -m atkd train " in c for c in commands)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -143,8 +142,14 @@ def test_killed_during_generation_then_during_training_resumes_to_the_same_run_a
         reference, tmp_path):
     """One run killed twice (SIGKILL to the whole process group): while step C writes, then while F trains. Each
     rerun continues the work in flight and the finished run equals an uninterrupted one; a changed setting then
-    reruns only what depends on it."""
+    reruns only what depends on it. The steps before C are the reference run's, copied (main.py skips them:
+    work is recorded by contents, not by path), so the first kill comes while C writes, not minutes later."""
     ref, _ = reference
+    for done in ("initial_ability_tree.json", "baseline_eval", "teacher_eval", "iteration_1/A_student_reply",
+                 "iteration_1/B_student_tree"):
+        copy = shutil.copytree if (ref / "workflow" / done).is_dir() else shutil.copy
+        (tmp_path / "workflow" / done).parent.mkdir(parents=True, exist_ok=True)
+        copy(ref / "workflow" / done, tmp_path / "workflow" / done)
     parts = it1(tmp_path) / "C_distill_data" / "generated.jsonl.parts"
     run_until(tmp_path, lambda: any(p.stat().st_size > 0 for p in parts.glob("part-*.jsonl")) if parts.exists() else False)
     assert not (it1(tmp_path) / "C_distill_data" / "generated.jsonl").exists()
@@ -178,14 +183,15 @@ def test_killed_during_generation_then_during_training_resumes_to_the_same_run_a
         assert f"[rerun] {step}: changed since the last run: {source} (contents)" in changed.stdout
 
 
-def printed_commands(stdout: str) -> dict[str, list[str]]:
-    """Step name -> the command main.py printed before running it."""
+def printed_commands(stdout: str) -> dict[str, str]:
+    """Step name -> the command main.py printed before running it (a shell line: `NAME=value` prefixes set the
+    environment, as in `CUDA_VISIBLE_DEVICES= python -m atkd train ...`)."""
     out, name = {}, None
     for line in stdout.splitlines():
         if line.startswith("[run] "):
             name = line.split()[1].rstrip(":")
         elif line.startswith("  $ ") and name:
-            out[name] = shlex.split(line[4:])
+            out[name] = line[4:]
             name = None
     return out
 
@@ -198,21 +204,32 @@ def test_commands_main_printed_rerun_by_hand_after_the_run_do_no_work(reference)
             "F_train", "G_eval_reply", "H_eval_tree"} <= set(commands)
     before = {p: p.stat().st_mtime_ns for p in base.rglob("*") if p.is_file()}
     for name, cmd in commands.items():
-        by_hand = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+        by_hand = subprocess.run(cmd, shell=True, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
         assert by_hand.returncode == 0, (name, by_hand.stderr[-2000:])
         assert "nothing to do" in by_hand.stderr, (name, by_hand.stderr[-2000:])
     after = {p: p.stat().st_mtime_ns for p in base.rglob("*") if p.is_file()}
     assert after == before  # not one file written, not one removed
 
 
+def planned_commands(stdout: str) -> dict[str, str]:
+    """Step name -> the command (a shell line) a `--dry_run` printed for it (steps it would run)."""
+    lines = stdout.splitlines()
+    return {line.split()[1].rstrip(":"): nxt.strip() for line, nxt in zip(lines, lines[1:])
+            if line.startswith("[plan] ") and nxt.startswith("  ")}
+
+
 @pytest.mark.e2e
-def test_new_weights_at_the_same_path_redo_the_work_in_main_and_by_hand(tmp_path):
-    """Same size, mtime set back: only the contents changed, and that is enough."""
+def test_new_weights_at_the_same_path_redo_the_work_in_main_and_by_hand(reference, tmp_path):
+    """Same size, mtime set back: only the contents changed, and that is enough. The finished reference run,
+    moved to another folder with its student copied beside it, is still done there (work is recorded by
+    contents, never by path)."""
+    ref, _ = reference
+    shutil.copytree(ref / "workflow", tmp_path / "workflow")
+    shutil.copytree(ref / "models", tmp_path / "models")
     student = tmp_path / "student"
     shutil.copytree(DEMO / "models" / "student", student)
-    quick = ("--num_distill_samples", "24", "--train_epochs", "1", "--eval_dataset_path", "",
-             "--eval_ability_class_path", "")
-    first = run_main(tmp_path, "--student_model_path", str(student), *quick)
+    moved = run_main(tmp_path, "--student_model_path", str(student), "--dry_run")
+    assert not planned_commands(moved.stdout) and moved.stdout.count("[skip]") == 13, moved.stdout
     weights_file = student / "model.safetensors"
 
     def rewrite(scale: float) -> None:
@@ -225,16 +242,16 @@ def test_new_weights_at_the_same_path_redo_the_work_in_main_and_by_hand(tmp_path
         os.utime(weights_file, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     rewrite(0.5)
-    again = run_main(tmp_path, "--student_model_path", str(student), *quick, "--dry_run")  # what a run would redo
+    again = run_main(tmp_path, "--student_model_path", str(student), "--dry_run")  # what a run would redo
     assert "[plan] A_student_reply: changed since the last run: model_path (contents)" in again.stdout
     assert "[plan] F_train: changed since the last run:" in again.stdout  # the student is F's input too
 
     replies = it1(tmp_path) / "A_student_reply" / "replies.jsonl"
     record = it1(tmp_path) / "A_student_reply" / "answer.done.json"
     old_replies, old_signature = replies.read_bytes(), json.loads(record.read_text())["fingerprint"]["model_path"]
-    rewrite(3.0)  # and by hand: the command main.py printed for step A sees the new weights too
-    by_hand = subprocess.run(printed_commands(first.stdout)["A_student_reply"], capture_output=True, text=True,
-                             env=env(), cwd=ROOT, timeout=300)
+    rewrite(3.0)  # and by hand: the command main.py prints for step A sees the new weights too
+    by_hand = subprocess.run(planned_commands(again.stdout)["A_student_reply"], shell=True, capture_output=True,
+                             text=True, env=env(), cwd=ROOT, timeout=300)
     assert by_hand.returncode == 0, by_hand.stderr[-2000:]
     assert "nothing to do" not in by_hand.stderr and "model_path (contents): redoing" in by_hand.stderr
     assert replies.read_bytes() != old_replies  # new option probabilities
@@ -257,5 +274,5 @@ def test_dry_run_prints_every_command_and_runs_nothing(tmp_path):
     out = proc.stdout
     for stage in ("answer", "analyze", "write_questions", "cross_check", "logits", "train"):
         assert f" -m atkd {stage} " in out  # each step runs its stage from the installed package
-    assert "accelerate.commands.launch" in out
+    assert "CUDA_VISIBLE_DEVICES= " in out and "accelerate.commands.launch" not in out  # one CPU process: plain
     assert not (tmp_path / "workflow" / "iteration_1").exists()

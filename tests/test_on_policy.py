@@ -160,7 +160,12 @@ def test_practice_items_are_a_seeded_share_of_the_written_ones_never_the_replaye
 def test_main_with_student_responses_killed_during_sampling_resumes_to_the_same_outputs(tmp_path):
     """RESPONSES student end to end on the demo (its student answers the rationale prompt on the abilities it
     knows and guesses on the others): D4 samples, E scores the student's own tokens, F trains on them; a run
-    killed while D4 samples resumes to byte-identical D4 and E outputs and the same weights."""
+    killed while D4 samples resumes to byte-identical D4 and E outputs and the same weights.
+
+    The killed run starts from a copy of the reference's finished steps before D4 (A to D2: same flags, so
+    main.py skips them, as a moved workflow folder keeps its work), so that only D4, E and F run twice; that
+    steps A to D2 redo the same outputs after a kill is test_main's check."""
+    import shutil
     import subprocess
     import sys
 
@@ -168,7 +173,7 @@ def test_main_with_student_responses_killed_during_sampling_resumes_to_the_same_
 
     flags = ["--num_iterations", "1", "--dataset_files_per_iteration", str(DEMO / "iteration_1.jsonl"),
              "--ability_class_files_per_iteration", str(DEMO / "iteration_1_ability_paths.jsonl"),
-             "--eval_dataset_path", "", "--eval_ability_class_path", "", "--num_distill_samples", "40",
+             "--eval_dataset_path", "", "--eval_ability_class_path", "", "--num_distill_samples", "20",
              "--train_epochs", "1", "--gpus_to_use", "", "--generation_batch_size", "4",
              "--responses", "student"]
 
@@ -183,6 +188,10 @@ def test_main_with_student_responses_killed_during_sampling_resumes_to_the_same_
 
     ref, run = tmp_path / "ref", tmp_path / "killed"
     finish(ref)
+    (run / "wf" / "iteration_1").mkdir(parents=True)
+    shutil.copy2(ref / "wf" / "initial_ability_tree.json", run / "wf")
+    for step in ("A_student_reply", "B_student_tree", "C_distill_data", "D_validated_data", "D2_replay"):
+        shutil.copytree(ref / "wf" / "iteration_1" / step, run / "wf" / "iteration_1" / step)
     d4 = run / "wf" / "iteration_1" / "D4_student_responses"
     parts = d4 / "train.jsonl.parts"
     proc = subprocess.Popen(cmd(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=ROOT,

@@ -237,6 +237,15 @@ def test_prompt_logprobs_overlap_the_local_top_k_after_the_shift(served_llama, b
     server = served_llama("letters" if bos else "nobos", seed=0, letter_bias=6.0, bos=bos)
     tok, model = load_local(server)
     api = api_for(server)
+    asked: dict[int, tuple[dict, dict]] = {}  # item index -> (payload, answer): read again with the other shift below
+    post_each = api.post_each
+
+    def recording(path, payloads):
+        for i, response in post_each(path, payloads):
+            asked[i] = (payloads[i], response)
+            yield i, response
+
+    api.post_each = recording
     qs = mcq_questions(1)  # llama-cpp-python's echo sorts the 128k vocabulary per position: ~10 s an item here
     seqs = [rationale_item(q, tok) for q in qs]
     items = [(s.prompt_ids + s.response_ids, len(s.prompt_ids) + 1) for s in seqs]
@@ -258,9 +267,20 @@ def test_prompt_logprobs_overlap_the_local_top_k_after_the_shift(served_llama, b
           f"over {len(overlaps)} positions; largest |log-prob difference| {worst:.2e}")
     assert sum(overlaps) / len(overlaps) >= 0.95
     assert worst < 1e-3
-    # the other shift reads the neighbouring position's distribution: its log-probs are far off
+    # the other shift reads the neighbouring position's distribution: its log-probs are far off. Its request
+    # is the very payload just sent (the shift changes how the answer is read, not what is asked), so the
+    # server's answer to it is read again, through the same function, instead of asking for it a second
+    # time (another ~10 s of vocabulary sorting).
+    def replay(path, payloads):
+        assert path == "/completions" and payloads == [asked[0][0]], "the other shift would ask something else"
+        yield 0, asked[0][1]
+
+    api.post_each = replay
     wrong = dict(served_prompt_targets_each(api, tok, items[:1], top_k=k, shift=1 - shift))[0]
     ids, first = items[0]
+    step = 2 * shift - 1  # shift 0 -> 1 reads the entry before (row j - 1), 1 -> 0 the one after (row j + 1)
+    inner = range(max(0, -step), len(wrong.ids) - max(0, step))
+    assert [wrong.ids[j] for j in inner] == [got[0].ids[j + step] for j in inner]
     full = local_logprobs(model, ids)
     wrong_worst = max(abs(v - float(full[t - 1, tid])) for j, t in enumerate(range(first, len(ids)))
                       for tid, v in zip(wrong.ids[j], wrong.logprobs[j]))

@@ -59,7 +59,7 @@ def test_main_with_the_teacher_and_agent_1_behind_transformers_serve(tmp_path):
                "--models_output_dir", str(tmp_path / "models"), "--num_iterations", "1",
                "--dataset_files_per_iteration", str(DEMO / "iteration_1.jsonl"),
                "--ability_class_files_per_iteration", str(DEMO / "iteration_1_ability_paths.jsonl"),
-               "--num_distill_samples", "60", "--train_epochs", "2", "--gpus_to_use", "",
+               "--num_distill_samples", "20", "--train_epochs", "1", "--gpus_to_use", "",
                "--eval_dataset_path", "", "--eval_ability_class_path", "",  # a served evaluation: test_served_teacher
                "--teacher_api_base", server["base"], "--teacher_api_model", server["model"],
                "--agent_1_api_base", server["base"], "--agent_1_api_model", server["model"],
@@ -239,7 +239,7 @@ def test_endpoint_agent_generates_beside_a_scoring_agent_and_resumes_per_answer(
     server.close()
     assert res.returncode == 0, res.stderr
     assert server.count == 1 + 20 - 11  # the probe, then only the answers not logged
-    assert "agent 1: 11 of 20 answers already written by an earlier run" in res.stderr
+    assert "agent 1: 11 of 20 replies already written by an earlier run" in res.stderr
     for path in (whole, rejected_path(whole), summary_path(whole)):
         assert (cut.parent / path.name).read_bytes() == path.read_bytes(), path.name
 

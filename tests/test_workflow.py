@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -144,8 +145,10 @@ def test_training_launch_follows_the_gpus_or_the_users_accelerate_config(tmp_pat
     four = train_step(cfg, it, "s", [2, 3, 5, 7])
     assert _launch(four, "--num_processes") == "4" and "--multi_gpu" in four.command
     assert _launch(four, "--mixed_precision") == "bf16" and four.env == {"CUDA_VISIBLE_DEVICES": "2,3,5,7"}
-    cpu = train_step(cfg, it, "s", [])
-    assert _launch(cpu, "--num_processes") == "1" and "--cpu" in cpu.command and cpu.env == {}
+    cpu = train_step(cfg, it, "s", [])  # one CPU process: no launcher, no check pass first, no GPU visible
+    assert cpu.command[:4] == [sys.executable, "-m", "atkd", "train"] and not cpu.precheck_flags
+    assert cpu.env == {"CUDA_VISIBLE_DEVICES": ""} and cpu.argv == four.argv
+    assert "--check_only" in four.precheck_flags  # under the launcher, bad input is found by a plain pass first
     own_cfg = replace(cfg, accelerate_config_file=str(tmp_path / "fsdp.yaml"))
     own = train_step(own_cfg, it, "s", [0, 1])
     assert _launch(own, "--config_file") == own_cfg.accelerate_config_file
