@@ -32,8 +32,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
-import torch
-
 from . import paths
 from .batching import length_sorted_batches
 from .cli import INPUT, OUTPUT, StageConfig, at_least, dtype, gpu_ids, lang, setting, trust_remote_code
@@ -41,7 +39,6 @@ from .errors import InputError
 from .io import PartLog
 from .lifecycle import Outputs, Parts, run_stage
 from .model_source import TREE_FLAGS, EndpointSettings
-from .models import device_for, has_model, load, resolve_dtype, usable_gpu_ids
 from .prompts import encode_prompt, language_of, mcq_prompt, mcq_user_text, rationale_prompt, rationale_user_text
 from .records import LETTERS, Question, load_questions
 from .workers import run_workers
@@ -182,6 +179,8 @@ def scoring_source(source, who: Answerer, probe: Question | None, folder: str):
     """(source, answerer) that answer `who`'s questions: `at_endpoint`'s choice, except that where the server
     gives no letter log-probs and `folder` (a served teacher's TEACHER_MODEL_PATH) holds the model's weights,
     those weights answer instead, in the mode asked (a warning). `probe` None: nothing is asked."""
+    from .models import has_model
+
     if not source.is_served or probe is None:
         return source, who
     served = at_endpoint(who, probe)
@@ -236,6 +235,8 @@ class LoadedModel:
         return {"_loaded": None}
 
     def get(self, who: Answerer, gpu_id: int | None):
+        from .models import device_for, load
+
         key = (who.model_path, gpu_id, who.dtype, who.trust_remote_code, tuple(who.spread_over))
         if self._loaded is None or self._loaded[0] != key:
             self._loaded = None  # free the old one before loading the next
@@ -250,6 +251,8 @@ class LoadedModel:
 def answer_worker(rank: int, gpu_id: int | None, batches: list[list[int]], writer, payload) -> None:
     """One local worker (one GPU, GPUs it is spread over, or the CPU): answer its batches, one part-log
     write per batch."""
+    import torch
+
     from .console import progress_bar as tqdm
 
     who, questions, desc, loaded = payload
@@ -375,7 +378,7 @@ class AnswerJob:
 def check_inputs(cfg: InferenceConfig) -> AnswerJob:
     """Read and check the dataset, the model and the output path; plan the batches."""
     from .letters import letter_token_ids
-    from .models import load_tokenizer
+    from .models import device_for, load_tokenizer, resolve_dtype, usable_gpu_ids
 
     output_path = Path(cfg.output_path)
     if output_path.is_dir():

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -19,6 +20,8 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> dict[st
     Explicit position ids (0 at each sequence's first real token) make a padded row compute
     exactly what the unpadded sequence would.
     """
+    import torch  # here, not at the top: a stage that only plans batches (or refuses its input) needs no torch
+
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)

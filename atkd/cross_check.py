@@ -33,7 +33,6 @@ from .errors import InputError
 from .fingerprint import MISSING_PATH, fingerprint, signature
 from .lifecycle import Outputs, Parts, run_stage
 from .model_source import AGENT_FLAGS
-from .models import load_tokenizer
 from .prompts import language_of
 from .records import Question, ability_name, load_questions
 
@@ -259,6 +258,8 @@ def check_inputs(cfg: CrossCheckConfig) -> CrossCheckJob:
 
 def cross_checked(job: CrossCheckJob, parts: Parts) -> Outputs:
     """Each agent's answers (its own part log), then the items both answer as labelled, and the report."""
+    from .models import load_tokenizer
+
     cfg, items, agents = job.cfg, job.items, job.agents
     answers = {}
     for n, who in zip(AGENTS, agents):  # one after the other: one model in memory at a time

@@ -35,7 +35,6 @@ from .cli import INPUT, OUTPUT, StageConfig, at_least, lang, setting
 from .errors import StageFailed
 from .lifecycle import Outputs, Parts, run_stage
 from .model_source import TEACHER_FLAGS
-from .models import load_tokenizer
 from .prompts import language_of, reason_of
 from .records import Question, ability_name, load_questions
 from .sequence import response_text
@@ -144,6 +143,8 @@ class RationaleJob:
 
 def check_inputs(cfg: RationaleConfig) -> RationaleJob:
     """The items (and their own explanations), the teacher's settings, the batches."""
+    from .models import load_tokenizer
+
     items = load_questions(cfg.input_file)
     lang = language_of(items, cfg.lang)
     own = {}

@@ -235,7 +235,7 @@ def test_batched_run_equals_each_question_scored_alone(llama_dir, files, tmp_pat
     assert again.returncode == 0 and "nothing to do" in again.stderr
 
 
-N_KILLED = 40  # x 34 labelling prompts each (30 rotations in level 1, then 2 and 2)
+N_KILLED = 16  # x 34 labelling prompts each (30 rotations in level 1, then 2 and 2)
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(llama_dir, tmp_path):

@@ -33,9 +33,13 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.envi
            HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
 
-def launch(args, *, config=None, shim=True, **popen):
-    """train.py through `accelerate launch`: one CPU process, or two gloo processes under `config`
-    (an accelerate config file: FSDP2 or DeepSpeed, run on the CPU through tests/sharded_on_cpu.py)."""
+def launch(args, *, config=None, shim=True, launcher=False, **popen):
+    """train.py as main.py starts it: one plain CPU process, or two gloo processes under `config` through
+    `accelerate launch` (an accelerate config file: FSDP2 or DeepSpeed, run on the CPU through
+    tests/sharded_on_cpu.py); `launcher`: one CPU process under `accelerate launch --cpu` too."""
+    if not config and not launcher:
+        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
+                                env={**ENV, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]
     if config:
         cmd += ["--config_file", str(config), "--num_processes", "2", "--mixed_precision", "no"]
@@ -117,7 +121,8 @@ def test_bf16_weights_lose_small_updates_fp32_master_weights_keep_them(tmp_path,
 
 def test_dtype_that_contradicts_the_launch_is_refused(tmp_path, llama_dir, data_file, store_dir):
     out = tmp_path / "out"
-    log = launch(train_args(llama_dir, data_file, store_dir, out, "--dtype", "bf16")).communicate(timeout=300)[0]
+    log = launch(train_args(llama_dir, data_file, store_dir, out, "--dtype", "bf16"),
+                 launcher=True).communicate(timeout=300)[0]
     errors = [ln for ln in log.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "--dtype bf16" in errors[0] and "'no'" in errors[0], log[-2000:]
     assert not (out / "final_model").exists()
