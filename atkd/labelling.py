@@ -259,6 +259,7 @@ class LabelJob:
     questions: list[Question]
     tree: AbilityTree
     who: Answerer
+    widest: int  # the most children of one node
     tokenizer: object  # None at an endpoint
     gpus: list[int]
     numbers: dict  # what the answers depend on beyond the settings (device type, dtype)
@@ -284,16 +285,16 @@ def check_inputs(cfg: LabelConfig) -> LabelJob:
     if who.mode != "score":
         raise InputError(source.name, "the server gives no letter log-probs, and labelling needs the teacher's "
                                       "probabilities: give the questions' ability paths, or a teacher folder")
-    if source.is_served:
-        return LabelJob(cfg, questions, tree, who, None, [], {}, source.name)
     widest = max(len(n.children) for n in tree.nodes())
+    if source.is_served:
+        return LabelJob(cfg, questions, tree, who, widest, None, [], {}, source.name)
     gpus = usable_gpu_ids(cfg.gpu_ids)
     device = device_for(gpus[0] if gpus else None)
     tokenizer = load_tokenizer(cfg.model_path, cfg.trust_remote_code)
     letter_token_ids(tokenizer, list(LETTERS[:min(widest, MAX_CHOICES)]), who.lang, source=cfg.model_path)
     # Device type and dtype change the numbers: parts from a CPU run are not mixed into a GPU run.
     numbers = {"device_type": device.type, "dtype": str(resolve_dtype(cfg.dtype, device))}
-    return LabelJob(cfg, questions, tree, who, tokenizer, gpus, numbers, f"GPUs {gpus}" if gpus else "CPU")
+    return LabelJob(cfg, questions, tree, who, widest, tokenizer, gpus, numbers, f"GPUs {gpus}" if gpus else "CPU")
 
 
 def labelled(job: LabelJob, parts: Parts) -> Outputs:
@@ -316,7 +317,7 @@ def labelled(job: LabelJob, parts: Parts) -> Outputs:
         return done
 
     log.info("labelling %d questions on a tree of %d leaves (widest node: %d children), language %s, on %s",
-             len(job.questions), len(tree.leaves()), max(len(n.children) for n in tree.nodes()), who.lang, job.where)
+             len(job.questions), len(tree.leaves()), job.widest, who.lang, job.where)
     start = time.perf_counter()
     placements = place_all(tree, job.questions, who.lang, ask, cfg.rotations)
     loaded.release()

@@ -390,9 +390,9 @@ def train_step(cfg: WorkflowConfig, it: paths.IterationPaths, student: str, gpus
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]
     if cfg.accelerate_config_file:
         launcher += ["--config_file", cfg.accelerate_config_file]
-    else:
-        launcher += ["--num_machines", "1", "--dynamo_backend", "no", "--num_processes", str(max(1, len(gpus)))]
-        launcher += ["--mixed_precision", "bf16"] if gpus else ["--cpu", "--mixed_precision", "no"]
+    else:  # GPUs here (one CPU process returned above)
+        launcher += ["--num_machines", "1", "--dynamo_backend", "no", "--num_processes", str(len(gpus)),
+                     "--mixed_precision", "bf16"]
         if len(gpus) > 1:
             launcher += ["--multi_gpu"]
     env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {}

@@ -79,6 +79,14 @@ def assert_same_weights(a: Path, b: Path, tol: float = 1e-6) -> None:
     assert worst <= tol, f"weights differ by {worst}"
 
 
+def copy_finished(src: Path, dst: Path, *names: str) -> None:
+    """Copy finished steps (files or folders, relative to a workflow folder) of one run into another's: a run
+    with the same settings skips them there (work is recorded by contents, never by path)."""
+    for name in names:
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (src / name).is_dir() else shutil.copy2)(src / name, dst / name)
+
+
 def it1(base: Path) -> Path:
     return base / "workflow" / "iteration_1"
 
@@ -145,11 +153,8 @@ def test_killed_during_generation_then_during_training_resumes_to_the_same_run_a
     reruns only what depends on it. The steps before C are the reference run's, copied (main.py skips them:
     work is recorded by contents, not by path), so the first kill comes while C writes, not minutes later."""
     ref, _ = reference
-    for done in ("initial_ability_tree.json", "baseline_eval", "teacher_eval", "iteration_1/A_student_reply",
-                 "iteration_1/B_student_tree"):
-        copy = shutil.copytree if (ref / "workflow" / done).is_dir() else shutil.copy
-        (tmp_path / "workflow" / done).parent.mkdir(parents=True, exist_ok=True)
-        copy(ref / "workflow" / done, tmp_path / "workflow" / done)
+    copy_finished(ref / "workflow", tmp_path / "workflow", "initial_ability_tree.json", "baseline_eval",
+                  "teacher_eval", "iteration_1/A_student_reply", "iteration_1/B_student_tree")
     parts = it1(tmp_path) / "C_distill_data" / "generated.jsonl.parts"
     run_until(tmp_path, lambda: any(p.stat().st_size > 0 for p in parts.glob("part-*.jsonl")) if parts.exists() else False)
     assert not (it1(tmp_path) / "C_distill_data" / "generated.jsonl").exists()

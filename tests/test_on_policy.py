@@ -165,11 +165,10 @@ def test_main_with_student_responses_killed_during_sampling_resumes_to_the_same_
     The killed run starts from a copy of the reference's finished steps before D4 (A to D2: same flags, so
     main.py skips them, as a moved workflow folder keeps its work), so that only D4, E and F run twice; that
     steps A to D2 redo the same outputs after a kill is test_main's check."""
-    import shutil
     import subprocess
     import sys
 
-    from test_main import DEMO, ROOT, assert_same_weights, env
+    from test_main import DEMO, ROOT, assert_same_weights, copy_finished, env
 
     flags = ["--num_iterations", "1", "--dataset_files_per_iteration", str(DEMO / "iteration_1.jsonl"),
              "--ability_class_files_per_iteration", str(DEMO / "iteration_1_ability_paths.jsonl"),
@@ -188,10 +187,9 @@ def test_main_with_student_responses_killed_during_sampling_resumes_to_the_same_
 
     ref, run = tmp_path / "ref", tmp_path / "killed"
     finish(ref)
-    (run / "wf" / "iteration_1").mkdir(parents=True)
-    shutil.copy2(ref / "wf" / "initial_ability_tree.json", run / "wf")
-    for step in ("A_student_reply", "B_student_tree", "C_distill_data", "D_validated_data", "D2_replay"):
-        shutil.copytree(ref / "wf" / "iteration_1" / step, run / "wf" / "iteration_1" / step)
+    copy_finished(ref / "wf", run / "wf", "initial_ability_tree.json",
+                  *(f"iteration_1/{step}" for step in ("A_student_reply", "B_student_tree", "C_distill_data",
+                                                       "D_validated_data", "D2_replay")))
     d4 = run / "wf" / "iteration_1" / "D4_student_responses"
     parts = d4 / "train.jsonl.parts"
     proc = subprocess.Popen(cmd(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=ROOT,
