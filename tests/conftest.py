@@ -67,25 +67,54 @@ def corpus(questions: list[dict]) -> list[str]:
     return texts
 
 
-def main_in_process(argv: list[str]) -> subprocess.CompletedProcess:
-    """main.py's `main(argv)` in this process, from the repository root (its default paths are relative to it),
-    its printed output captured: for refusals and plans, which do no model work and need no interpreter start-up."""
+def in_process(main, argv: list, argv0: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`main(argv)` of a top-level script run in this process as the shell would run it: `env` added to the
+    environment, `cwd` the working folder, `sys.argv[0]` the script (argparse's usage line names it), stdout and
+    stderr captured, logging set up by the script itself, and every one of these put back afterwards. An uncaught
+    exception is a traceback on stderr and exit status 1, as in a subprocess. What it skips is the interpreter's
+    start-up: about 3 s of importing torch and transformers per call on 2 cores."""
     import io
-
-    import main as main_py
+    import logging
+    import traceback
 
     out, err = io.StringIO(), io.StringIO()
-    cwd = os.getcwd()
-    os.chdir(ROOT)
+    argv = [str(a) for a in argv]
+    saved_env, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    root.handlers = []  # the script's logging.basicConfig adds its own handler, to the captured stderr
+    os.environ.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+    sys.argv = [argv0, *argv]
+    os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = main_py.main([str(a) for a in argv])
+                code = main(argv)
             except SystemExit as exit_:
                 code = exit_.code
+                if isinstance(code, str):
+                    print(code, file=sys.stderr)
+                    code = 1
+            except Exception:  # noqa: BLE001 (what the interpreter does with it)
+                traceback.print_exc()
+                code = 1
     finally:
-        os.chdir(cwd)
-    return subprocess.CompletedProcess(["main.py", *map(str, argv)], code, out.getvalue(), err.getvalue())
+        for handler in root.handlers:
+            handler.close()
+        root.handlers, sys.argv = saved_handlers, saved_argv
+        root.setLevel(saved_level)
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess([argv0, *argv], code or 0, out.getvalue(), err.getvalue())
+
+
+def main_in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """main.py's `main(argv)` in this process, from the repository root (its default paths are relative to it):
+    for refusals and plans, which do no model work and need no interpreter start-up."""
+    import main as main_py
+
+    return in_process(main_py.main, argv, str(ROOT / "main.py"))
 
 
 @pytest.fixture(scope="session")
@@ -122,13 +151,58 @@ def mcq_file(tmp_path, questions) -> Path:
     return path
 
 
-def run_script(script: str, *args, env: dict | None = None, timeout: float = 600, cwd: Path = ROOT):
-    """Run a stage script of the repo as a user would; returns the CompletedProcess."""
-    # PYTHONPATH: the scripts import `atkd` from this checkout even where it is not pip-installed.
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
-                          text=True, env=full_env, timeout=timeout, cwd=cwd)
+# Scripts `run_script` always starts in a process of their own: training builds accelerate's process-wide state
+# (one per process, its settings fixed at the first run), and main.py's runs are the end-to-end tests.
+OWN_PROCESS = {"train.py", "main.py"}
+
+
+def run_script(script: str, *args, env: dict | None = None, timeout: float = 600, cwd: Path = ROOT,
+               own_process: bool = False) -> subprocess.CompletedProcess:
+    """Run a top-level script of the repo with `args`, as a user would; returns the CompletedProcess.
+
+    A stage script runs in this process (`in_process`: the same `main(argv)` the shell runs, without the
+    interpreter's start-up) unless `own_process` or the script is in OWN_PROCESS; tests that kill a run or
+    need a fresh interpreter start their own process."""
+    if own_process or script in OWN_PROCESS:
+        # PYTHONPATH: the scripts import `atkd` from this checkout even where it is not pip-installed.
+        full_env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        full_env.update(env or {})
+        return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
+                              text=True, env=full_env, timeout=timeout, cwd=cwd)
+    return in_process(script_module(script).main, list(args), str(ROOT / script), env, cwd)
+
+
+def script_module(script: str):
+    """The top-level script `script` (e.g. "inference.py") imported as a module (not run: no __main__)."""
+    import importlib
+
+    return importlib.import_module(Path(script).stem)
+
+
+def killed_when(cmd: list[str], ready, env: dict, timeout: float = 600, stdout: Path | None = None,
+                cwd: Path = ROOT) -> None:
+    """Start `cmd` in its own process group and SIGKILL the whole group (the command and every stage it
+    started) once `ready()` is true; its output to `stdout` when given. Fails if it ends first or never gets there."""
+    import signal
+
+    out = open(stdout, "w") if stdout else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True)
+    start = time.time()
+    try:
+        while not ready():
+            assert proc.poll() is None, f"{Path(cmd[1]).name} finished before the kill point"
+            assert time.time() - start < timeout, "kill point never reached"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if stdout:
+            out.close()
+
+
+def parts_written(parts_dir: Path) -> bool:
+    """Whether a stage's part-log folder holds a part with at least one answer in it."""
+    return parts_dir.is_dir() and any(p.stat().st_size > 0 for p in parts_dir.glob("part-*.jsonl"))
 
 
 @pytest.fixture

@@ -9,17 +9,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import main_in_process
+from conftest import killed_when, main_in_process, parts_written
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "data" / "demo"
@@ -47,22 +45,8 @@ def run_main(base: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def run_until(base: Path, ready, timeout: float = 600, stdout: Path | None = None) -> None:
-    """Start main.py in its own process group and SIGKILL the whole group once `ready()` is true (its output
-    to `stdout` when given)."""
-    out = open(stdout, "w") if stdout else subprocess.DEVNULL
-    proc = subprocess.Popen(main_cmd(base), stdout=out, stderr=subprocess.DEVNULL, env=env(),
-                            cwd=ROOT, start_new_session=True)
-    start = time.time()
-    try:
-        while not ready():
-            assert proc.poll() is None, "main.py finished before the kill point"
-            assert time.time() - start < timeout, "kill point never reached"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        if stdout:
-            out.close()
+    """main.py on `base`, SIGKILLed with every step it started once `ready()` is true (its output to `stdout`)."""
+    killed_when(main_cmd(base), ready, env(), timeout, stdout)
 
 
 def weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -156,7 +140,7 @@ def test_killed_during_generation_then_during_training_resumes_to_the_same_run_a
     copy_finished(ref / "workflow", tmp_path / "workflow", "initial_ability_tree.json", "baseline_eval",
                   "teacher_eval", "iteration_1/A_student_reply", "iteration_1/B_student_tree")
     parts = it1(tmp_path) / "C_distill_data" / "generated.jsonl.parts"
-    run_until(tmp_path, lambda: any(p.stat().st_size > 0 for p in parts.glob("part-*.jsonl")) if parts.exists() else False)
+    run_until(tmp_path, lambda: parts_written(parts))
     assert not (it1(tmp_path) / "C_distill_data" / "generated.jsonl").exists()
     student = tmp_path / "models" / "iteration_1_student_model"
     log = tmp_path / "resumed_during_generation.txt"

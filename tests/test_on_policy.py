@@ -4,10 +4,6 @@ and steps E and F on its output."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -157,78 +153,61 @@ def test_practice_items_are_a_seeded_share_of_the_written_ones_never_the_replaye
 # ----------------------------------------------------------------------------- main.py: kill during D4, resume
 
 @pytest.mark.e2e
-def test_main_with_student_responses_killed_during_sampling_resumes_to_the_same_outputs(tmp_path):
+def test_main_with_student_responses_trains_on_them_and_sampling_resumes_after_a_kill(tmp_path):
     """RESPONSES student end to end on the demo (its student answers the rationale prompt on the abilities it
-    knows and guesses on the others): D4 samples, E scores the student's own tokens, F trains on them; a run
-    killed while D4 samples resumes to byte-identical D4 and E outputs and the same weights.
-
-    The killed run starts from a copy of the reference's finished steps before D4 (A to D2: same flags, so
-    main.py skips them, as a moved workflow folder keeps its work), so that only D4, E and F run twice; that
-    steps A to D2 redo the same outputs after a kill is test_main's check."""
+    knows and guesses on the others): D4 samples, E scores the student's own tokens, F trains on them. Then the
+    command main.py printed for D4, run by hand into another folder and killed (SIGKILL) while it samples,
+    resumes to byte-identical outputs: main.py reruns that same command after a kill (its resume of a step in
+    flight is test_main's check), and E and F are deterministic given D4's file."""
+    import shlex
     import subprocess
     import sys
 
-    from test_main import DEMO, ROOT, assert_same_weights, copy_finished, env
+    from conftest import in_process, killed_when, parts_written
+    from test_main import DEMO, ROOT, env, printed_commands
 
     flags = ["--num_iterations", "1", "--dataset_files_per_iteration", str(DEMO / "iteration_1.jsonl"),
              "--ability_class_files_per_iteration", str(DEMO / "iteration_1_ability_paths.jsonl"),
              "--eval_dataset_path", "", "--eval_ability_class_path", "", "--num_distill_samples", "20",
              "--train_epochs", "1", "--gpus_to_use", "", "--generation_batch_size", "4",
              "--responses", "student"]
-
-    def cmd(base):
-        return [sys.executable, str(ROOT / "main.py"), "--workflow_output_dir", str(base / "wf"),
-                "--models_output_dir", str(base / "models"), *flags]
-
-    def finish(base):
-        proc = subprocess.run(cmd(base), capture_output=True, text=True, env=env(), cwd=ROOT, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return proc
-
-    ref, run = tmp_path / "ref", tmp_path / "killed"
-    finish(ref)
-    copy_finished(ref / "wf", run / "wf", "initial_ability_tree.json",
-                  *(f"iteration_1/{step}" for step in ("A_student_reply", "B_student_tree", "C_distill_data",
-                                                       "D_validated_data", "D2_replay")))
-    d4 = run / "wf" / "iteration_1" / "D4_student_responses"
-    parts = d4 / "train.jsonl.parts"
-    proc = subprocess.Popen(cmd(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=ROOT,
-                            start_new_session=True)
-    start = time.time()
-    try:
-        while not (parts.is_dir() and any(p.stat().st_size > 0 for p in parts.glob("part-*.jsonl"))):
-            assert proc.poll() is None, "main.py finished before the kill point"
-            assert time.time() - start < 600, "kill point never reached"
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert not (d4 / "train.jsonl").exists()
-    resumed = finish(run)
-    assert "[resume] D4_student_responses" in resumed.stdout and "[skip] D_validated_data" in resumed.stdout
-    assert "batches already sampled" in (run / "wf" / "iteration_1" / "D4_student_responses.log").read_text()
+    ref = tmp_path / "ref"
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "--workflow_output_dir", str(ref / "wf"),
+                           "--models_output_dir", str(ref / "models"), *flags],
+                          capture_output=True, text=True, env=env(), cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     ref_d4 = ref / "wf" / "iteration_1" / "D4_student_responses"
-    assert (d4 / "train.jsonl").read_bytes() == (ref_d4 / "train.jsonl").read_bytes()
-    report = json.loads((d4 / "summary.json").read_text())
-    want = json.loads((ref_d4 / "summary.json").read_text())
-    assert {k: v for k, v in report.items() if k != "seconds"} == {k: v for k, v in want.items() if k != "seconds"}
+    report = json.loads((ref_d4 / "summary.json").read_text())
     assert report["chosen"] == report["written"] > 0 and report["practised"] > 0
     assert report["right"] + report["wrong"] + report["unparsed"] == report["chosen"]
     assert report["right"] > 0 and report["wrong"] > 0  # it knows some abilities and guesses on the others
     assert sum(row["chosen"] for row in report["by_leaf"].values()) == report["chosen"]
-    records = [json.loads(line) for line in (d4 / "train.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (ref_d4 / "train.jsonl").read_text().splitlines()]
     assert sum("student_reply" in r for r in records) == report["chosen"]
     assert not any("student_reply" in r for r in records if r.get("source") == "replay")
-
-    e = run / "wf" / "iteration_1" / "E_teacher_logits"
+    e = ref / "wf" / "iteration_1" / "E_teacher_logits"
     summary = json.loads((e / "summary.json").read_text())
     assert summary["on_policy_items"] == report["practised"] and summary["token_level_items"] >= report["practised"]
-    for shard in sorted(e.glob("shard-*.safetensors")):
-        assert shard.read_bytes() == (ref / "wf" / "iteration_1" / "E_teacher_logits" / shard.name).read_bytes()
     assert f"{report['practised']} items on the student's own response" in \
-        (run / "wf" / "iteration_1" / "F_train.log").read_text()
-    final = Path("models") / "iteration_1_student_model" / "final_model"
-    assert_same_weights(run / final, ref / final)
-    on_policy = json.loads((run / "wf" / "report.json").read_text())["iterations"][0]["on_policy"]
-    assert on_policy["practised"] == report["practised"] and "on-policy" in (run / "wf" / "report.md").read_text()
+        (ref / "wf" / "iteration_1" / "F_train.log").read_text()
+    on_policy = json.loads((ref / "wf" / "report.json").read_text())["iterations"][0]["on_policy"]
+    assert on_policy["practised"] == report["practised"] and "on-policy" in (ref / "wf" / "report.md").read_text()
+
+    # D4 by hand, into another folder: killed once its part log holds a batch, then the same command again.
+    d4 = tmp_path / "by_hand"
+    out = str(ref_d4 / "train.jsonl")
+    command = [str(d4 / "train.jsonl") if arg == out else arg
+               for arg in shlex.split(printed_commands(proc.stdout)["D4_student_responses"])]
+    assert str(d4 / "train.jsonl") in command and not any(str(ref_d4) in arg for arg in command)
+    killed_when(command, lambda: parts_written(d4 / "train.jsonl.parts"), env(), timeout=300)
+    assert not (d4 / "train.jsonl").exists()
+    from atkd.__main__ import main as atkd_main
+
+    assert command[1:3] == ["-m", "atkd"]
+    resumed = in_process(atkd_main, command[3:], "python -m atkd", env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "batches already sampled" in resumed.stderr
+    assert (d4 / "train.jsonl").read_bytes() == (ref_d4 / "train.jsonl").read_bytes()
+    again = json.loads((d4 / "summary.json").read_text())
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in report.items() if k != "seconds"}

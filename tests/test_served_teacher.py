@@ -11,18 +11,17 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import killed_when, parts_written
 from served_llama import served_demo  # noqa: F401  (the session fixture)
 
-from atkd.api import APIError, ChatAPI
+from atkd.api import APIError
 from atkd.io import read_json, write_jsonl
 from atkd.logits_store import LogitsStore
 from atkd.served_teacher import padded_rows
@@ -251,17 +250,7 @@ def test_main_with_the_teacher_and_agents_served_killed_and_resumed(served_demo,
            "--agent_model_1_path", "", "--agent_1_api_base", teacher.base, "--agent_1_api_model", teacher.model,
            "--agent_model_2_path", "", "--agent_2_api_base", agent.base, "--agent_2_api_model", agent.model]
     parts = tmp_path / "workflow" / "iteration_1" / "C_distill_data" / "generated.jsonl.parts"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), cwd=ROOT,
-                            start_new_session=True)
-    start = time.time()
-    try:
-        while not (parts.exists() and any(p.stat().st_size > 0 for p in parts.glob("part-*.jsonl"))):
-            assert proc.poll() is None, "main.py finished before the kill point"
-            assert time.time() - start < 600, "kill point never reached"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    killed_when(cmd, lambda: parts_written(parts), env())
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "[resume] C_distill_data" in rerun.stdout
