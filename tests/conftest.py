@@ -109,12 +109,12 @@ def in_process(main, argv: list, argv0: str, env: dict | None = None, cwd: Path 
     return subprocess.CompletedProcess([argv0, *argv], code or 0, out.getvalue(), err.getvalue())
 
 
-def main_in_process(argv: list[str]) -> subprocess.CompletedProcess:
+def main_in_process(argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     """main.py's `main(argv)` in this process, from the repository root (its default paths are relative to it):
     for refusals and plans, which do no model work and need no interpreter start-up."""
     import main as main_py
 
-    return in_process(main_py.main, argv, str(ROOT / "main.py"))
+    return in_process(main_py.main, argv, str(ROOT / "main.py"), env)
 
 
 @pytest.fixture(scope="session")

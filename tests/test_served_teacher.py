@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import killed_when, parts_written
+from conftest import in_process, killed_when, parts_written
 from served_llama import served_demo  # noqa: F401  (the session fixture)
 
 from atkd.api import APIError
@@ -36,8 +36,15 @@ def env() -> dict:
 
 
 def run_stage(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "atkd", *argv], capture_output=True, text=True, env=env(), cwd=ROOT,
-                          timeout=600)
+    """`python -m atkd <argv>`, in this process (`conftest.in_process`) but for training: accelerate keeps one
+    state per process."""
+    from atkd.__main__ import main as atkd_main
+
+    if argv[0] == "train":
+        proc = subprocess.run([sys.executable, "-m", "atkd", *argv], capture_output=True, text=True, env=env(),
+                              cwd=ROOT, timeout=600)
+    else:
+        proc = in_process(atkd_main, list(argv), "python -m atkd", env())
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -22,7 +22,8 @@ from atkd.api import APIError, ChatAPI
 from atkd.errors import InputError
 from atkd.io import parts_dir_for, write_jsonl
 from atkd.paths import agent_answers_path, rejected_path, summary_path
-from conftest import ROOT, free_port, make_questions, send_chat_reply, served_requests, tail, transformers_serve
+from conftest import (ROOT, free_port, main_in_process, make_questions, run_script, send_chat_reply, served_requests, tail,
+                      transformers_serve)
 
 DEMO = ROOT / "data" / "demo"
 LOCAL = {"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
@@ -105,10 +106,10 @@ def main_args(base: Path, *extra: str) -> list[str]:
 
 def test_main_plans_the_endpoints_and_refuses_bad_endpoint_settings(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
-    plan = subprocess.run(main_args(tmp_path, "--dry_run", "--existing_ability_tree_path", "",
-                                    "--teacher_api_base", url, "--teacher_api_model", "big",
-                                    "--agent_2_api_base", url, "--agent_2_api_model", "other", "--agent_model_2_path", ""),
-                          capture_output=True, text=True, env=env(), cwd=ROOT, timeout=120)
+    plan = main_in_process(main_args(tmp_path, "--dry_run", "--existing_ability_tree_path", "",
+                                     "--teacher_api_base", url, "--teacher_api_model", "big",
+                                     "--agent_2_api_base", url, "--agent_2_api_model", "other",
+                                     "--agent_model_2_path", "")[2:], env())
     assert plan.returncode == 0, plan.stderr
     lines = plan.stdout.splitlines()
     # Each step's command runs its stage as `python -m atkd <stage>`: keyed here by the stage's script alias.
@@ -139,8 +140,7 @@ def test_main_plans_the_endpoints_and_refuses_bad_endpoint_settings(tmp_path):
              f"error: {url}: no OpenAI-compatible server answers there"),
             (["--teacher_api_base", url, "--teacher_api_model", "big", "--teacher_model_path", str(tmp_path)],
              f"error: {tmp_path}: no tokenizer files here")):
-        res = subprocess.run(main_args(tmp_path, *extra), capture_output=True, text=True, env=env(), cwd=ROOT,
-                             timeout=120)
+        res = main_in_process(main_args(tmp_path, *extra)[2:], env())
         assert res.returncode == 2 and problem in res.stderr and "Traceback" not in res.stderr, res.stderr
         assert not (tmp_path / "workflow").exists() and not (tmp_path / "models").exists()
 
@@ -190,10 +190,10 @@ class _AgentHandler(BaseHTTPRequestHandler):
         pass
 
 
-def validate_cmd(data: Path, out: Path, url: str, agent_2: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "evaluate_distilled_data.py"), "--input_file", str(data),
-            "--output_file", str(out), "--agent_1_api_base", url, "--agent_1_api_model", "served-agent",
-            "--agent_model_2_path", str(agent_2), "--batch_size", "8", "--api_concurrency", "2"]
+def validate_args(data: Path, out: Path, url: str, agent_2: Path) -> list[str]:
+    return ["--input_file", str(data), "--output_file", str(out), "--agent_1_api_base", url,
+            "--agent_1_api_model", "served-agent", "--agent_model_2_path", str(agent_2), "--batch_size", "8",
+            "--api_concurrency", "2"]
 
 
 @pytest.mark.e2e
@@ -203,8 +203,8 @@ def test_endpoint_agent_generates_beside_a_scoring_agent_and_resumes_per_answer(
     whole, cut = tmp_path / "whole" / "validated.jsonl", tmp_path / "cut" / "validated.jsonl"
     port = free_port()
     server = ScriptedAgent(port)
-    res = subprocess.run(validate_cmd(tmp_path / "gen.jsonl", whole, server.url, llama_dir), capture_output=True,
-                         text=True, env=env(), timeout=300)
+    res = run_script("evaluate_distilled_data.py", *validate_args(tmp_path / "gen.jsonl", whole, server.url, llama_dir),
+                     env=env())
     server.close()
     assert res.returncode == 0, res.stderr
     assert server.count == 1 + 20  # one request tells its server gives no log-probs (it then generates)
@@ -220,7 +220,8 @@ def test_endpoint_agent_generates_beside_a_scoring_agent_and_resumes_per_answer(
         return sum(len(p.read_text(encoding="utf-8").splitlines()) for p in parts.glob("part-*.jsonl"))
 
     server = ScriptedAgent(port, block_at=13)
-    proc = subprocess.Popen(validate_cmd(tmp_path / "gen.jsonl", cut, server.url, llama_dir),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "evaluate_distilled_data.py"),
+                             *validate_args(tmp_path / "gen.jsonl", cut, server.url, llama_dir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
     try:
         deadline = time.monotonic() + 240
@@ -234,8 +235,8 @@ def test_endpoint_agent_generates_beside_a_scoring_agent_and_resumes_per_answer(
     assert logged() == 11 and server.count == 14 and not cut.exists()
 
     server = ScriptedAgent(port)
-    res = subprocess.run(validate_cmd(tmp_path / "gen.jsonl", cut, server.url, llama_dir), capture_output=True,
-                         text=True, env=env(), timeout=300)
+    res = run_script("evaluate_distilled_data.py", *validate_args(tmp_path / "gen.jsonl", cut, server.url, llama_dir),
+                     env=env())
     server.close()
     assert res.returncode == 0, res.stderr
     assert server.count == 1 + 20 - 11  # the probe, then only the answers not logged
