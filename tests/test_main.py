@@ -162,13 +162,15 @@ def test_killed_during_generation_then_during_training_resumes_to_the_same_run_a
     again = run_main(tmp_path)
     assert "[run]" not in again.stdout and again.stdout.count("[skip]") >= 8
 
-    changed = run_main(tmp_path, "--num_distill_samples", "72")
-    for step in ("A_student_reply", "B_student_tree", "baseline_eval/G_eval_reply", "baseline_eval/H_eval_tree",
-                 "teacher_eval/G_eval_reply"):
-        assert f"[skip] {step}" in changed.stdout  # the evaluations before training and the measurement stay
-    assert "[rerun] C_distill_data: changed since the last run: num_samples 60 -> 72" in changed.stdout
-    for step, source in (("D_validated_data", "input_file"), ("E_teacher_logits", "dataset_path"),
-                         ("F_train", "teacher_logits_dir")):
+    # A setting of D2 (the replay share): D2 reruns for it, E and F because their input files' contents changed;
+    # every step before D2 stays (the evaluations before training, the measurement, C and D).
+    changed = run_main(tmp_path, "--replay_fraction", "0.5")
+    for step in ("A_student_reply", "B_student_tree", "C_distill_data", "D_validated_data",
+                 "baseline_eval/G_eval_reply", "baseline_eval/H_eval_tree", "teacher_eval/G_eval_reply"):
+        assert f"[skip] {step}" in changed.stdout
+    assert "[rerun] D2_replay: changed since the last run: replay_fraction 0.25 -> 0.5" in changed.stdout
+    for step, source in (("E_teacher_logits", "dataset_path"), ("F_train", "teacher_logits_dir"),
+                         ("G_eval_reply", "model_path")):
         assert f"[rerun] {step}: changed since the last run: {source} (contents)" in changed.stdout
 
 
