@@ -202,7 +202,7 @@ def killed_when(cmd: list[str], ready, env: dict, timeout: float = 600, stdout: 
     start = time.time()
     try:
         while not ready():
-            assert proc.poll() is None, f"{Path(cmd[1]).name} finished before the kill point"
+            assert proc.poll() is None, f"{' '.join(map(str, cmd[:4]))} ... finished before the kill point"
             assert time.time() - start < timeout, "kill point never reached"
             time.sleep(0.02)
     finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import in_process, killed_when, parts_written
+from conftest import killed_when, parts_written, run_script
 from served_llama import served_demo  # noqa: F401  (the session fixture)
 
 from atkd.api import APIError
@@ -35,16 +35,12 @@ def env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
 
 
-def run_stage(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m atkd <argv>`, in this process (`conftest.in_process`) but for training: accelerate keeps one
-    state per process."""
-    from atkd.__main__ import main as atkd_main
+def run_stage(stage: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m atkd <stage> <argv>`, through the stage's script (`conftest.run_script` decides which scripts
+    run in this process and which in their own)."""
+    from atkd.stages import stage_named
 
-    if argv[0] == "train":
-        proc = subprocess.run([sys.executable, "-m", "atkd", *argv], capture_output=True, text=True, env=env(),
-                              cwd=ROOT, timeout=600)
-    else:
-        proc = in_process(atkd_main, list(argv), "python -m atkd", env())
+    proc = run_script(stage_named(stage).script, *argv, env=env())
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
